@@ -1,0 +1,1 @@
+"""Model adapters, streaming loaders and shipped small-model assets."""
