@@ -1,0 +1,359 @@
+"""DuckDB index of runs, stages, artifacts, per-layer pruning records and evaluations (`rac.duckdb`).
+
+DuckDB lets one process at a time hold a file open for writing, so every call here opens a short-lived
+connection, does its work (writes inside one transaction) and closes it; a busy file is retried until
+`timeout_s`. Connections of one process are serialised by a lock (DuckDB refuses a read-only and a
+read-write connection to one file inside one process).
+
+Tables: runs, stages, artifacts (uri, kind, sha256, bytes, stage, layer, group, created), layers (run,
+stage, layer, group, linear, sparsity, error, loss, damping, retries, seconds), evals. Every read-only
+connection
+gets TEMP views over the stage Parquet files under the work dir (`read_parquet` globs): prompts,
+cots, calibration, eval_rows; each has a `stage_key` column naming the stage that wrote the file.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rac.artifacts import ArtifactRef
+
+INDEX_NAME = "rac.duckdb"
+_PROCESS_LOCK = threading.RLock()
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  run_id VARCHAR PRIMARY KEY, name VARCHAR, status VARCHAR, config JSON, fingerprint JSON,
+  config_path VARCHAR, pid INTEGER, message VARCHAR, created TIMESTAMP, updated TIMESTAMP);
+CREATE TABLE IF NOT EXISTS stages (
+  run_id VARCHAR, name VARCHAR, stage VARCHAR, key VARCHAR, status VARCHAR, reused BOOLEAN,
+  config JSON, inputs JSON, outputs JSON, summary JSON, started TIMESTAMP, finished TIMESTAMP,
+  seconds DOUBLE, PRIMARY KEY (run_id, name));
+CREATE TABLE IF NOT EXISTS artifacts (
+  uri VARCHAR PRIMARY KEY, kind VARCHAR, sha256 VARCHAR, bytes BIGINT, stage VARCHAR,
+  layer INTEGER, "group" INTEGER, created TIMESTAMP);
+CREATE TABLE IF NOT EXISTS layers (
+  run VARCHAR, stage VARCHAR, layer INTEGER, "group" INTEGER, linear VARCHAR, sparsity DOUBLE,
+  error DOUBLE, loss DOUBLE, damping DOUBLE, retries INTEGER, seconds DOUBLE, created TIMESTAMP,
+  PRIMARY KEY (stage, layer, "group", linear));
+CREATE TABLE IF NOT EXISTS evals (
+  run VARCHAR, label VARCHAR, stage VARCHAR, model VARCHAR, calibration VARCHAR, method VARCHAR,
+  sparsity DOUBLE, n INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
+  median_tokens DOUBLE, p90_tokens DOUBLE, runaway_share DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
+  metrics JSON, created TIMESTAMP, PRIMARY KEY (run, label));
+"""
+
+# view name -> glob (relative to the work dir) of the Parquet files it reads
+VIEW_GLOBS: dict[str, str] = {
+    "prompts": "stages/prompts/*/prompts.parquet",
+    "cots": "stages/cots/*/part-*.parquet",
+    "calibration": "stages/calib/*/calib.parquet",
+    "eval_rows": "stages/eval/*/rows.parquet",
+}
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+class IndexBusyError(RuntimeError):
+    """The index file stayed locked by another process for longer than the timeout."""
+
+
+class ReadOnlyQueryError(ValueError):
+    """A statement other than SELECT/EXPLAIN was given to a read-only query."""
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One pruned linear of one (layer, group) step."""
+
+    layer: int
+    group: int
+    linear: str
+    sparsity: float
+    error: float
+    loss: float
+    damping: float
+    retries: int
+    seconds: float
+
+
+def _now() -> datetime:
+    return datetime.now()
+
+
+def _is_lock_error(err: Exception) -> bool:
+    text = str(err).lower()
+    return "lock" in text and ("conflicting" in text or "could not set" in text)
+
+
+class Index:
+    """The DuckDB index in `work_dir / rac.duckdb`; every method uses its own short connection."""
+
+    def __init__(self, work_dir: Path | str, timeout_s: float = 60.0) -> None:
+        self.work_dir = Path(work_dir).resolve()
+        self.path = self.work_dir / INDEX_NAME
+        self.timeout_s = timeout_s
+
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection with the schema and the Parquet views; writes should use `transaction`."""
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"no index at {str(self.path)!r}: no run has been started in this work dir")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with _PROCESS_LOCK:
+            con = self._open(read_only)
+            try:
+                if read_only:
+                    self._create_views(con)
+                else:
+                    con.execute(SCHEMA)
+                yield con
+            finally:
+                con.close()
+
+    def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except (duckdb.IOException, duckdb.ConnectionException) as err:
+                if not _is_lock_error(err) or time.monotonic() > deadline:
+                    if _is_lock_error(err):
+                        raise IndexBusyError(f"index {self.path} busy for {self.timeout_s}s: {err}") from err
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-write connection inside BEGIN ... COMMIT (ROLLBACK on error)."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """TEMP views over the stage Parquet files; a view whose files cannot be read is left out."""
+        self.view_problems: dict[str, str] = {}
+        for name, pattern in VIEW_GLOBS.items():
+            files = sorted(self.work_dir.glob(pattern))
+            if not files:
+                continue
+            glob = str(self.work_dir / pattern).replace("'", "''")
+            try:
+                extra = _view_extras(name, files[0])
+                con.execute(
+                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT *{extra}, "
+                    f"regexp_extract(filename, '/stages/[^/]+/([^/]+)/', 1) AS stage_key "
+                    f"FROM read_parquet('{glob}', filename=true, union_by_name=true)"
+                )
+            except (duckdb.Error, OSError, pa.ArrowException) as err:
+                self.view_problems[name] = str(err).splitlines()[0]
+
+    # ---------------------------------------------------------------- queries
+    def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run read-only SQL (SELECT/EXPLAIN only) and return (column names, rows)."""
+        statements = duckdb.extract_statements(sql)
+        if not statements:
+            raise ReadOnlyQueryError(f"empty query: {sql!r}")
+        for st in statements:
+            kind = st.type.name
+            if kind not in READ_ONLY_STATEMENTS:
+                raise ReadOnlyQueryError(
+                    f"refused {kind} statement {st.query.strip()[:80]!r}: `rac sql` is read-only "
+                    f"(allowed: {sorted(READ_ONLY_STATEMENTS)})"
+                )
+        with self.connect(read_only=True) as con:
+            cur = con.execute(sql, list(params))
+            cols = [d[0] for d in cur.description or []]
+            return cols, cur.fetchall()
+
+    def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.connect() as con:
+            cur = con.execute(sql, list(params))
+            cols = [d[0] for d in cur.description or []]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    # ---------------------------------------------------------------- runs
+    def create_run(self, run_id: str, name: str, config: dict[str, Any], fingerprint: dict[str, Any],
+                   config_path: str, pid: int) -> None:
+        """Insert a new run row (status 'running'); an existing run id raises ValueError."""
+        with self.transaction() as con:
+            if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
+                raise ValueError(f"run {run_id!r} already exists in {self.path}")
+            now = _now()
+            con.execute(
+                "INSERT INTO runs VALUES (?, ?, 'running', ?, ?, ?, ?, NULL, ?, ?)",
+                [run_id, name, json.dumps(config), json.dumps(fingerprint), config_path, pid, now, now],
+            )
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        rows = self._fetch("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        if not rows:
+            return None
+        row = rows[0]
+        row["config"] = json.loads(row["config"])
+        row["fingerprint"] = json.loads(row["fingerprint"])
+        return row
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return self._fetch("SELECT run_id, name, status, created, updated, message FROM runs ORDER BY created")
+
+    def set_run(self, run_id: str, status: str, message: str | None = None, pid: int | None = None,
+                fingerprint: dict[str, Any] | None = None) -> None:
+        """Update a run's status (and optionally message, pid, fingerprint)."""
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE runs SET status = ?, message = ?, pid = coalesce(?, pid), "
+                "fingerprint = coalesce(?, fingerprint), updated = ? WHERE run_id = ?",
+                [status, message, pid, json.dumps(fingerprint) if fingerprint else None, _now(), run_id],
+            )
+
+    # ---------------------------------------------------------------- stages
+    def stage_started(self, run_id: str, name: str, stage: str, key: str, config: dict[str, Any],
+                      inputs: list[ArtifactRef]) -> None:
+        """Record that a run started (or resumed) stage `name` with cache key `key`."""
+        with self.transaction() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, 'running', false, ?, ?, NULL, NULL, ?, NULL, NULL)",
+                [run_id, name, stage, key, json.dumps(config), json.dumps([r.to_json() for r in inputs]), _now()],
+            )
+
+    def stage_done(self, run_id: str, name: str, key: str, outputs: list[ArtifactRef],
+                   summary: dict[str, Any], seconds: float, reused: bool) -> None:
+        """Mark a stage done and record its output artifacts, in one transaction."""
+        with self.transaction() as con:
+            now = _now()
+            for ref in outputs:
+                _upsert_artifact(con, ref, key, None, None, now)
+            con.execute(
+                "UPDATE stages SET status = 'done', reused = ?, outputs = ?, summary = ?, finished = ?, "
+                "seconds = ? WHERE run_id = ? AND name = ?",
+                [reused, json.dumps([r.to_json() for r in outputs]), json.dumps(summary, default=str),
+                 now, seconds, run_id, name],
+            )
+
+    def stage_failed(self, run_id: str, name: str, message: str) -> None:
+        with self.transaction() as con:
+            con.execute(
+                "UPDATE stages SET status = 'failed', summary = ?, finished = ? WHERE run_id = ? AND name = ?",
+                [json.dumps({"error": message}), _now(), run_id, name],
+            )
+
+    def done_stages(self, key: str) -> list[dict[str, Any]]:
+        """Completed stage rows with cache key `key` (any run), newest first, outputs decoded."""
+        rows = self._fetch(
+            "SELECT * FROM stages WHERE key = ? AND status = 'done' ORDER BY finished DESC", [key]
+        )
+        for row in rows:
+            row["outputs"] = [ArtifactRef.from_json(o) for o in json.loads(row["outputs"])]
+            row["summary"] = json.loads(row["summary"]) if row["summary"] else {}
+        return rows
+
+    def run_stages(self, run_id: str) -> list[dict[str, Any]]:
+        return self._fetch(
+            "SELECT name, stage, key, status, reused, seconds, started, finished FROM stages "
+            "WHERE run_id = ? ORDER BY started", [run_id]
+        )
+
+    # ---------------------------------------------------------------- layers
+    def record_step(self, run_id: str, stage_key: str, layer: int, group: int, rows: list[LayerRow],
+                    checkpoints: list[ArtifactRef]) -> None:
+        """Write one (layer, group) step: its checkpoint artifacts and per-linear rows, in one transaction.
+
+        Call only after the checkpoint files are fsynced and hashed.
+        """
+        with self.transaction() as con:
+            now = _now()
+            for ref in checkpoints:
+                _upsert_artifact(con, ref, stage_key, layer, group, now)
+            for r in rows:
+                con.execute(
+                    "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, stage_key, r.layer, r.group, r.linear, r.sparsity, r.error, r.loss,
+                     r.damping, r.retries, r.seconds, now],
+                )
+
+    def steps(self, stage_key: str) -> list[tuple[int, int, list[ArtifactRef]]]:
+        """Recorded (layer, group, checkpoint artifacts) of a prune stage, in step order."""
+        done = self._fetch(
+            'SELECT DISTINCT layer, "group" FROM layers WHERE stage = ? ORDER BY layer, "group"', [stage_key]
+        )
+        arts = self._fetch(
+            'SELECT * FROM artifacts WHERE stage = ? AND layer IS NOT NULL', [stage_key]
+        )
+        out = []
+        for d in done:
+            refs = [ArtifactRef(a["uri"], a["sha256"], a["bytes"], a["kind"]) for a in arts
+                    if a["layer"] == d["layer"] and a["group"] == d["group"]]
+            out.append((int(d["layer"]), int(d["group"]), refs))
+        return out
+
+    def forget_steps(self, stage_key: str, start: tuple[int, int] | None = None) -> None:
+        """Delete the layer rows and checkpoint artifacts of a prune stage from step `start` on (all if None)."""
+        layer, group = start if start is not None else (-1, -1)
+        cond = 'stage = ? AND (layer > ? OR (layer = ? AND "group" >= ?))'
+        with self.transaction() as con:
+            con.execute(f"DELETE FROM layers WHERE {cond}", [stage_key, layer, layer, group])
+            con.execute(f"DELETE FROM artifacts WHERE layer IS NOT NULL AND {cond}",
+                        [stage_key, layer, layer, group])
+
+    def layer_rows(self, stage_key: str) -> list[dict[str, Any]]:
+        return self._fetch('SELECT * FROM layers WHERE stage = ? ORDER BY layer, "group", linear', [stage_key])
+
+    # ---------------------------------------------------------------- evals
+    def record_eval(self, run_id: str, label: str, stage_key: str, row: dict[str, Any]) -> None:
+        """Insert or replace the evaluation summary of model `label` in a run."""
+        cols = ["model", "calibration", "method", "sparsity", "n", "accuracy", "ci_low", "ci_high",
+                "mean_tokens", "median_tokens", "p90_tokens", "runaway_share", "wall_s", "tokens_per_s"]
+        values = [row.get(c) for c in cols]
+        with self.transaction() as con:
+            con.execute(
+                f"INSERT OR REPLACE INTO evals VALUES (?, ?, ?, {', '.join('?' * len(cols))}, ?, ?)",
+                [run_id, label, stage_key, *values, json.dumps(row, default=str), _now()],
+            )
+
+    def evals(self, run_id: str) -> list[dict[str, Any]]:
+        return self._fetch("SELECT * FROM evals WHERE run = ? ORDER BY created", [run_id])
+
+
+def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage: str, layer: int | None,
+                     group: int | None, now: datetime) -> None:
+    con.execute(
+        "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [ref.uri, ref.kind, ref.sha256, ref.bytes, stage, layer, group, now],
+    )
+
+
+def _view_extras(name: str, sample: Path) -> str:
+    """Extra derived columns of a view, from the schema of one of its files (e.g. cots.n_decode)."""
+    if name != "cots":
+        return ""
+    cols = set(pq.read_schema(str(sample)).names)
+    if "n_decode" in cols:
+        return ""
+    for cand in ("n_completion", "completion_tokens", "completion_len", "n_output"):
+        if cand in cols:
+            return f", {cand} AS n_decode"
+    for cand in ("completion_ids", "output_ids", "token_ids"):
+        if cand in cols:
+            return f", len({cand}) AS n_decode"
+    return ""
