@@ -7,9 +7,8 @@ read-write connection to one file inside one process).
 
 Tables: runs, stages, artifacts (uri, kind, sha256, bytes, stage, layer, group, created), layers (run,
 stage, layer, group, linear, sparsity, error, loss, damping, retries, seconds), evals. Every read-only
-connection
-gets TEMP views over the stage Parquet files under the work dir (`read_parquet` globs): prompts,
-cots, calibration, eval_rows; each has a `stage_key` column naming the stage that wrote the file.
+connection gets TEMP views over the stage Parquet files under the work dir (`read_parquet` globs):
+prompts, cots, calibration, eval_rows; each has a `stage_key` column naming the stage that wrote the file.
 """
 
 from __future__ import annotations
@@ -273,6 +272,24 @@ class Index:
             "SELECT name, stage, key, status, reused, seconds, started, finished FROM stages "
             "WHERE run_id = ? ORDER BY started", [run_id]
         )
+
+    # ---------------------------------------------------------------- artifacts
+    def record_artifacts(self, refs: list[ArtifactRef], stage: str) -> None:
+        """Insert or replace artifact rows (e.g. a finished CoT shard) in one transaction."""
+        with self.transaction() as con:
+            now = _now()
+            for ref in refs:
+                _upsert_artifact(con, ref, stage, None, None, now)
+
+    def artifacts(self, stage: str, kind: str) -> list[ArtifactRef]:
+        """Artifacts of a stage key with a given kind, by uri."""
+        rows = self._fetch("SELECT * FROM artifacts WHERE stage = ? AND kind = ? ORDER BY uri", [stage, kind])
+        return [ArtifactRef(r["uri"], r["sha256"], r["bytes"], r["kind"]) for r in rows]
+
+    def forget_artifacts(self, uris: list[str]) -> None:
+        with self.transaction() as con:
+            for uri in uris:
+                con.execute("DELETE FROM artifacts WHERE uri = ?", [uri])
 
     # ---------------------------------------------------------------- layers
     def record_step(self, run_id: str, stage_key: str, layer: int, group: int, rows: list[LayerRow],

@@ -30,6 +30,7 @@ from typing import IO, Any
 import rac
 
 CRASH_ENV = "RAC_CRASH_AT"
+PAUSE_ENV = "RAC_PAUSE_AT"
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 
@@ -221,7 +222,12 @@ def check_fingerprint(run_id: str, stored: dict[str, Any], stored_config: dict[s
 
 
 def crashpoint(name: str) -> None:
-    """Kill this process with SIGKILL when `name` is listed in $RAC_CRASH_AT (comma-separated); test aid."""
+    """Test aid at a named point: SIGKILL this process when `name` is listed in $RAC_CRASH_AT
+    (comma-separated), or sleep S seconds when $RAC_PAUSE_AT lists `name=S`."""
     wanted = os.environ.get(CRASH_ENV, "")
     if wanted and name in {w.strip() for w in wanted.split(",")}:
         os.kill(os.getpid(), signal.SIGKILL)
+    for item in os.environ.get(PAUSE_ENV, "").split(","):
+        point, _, seconds = item.strip().partition("=")
+        if point == name:
+            time.sleep(float(seconds or 1))
