@@ -1,0 +1,178 @@
+"""Per-step checkpoints of the sequential engine under ``<work_dir>/engine/``, and the records it reports.
+
+Files (each written to a temp file in the same folder, fsynced and renamed):
+  state.json                       fingerprint of (model, calibration, config, rac version) of the run
+  step-LLLLL-G.safetensors         pruned weights of group G of layer L (storage dtype)
+  step-LLLLL-G.json                the `StepRecord` of that step (with the sha256 of the files above)
+  acts-LLLLL.bin (+ .json)         activations entering layer L (see `rac.engine.actstore`)
+A step (L, G) is done when its .json exists. Resuming refuses a work dir whose fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temp file beside `path`, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+@dataclass(frozen=True)
+class LinearRecord:
+    """Outcome of pruning one linear."""
+
+    name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
+    shape: tuple[int, int]  # [out_features, in_features]
+    sparsity: float  # achieved share of exact zeros
+    rel_error: float  # tr(dW H dW^T) / tr(W H W^T)
+    loss: float  # the pruner's tr(dW H dW^T)
+    damp: float  # damping actually used
+    retries: int  # number of failed attempts before success
+    retry_log: tuple[str, ...]  # one line per failed attempt
+    seconds: float
+    tokens: int  # calibration tokens behind H
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A persisted checkpoint file with its content hash."""
+
+    path: Path
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> CheckpointFile:
+        return cls(Path(path), sha256_file(path), Path(path).stat().st_size)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One (layer, group) step: its pruned linears and the checkpoint files that persist it."""
+
+    layer: int
+    group: int
+    linears: tuple[LinearRecord, ...]
+    files: tuple[CheckpointFile, ...]
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files"] = [{"path": str(f.path), "sha256": f.sha256, "bytes": f.bytes} for f in self.files]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> StepRecord:
+        linears = tuple(
+            LinearRecord(**{**x, "shape": tuple(x["shape"]), "retry_log": tuple(x["retry_log"])})
+            for x in d["linears"]
+        )
+        files = tuple(CheckpointFile(Path(f["path"]), f["sha256"], int(f["bytes"])) for f in d["files"])
+        return cls(int(d["layer"]), int(d["group"]), linears, files, float(d["seconds"]))
+
+
+class Checkpoints:
+    """The engine's folder of step checkpoints and boundary activations inside a work dir."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.root = Path(work_dir) / "engine"
+
+    def weights_path(self, layer: int, group: int) -> Path:
+        return self.root / f"step-{layer:05d}-{group}.safetensors"
+
+    def record_path(self, layer: int, group: int) -> Path:
+        return self.root / f"step-{layer:05d}-{group}.json"
+
+    def acts_path(self, layer: int) -> Path:
+        """Activation store holding the inputs of decoder layer `layer`."""
+        return self.root / f"acts-{layer:05d}.bin"
+
+    def drop_acts(self, layer: int) -> None:
+        """Delete the activation store entering `layer` (data, sidecar, temp file) if present."""
+        data = self.acts_path(layer)
+        for p in (data, Path(str(data) + ".json"), Path(str(data) + ".tmp")):
+            p.unlink(missing_ok=True)
+
+    def reset(self, fingerprint: Mapping[str, Any]) -> None:
+        """Start afresh: wipe the folder and record the run's fingerprint."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True)
+        atomic_write_text(self.root / "state.json", json.dumps(dict(fingerprint), sort_keys=True, indent=1))
+
+    def verify(self, fingerprint: Mapping[str, Any]) -> None:
+        """ValueError naming every fingerprint key that differs from the recorded run (or if none exists)."""
+        state = self.root / "state.json"
+        if not state.is_file():
+            raise ValueError(f"cannot resume: no engine checkpoint state in {self.root}")
+        old = json.loads(state.read_text())
+        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if diff:
+            raise ValueError(f"cannot resume from {self.root}: {diff} differ from the checkpointed run")
+
+    def save_step(self, layer: int, group: int, tensors: Mapping[str, torch.Tensor],
+                  record: StepRecord, extra_files: tuple[Path, ...] = ()) -> StepRecord:
+        """Persist the group's pruned weights, then its record (with file hashes); returns the full record."""
+        path = self.weights_path(layer, group)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"layer": str(layer), "group": str(group)})
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(self.root)
+        files = tuple(CheckpointFile.of(p) for p in (path, *extra_files))
+        full = StepRecord(record.layer, record.group, record.linears, files, record.seconds)
+        atomic_write_text(self.record_path(layer, group), json.dumps(full.to_json(), indent=1))
+        return full
+
+    def load_record(self, layer: int, group: int) -> StepRecord:
+        """The persisted record of a done step (ValueError if missing)."""
+        path = self.record_path(layer, group)
+        if not path.is_file():
+            raise ValueError(f"step ({layer}, {group}) has no checkpoint record at {path}")
+        return StepRecord.from_json(json.loads(path.read_text()))
+
+    def load_weights(self, layer: int, group: int) -> dict[str, torch.Tensor]:
+        """Pruned tensors of a done step, verified against the sha256 in its record."""
+        record = self.load_record(layer, group)
+        path = self.weights_path(layer, group)
+        expected = next((f.sha256 for f in record.files if f.path.name == path.name), None)
+        if not path.is_file() or sha256_file(path) != expected:
+            raise ValueError(f"checkpoint {path} is missing or does not match its recorded sha256")
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

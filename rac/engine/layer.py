@@ -1,0 +1,144 @@
+"""Passes of one decoder layer over the whole calibration set, reading from / writing to activation stores.
+
+- `embed_pass`: runs the model's own prologue on the calibration ids and stores the hidden states that enter
+  decoder layer 0 (captured by `capture_layer_call`, so embedding scaling etc. are the model's own).
+- `stats_pass`: forwards the layer over every batch with pre-hooks on the linears of the requested groups and
+  accumulates one Hessian per group (the members of a group share their input: checked, not assumed). The
+  forward stops as soon as the last requested group has seen its input.
+- `output_pass`: forwards the (pruned) layer and stores its outputs, the next layer's inputs.
+The keyword arguments of every layer call come from `LayerKwargs`, which captures them from the model
+skeleton for the batch shape (position embeddings, masks...), exactly as the model's forward builds them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from rac.engine.actstore import ActStore
+from rac.engine.calib import Batch, Calibration
+from rac.models.adapters import Adapter, capture_layer_call, get_submodule
+from rac.stats import HessianAccumulator
+
+
+class LayerKwargs:
+    """Keyword arguments decoder layer `i` is called with for a [B, L] batch, captured from the skeleton."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, hidden: int, dtype: torch.dtype,
+                 device: torch.device, max_cached: int = 4) -> None:
+        self.model, self.adapter, self.hidden = model, adapter, hidden
+        self.dtype, self.device, self.max_cached = dtype, device, max_cached
+        self._cache: OrderedDict[tuple[int, int, int], dict[str, Any]] = OrderedDict()
+
+    def __call__(self, layer: int, batch_size: int, seq_len: int) -> dict[str, Any]:
+        key = (layer, batch_size, seq_len)
+        if key not in self._cache:
+            zeros = torch.zeros(batch_size, seq_len, self.hidden, dtype=self.dtype, device=self.device)
+            _, kwargs = capture_layer_call(self.model, self.adapter, layer, inputs_embeds=zeros, use_cache=False)
+            self._cache[key] = kwargs
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+
+def layer_forward(module: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """Output hidden states of a decoder layer call # [B, L, hidden] (tuple outputs unwrapped)."""
+    out = module(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _read_batch(store: ActStore, batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    rows = store.read(batch.start, batch.n_tokens)  # [B*L, hidden]
+    return rows.view(len(batch.rows), batch.seq_len, -1).to(device=device, dtype=dtype)  # [B, L, hidden]
+
+
+def embed_pass(model: nn.Module, adapter: Adapter, calib: Calibration, out: ActStore,
+               device: torch.device) -> None:
+    """Store the hidden states entering decoder layer 0 for every calibration token (embeddings loaded)."""
+    for batch in calib.batches:
+        ids = calib.batch_ids(batch).to(device)  # [B, L]
+        hidden, _ = capture_layer_call(model, adapter, 0, input_ids=ids, use_cache=False)
+        out.write(batch.start, hidden.reshape(batch.n_tokens, -1))
+
+
+def output_pass(module: nn.Module, layer: int, calib: Calibration, src: ActStore, dst: ActStore,
+                kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device) -> None:
+    """Forward the layer over every batch of `src` and write its outputs to `dst`."""
+    with torch.no_grad():
+        for batch in calib.batches:
+            hidden = _read_batch(src, batch, dtype, device)
+            y = layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
+            dst.write(batch.start, y.reshape(batch.n_tokens, -1))
+
+
+class _Stop(Exception):
+    """Raised by a statistics hook once every requested group has seen its input."""
+
+
+class _GroupHooks:
+    """Pre-hooks on the linears of the requested groups: one Hessian per group, stop after the last."""
+
+    def __init__(self, module: nn.Module, groups: Mapping[int, Sequence[str]],
+                 make_acc: Callable[[int], HessianAccumulator]) -> None:
+        self.linears = {g: [get_submodule(module, n) for n in names] for g, names in groups.items()}
+        for g, mods in self.linears.items():
+            if not all(isinstance(m, nn.Linear) for m in mods):
+                raise ValueError(f"group {g} members {list(groups[g])} are not all nn.Linear")
+        self.names = {g: list(names) for g, names in groups.items()}
+        self.accs = {g: make_acc(int(cast(nn.Linear, mods[0]).in_features)) for g, mods in self.linears.items()}
+        self.segments: torch.Tensor | None = None
+        self._seen: dict[int, tuple[torch.Tensor, int]] = {}
+        self._pending = 0
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _GroupHooks:
+        for g, mods in self.linears.items():
+            for m in mods:
+                self._handles.append(m.register_forward_pre_hook(self._hook(g)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def start_batch(self, segments: torch.Tensor) -> None:
+        self.segments, self._seen = segments, {}
+        self._pending = sum(len(m) for m in self.linears.values())
+
+    def _hook(self, g: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]  # [B, L, d_in]
+            if g not in self._seen:
+                self.accs[g].add(x, segment_ids=self.segments)
+                self._seen[g] = (x, 1)
+            else:
+                first, count = self._seen[g]
+                if x is not first:
+                    raise ValueError(f"linears {self.names[g]} of one group do not share their input")
+                self._seen[g] = (first, count + 1)
+            self._pending -= 1
+            if self._pending == 0:
+                raise _Stop
+
+        return hook
+
+
+def stats_pass(module: nn.Module, layer: int, groups: Mapping[int, Sequence[str]], calib: Calibration,
+               src: ActStore, kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device,
+               make_acc: Callable[[int], HessianAccumulator]) -> dict[int, HessianAccumulator]:
+    """One Hessian accumulator per requested group over all calibration tokens, segment-labelled."""
+    hooks = _GroupHooks(module, groups, make_acc)
+    with hooks, torch.no_grad():
+        for batch in calib.batches:
+            hidden = _read_batch(src, batch, dtype, device)
+            hooks.start_batch(calib.batch_segments(batch).to(device))
+            try:
+                layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
+            except _Stop:
+                continue
+            raise ValueError(f"layer {layer}: linears of groups {sorted(groups)} were not all called")
+    return hooks.accs

@@ -1,0 +1,298 @@
+"""Sequential layer-wise compression of a HF decoder model, streamed one decoder layer at a time.
+
+`compress` walks steps (layer, group) in order. A layer's weights are materialised from the safetensors
+shards, the hidden states entering it are read from a disk-backed activation store, and for each group of
+linears (`[q,k,v] -> [o] -> [gate,up] -> [down]`) a Hessian H = sum_s w_s H_s is formed from per-segment
+accumulators and handed to the pruner (`rac.pruners.prune`). Two orders:
+  sequential="group" (default): the statistics of group g are collected with groups < g already pruned;
+  sequential="layer": all groups' statistics come from the dense layer in one pass (SparseGPT's default).
+Either way the pruned layer's outputs become the next layer's inputs.
+
+After every step the group's pruned weights (and after a layer's last group the next boundary activations)
+are persisted under `work_dir`, then `on_step(StepRecord)` is called. `start_at=(layer, group)` (the first
+step not yet done) resumes from those checkpoints; `stop_after` ends a run early (nothing written to
+`out_dir`). The finished model is written as a HF folder with `rac_provenance.json`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import torch
+from pydantic import field_validator
+
+import rac
+from rac.config import StageConfig
+from rac.engine.actstore import ActStore
+from rac.engine.calib import Calibration, load_calibration
+from rac.engine.checkpoint import Checkpoints, LinearRecord, StepRecord
+from rac.engine.layer import LayerKwargs, embed_pass, output_pass, stats_pass
+from rac.engine.output import build_provenance, check_out_dir, write_hf_folder
+from rac.error import relative_error
+from rac.models.adapters import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    Adapter,
+    decoder_layers,
+    get_submodule,
+    select_groups,
+)
+from rac.models.streaming import WeightFiles, build_skeleton, load_config, materialize, release
+from rac.pruners import prune
+from rac.pruners.base import PruneConfig
+from rac.segments import SEGMENT_IDS
+from rac.stats import HessianAccumulator
+
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+Step = tuple[int, int]
+
+
+class CompressConfig(StageConfig):
+    """How the engine prunes a model: pruner, which linears, order, dtypes, segment weights, batching."""
+
+    prune: PruneConfig
+    include: tuple[str, ...] = DEFAULT_INCLUDE  # globs over e.g. "model.layers.3.mlp.up_proj"
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    sequential: Literal["layer", "group"] = "group"
+    act_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activation store on disk
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the layer forward
+    segment_weights: dict[str, float] = {"prompt": 1.0, "decode": 1.0, "other": 1.0}
+    batch_tokens: int = 4096  # tokens per forward batch (equal-length sequences)
+    device: Literal["cpu", "cuda"] = "cpu"
+    trust_remote_code: bool = False
+
+    @field_validator("segment_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(v) - set(SEGMENT_IDS))
+        if unknown:
+            raise ValueError(f"unknown segment(s) {unknown} in segment_weights; known: {sorted(SEGMENT_IDS)}")
+        bad = {k: w for k, w in v.items() if not (math.isfinite(w) and w >= 0)}
+        if bad or not any(w > 0 for w in v.values()):
+            raise ValueError(f"segment_weights must be finite, >= 0 and not all 0, got {v}")
+        return v
+
+    @field_validator("batch_tokens")
+    @classmethod
+    def _batch(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"batch_tokens must be >= 1, got {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """Outcome of `compress`: the output folder (None when stopped early) and this run's steps."""
+
+    out_dir: Path | None
+    complete: bool
+    steps: tuple[StepRecord, ...]
+    next_step: Step | None  # first step not done (None when complete)
+    n_tokens: int
+    seconds: float
+
+
+@dataclass
+class _Run:
+    """Everything one `compress` call shares across layers."""
+
+    cfg: CompressConfig
+    files: WeightFiles
+    adapter: Adapter
+    model: torch.nn.Module
+    calib: Calibration
+    ckpt: Checkpoints
+    table: list[list[tuple[str, ...]]]
+    kwargs: LayerKwargs
+    device: torch.device
+    dtype: torch.dtype
+    on_step: Callable[[StepRecord], None] | None
+
+
+def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> Step | None:
+    if step is None:
+        return None
+    layer, group = step
+    if not (0 <= layer <= n_layers and 0 <= group < n_groups) or (layer == n_layers and group != 0):
+        raise ValueError(f"{what}={step} out of range: layers 0..{n_layers - 1}, groups 0..{n_groups - 1}")
+    return (int(layer), int(group))
+
+
+def _accumulator_factory(run: _Run) -> Callable[[int], HessianAccumulator]:
+    present = tuple(s for s, n in run.calib.segment_tokens().items() if n > 0)
+    return lambda d: HessianAccumulator(d, segments=present, device=run.device)
+
+
+def _set_weight(module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
+    """Copy W into the weight of linear `rel` of `module` (cast to the module's compute dtype)."""
+    linear = cast(torch.nn.Linear, get_submodule(module, rel))
+    with torch.no_grad():
+        linear.weight.copy_(W.to(linear.weight.dtype))
+
+
+def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module,
+                 acc: HessianAccumulator) -> tuple[dict[str, torch.Tensor], list[LinearRecord]]:
+    """Prune the selected linears of one group with its Hessian; update the module in place."""
+    weights = {s: w for s, w in run.cfg.segment_weights.items() if s in acc.segments}
+    H = acc.hessian(weights)  # [d_in, d_in] float32
+    prefix = run.adapter.layer_prefix(layer)
+    tensors, records = {}, []
+    for rel in run.table[layer][group]:
+        key = f"{prefix}{rel}.weight"
+        W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
+        res = prune(W, H, run.cfg.prune)
+        W_hat = res.weight.to(W.dtype)
+        _set_weight(module, rel, W_hat)
+        tensors[key] = W_hat
+        records.append(LinearRecord(
+            name=prefix + rel, shape=(int(W.shape[0]), int(W.shape[1])),
+            sparsity=float((W_hat == 0).sum()) / W_hat.numel(), rel_error=relative_error(W, W_hat, H),
+            loss=float(res.loss) if res.loss is not None else float("nan"), damp=float(res.damp),
+            retries=len(res.retries), retry_log=tuple(f"damp={r.damp}: {r.error}" for r in res.retries),
+            seconds=res.seconds, tokens=acc.tokens(),
+        ))
+    return tensors, records
+
+
+def _load_done_groups(run: _Run, layer: int, upto: int, module: torch.nn.Module) -> None:
+    """Put the checkpointed pruned weights of groups < upto of `layer` into the module."""
+    prefix = run.adapter.layer_prefix(layer)
+    for g in range(upto):
+        for key, t in run.ckpt.load_weights(layer, g).items():
+            _set_weight(module, key[len(prefix):].removesuffix(".weight"), t)
+
+
+def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None) -> tuple[list[StepRecord], bool]:
+    """Steps (layer, first_group..last) of one layer; returns their records and whether stop_after hit."""
+    module = decoder_layers(run.model, run.adapter)[layer]
+    materialize(module, run.adapter.layer_prefix(layer), run.files, run.dtype, run.device)
+    src = ActStore.open(run.ckpt.acts_path(layer))
+    groups = run.adapter.groups
+    make_acc = _accumulator_factory(run)
+    todo = {g: groups[g] for g in range(first_group, len(groups)) if run.table[layer][g]}
+    t_prev = time.perf_counter()  # step seconds run from the previous step's end (stats pass included)
+    accs: dict[int, HessianAccumulator] = {}
+    if run.cfg.sequential == "layer" and todo:  # dense statistics, before any pruned weight is loaded
+        accs = stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device, make_acc)
+    _load_done_groups(run, layer, first_group, module)
+    done: list[StepRecord] = []
+    for g in range(first_group, len(groups)):
+        tensors: dict[str, torch.Tensor] = {}
+        records: list[LinearRecord] = []
+        if g in todo:
+            if run.cfg.sequential == "group":
+                accs = stats_pass(module, layer, {g: groups[g]}, run.calib, src, run.kwargs, run.dtype,
+                                  run.device, make_acc)
+            tensors, records = _prune_group(run, layer, g, module, accs.pop(g))
+        extra: tuple[Path, ...] = ()
+        if g == len(groups) - 1:
+            dst = ActStore.create(run.ckpt.acts_path(layer + 1), run.calib.n_tokens, src.spec.hidden,
+                                  run.cfg.act_dtype)
+            output_pass(module, layer, run.calib, src, dst, run.kwargs, run.dtype, run.device)
+            dst.commit()
+            extra = (dst.path, ActStore.sidecar(dst.path))
+        record = StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev)
+        record = run.ckpt.save_step(layer, g, tensors, record, extra)
+        done.append(record)
+        if run.on_step is not None:
+            run.on_step(record)
+        if g == len(groups) - 1:
+            run.ckpt.drop_acts(layer)  # only after the step is reported: a resume at (layer, last) still finds it
+        t_prev = time.perf_counter()
+        if stop_after == (layer, g):
+            release(module)
+            return done, True
+    release(module)
+    return done, False
+
+
+def _embed(run: _Run, hidden: int) -> None:
+    """Write the activation store entering layer 0 (embeddings materialised just for this)."""
+    embed = get_submodule(run.model, run.adapter.embed)
+    materialize(embed, run.adapter.embed + ".", run.files, run.dtype, run.device)
+    dst = ActStore.create(run.ckpt.acts_path(0), run.calib.n_tokens, hidden, run.cfg.act_dtype)
+    embed_pass(run.model, run.adapter, run.calib, dst, run.device)
+    dst.commit()
+    release(embed)
+
+
+def _fingerprint(cfg: CompressConfig, files: WeightFiles, calib: Calibration) -> dict[str, str]:
+    return {"model": files.fingerprint(), "calibration": calib.sha256, "config": cfg.stable_hash(),
+            "rac_version": rac.__version__}
+
+
+def compress(
+    model_dir: Path,
+    calib_path: Path,
+    out_dir: Path,
+    cfg: CompressConfig,
+    work_dir: Path,
+    start_at: Step | None = None,
+    stop_after: Step | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+    stage_configs: Mapping[str, StageConfig] | None = None,
+) -> CompressResult:
+    """Prune `model_dir` on the calibration set at `calib_path` and write the HF folder `out_dir`.
+
+    `start_at=(layer, group)` is the first step not yet done (its checkpoints must be in `work_dir`);
+    `stop_after=(layer, group)` returns right after that step is persisted. `on_step` is called after
+    each step's checkpoint is on disk. `stage_configs` (e.g. the calibration stage's config) are recorded
+    in the provenance beside this config. Bad input raises ValueError before anything is written.
+    """
+    t_start = time.perf_counter()
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    check_out_dir(out_dir)
+    config, adapter = load_config(Path(model_dir), cfg.trust_remote_code)
+    files = WeightFiles(Path(model_dir))
+    n_layers, n_groups = int(config.num_hidden_layers), len(adapter.groups)
+    start = _check_step(start_at, n_layers, n_groups, "start_at") or (0, 0)
+    stop = _check_step(stop_after, n_layers, n_groups, "stop_after")
+    table = select_groups(adapter, n_layers, cfg.include, cfg.exclude)
+    max_len = int(getattr(config, "max_position_embeddings", 0) or 2**31)
+    calib = load_calibration(Path(calib_path), int(config.vocab_size), max_len, cfg.batch_tokens)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.compute_dtype]
+    ckpt = Checkpoints(work_dir)
+    fingerprint = _fingerprint(cfg, files, calib)
+    if start == (0, 0):
+        ckpt.reset(fingerprint)
+    else:
+        ckpt.verify(fingerprint)
+    model = build_skeleton(config, cfg.trust_remote_code)
+    if adapter.rotary is not None:
+        get_submodule(model, adapter.rotary).to(device)  # real buffers (inv_freq), no weights
+    run = _Run(cfg, files, adapter, model, calib, ckpt, table,
+               LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), device, dtype, on_step)
+    if start == (0, 0):
+        _embed(run, int(config.hidden_size))
+    steps: list[StepRecord] = []
+    for layer in range(start[0], n_layers):
+        records, stopped = _run_layer(run, layer, start[1] if layer == start[0] else 0, stop)
+        steps.extend(records)
+        if stopped:
+            last = steps[-1]
+            nxt = (last.layer, last.group + 1) if last.group + 1 < n_groups else (last.layer + 1, 0)
+            return CompressResult(None, False, tuple(steps), nxt, calib.n_tokens, time.perf_counter() - t_start)
+    every = [ckpt.load_record(layer, g) for layer in range(n_layers) for g in range(n_groups)]
+    pruned = {lin.name + ".weight": (r.layer, r.group) for r in every for lin in r.linears}
+    step_tensors: dict[Step, dict[str, torch.Tensor]] = {}
+
+    def fetch(name: str) -> torch.Tensor:
+        if name not in pruned:
+            return files.load([name])[name]
+        step = pruned[name]
+        if step not in step_tensors:  # one step file at a time in memory (names arrive layer by layer)
+            step_tensors.clear()
+            step_tensors[step] = ckpt.load_weights(*step)
+        return step_tensors[step][name]
+
+    provenance = build_provenance(cfg, stage_configs or {}, files, calib, every, time.perf_counter() - t_start)
+    write_hf_folder(Path(model_dir), out_dir, files.specs, fetch, provenance)
+    ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
+    return CompressResult(out_dir, True, tuple(steps), None, calib.n_tokens, time.perf_counter() - t_start)

@@ -1,0 +1,192 @@
+"""One table of decoder-model adapters: where the parts of a HF causal LM live and how its linears are grouped.
+
+An `Adapter` names, relative to the `*ForCausalLM` module, the token embeddings, the decoder-layer list, the
+final norm, the rotary-embedding module and the LM head, and, relative to one decoder layer, the sequential
+groups of prunable linears. Groups run in order and the linears of one group share one input
+(`[q, k, v] -> [o] -> [gate, up] -> [down]` for Llama-style blocks), so one Hessian serves a whole group.
+
+Which linears are pruned is decided by include/exclude glob patterns (`fnmatch`) matched against full
+parameter-free module names such as ``model.layers.3.self_attn.q_proj``. Only decoder-layer linears are
+candidates: the LM head and the embeddings are never pruned by this engine.
+
+`capture_layer_call` records the exact positional and keyword arguments one decoder layer is called with
+(hidden states, position embeddings, attention mask, position ids, cache flags...) by a forward pre-hook
+that raises a sentinel, so nothing after that layer runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module paths of one decoder-model family (see module docstring)."""
+
+    family: str
+    embed: str = "model.embed_tokens"
+    layers: str = "model.layers"
+    norm: str = "model.norm"
+    rotary: str | None = "model.rotary_emb"
+    lm_head: str = "lm_head"
+    groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
+
+    def layer_prefix(self, index: int) -> str:
+        """State-dict prefix of decoder layer `index`, e.g. ``model.layers.3.``."""
+        return f"{self.layers}.{index}."
+
+    def linear_names(self) -> list[str]:
+        """All linears of one decoder layer, in group order (relative names)."""
+        return [name for group in self.groups for name in group]
+
+
+# model_type (config.json) -> adapter. Mistral is a Llama row.
+ADAPTERS: dict[str, Adapter] = {
+    "llama": Adapter(family="llama"),
+    "mistral": Adapter(family="mistral"),
+    "qwen2": Adapter(family="qwen2"),
+    "qwen3": Adapter(family="qwen3"),
+}
+
+DEFAULT_INCLUDE: tuple[str, ...] = ("*",)
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*embed_tokens*")
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's `model_type` has no row in `ADAPTERS`."""
+
+
+def get_adapter(model_type: str) -> Adapter:
+    """Adapter for a config's `model_type`; raises UnsupportedArchitectureError listing the supported ones."""
+    try:
+        return ADAPTERS[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: {sorted(ADAPTERS)}"
+        ) from None
+
+
+def select_groups(
+    adapter: Adapter,
+    n_layers: int,
+    include: Sequence[str] = DEFAULT_INCLUDE,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[list[tuple[str, ...]]]:
+    """Per layer, per group: the relative names of the linears selected by the glob patterns.
+
+    A linear is selected when its full name (``model.layers.3.mlp.up_proj``) matches some include pattern and
+    no exclude pattern. An include pattern that matches no candidate linear raises ValueError naming it.
+    """
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    used = {pattern: False for pattern in include}
+    table: list[list[tuple[str, ...]]] = []
+    for layer in range(n_layers):
+        prefix = adapter.layer_prefix(layer)
+        per_group: list[tuple[str, ...]] = []
+        for group in adapter.groups:
+            chosen = []
+            for rel in group:
+                full = prefix + rel
+                hits = [p for p in include if fnmatch.fnmatchcase(full, p)]
+                for p in hits:
+                    used[p] = True
+                if hits and not any(fnmatch.fnmatchcase(full, p) for p in exclude):
+                    chosen.append(rel)
+            per_group.append(tuple(chosen))
+        table.append(per_group)
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        example = adapter.layer_prefix(0) + adapter.groups[0][0]
+        raise ValueError(f"include pattern(s) {unused} match no prunable linear (names look like {example!r})")
+    return table
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    """`root.get_submodule(path)` with a ValueError naming the missing path."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"module {path!r} not found in {type(root).__name__}") from None
+
+
+def decoder_layers(model: nn.Module, adapter: Adapter) -> nn.ModuleList:
+    """The model's decoder-layer list."""
+    layers = get_submodule(model, adapter.layers)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{adapter.layers!r} is a {type(layers).__name__}, expected nn.ModuleList")
+    return layers
+
+
+class _Captured(Exception):
+    """Sentinel raised by the capture pre-hook to stop the forward."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__("layer call captured")
+        self.args = args
+        self.kwargs = kwargs
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer before the captured one: returns its hidden states unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextmanager
+def _swapped_layers(layers: nn.ModuleList, upto: int) -> Iterator[None]:
+    """Temporarily replace layers[0:upto] by pass-through modules (their weights may be on meta)."""
+    saved = [layers[i] for i in range(upto)]
+    try:
+        for i in range(upto):
+            layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, module in enumerate(saved):
+            layers[i] = module
+
+
+def capture_layer_call(
+    model: nn.Module, adapter: Adapter, layer: int, **model_inputs: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run `model(**model_inputs)` until decoder layer `layer` is called; return its (hidden_states, kwargs).
+
+    Layers before `layer` are bypassed (pass-through), so for `layer > 0` only the keyword arguments are
+    meaningful (they depend on the input shape and the layer's attention type, not on hidden values).
+    `kwargs` holds every keyword argument of the call except `hidden_states` itself.
+    """
+    layers = decoder_layers(model, adapter)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range [0, {len(layers)})")
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Captured(args, kwargs)
+
+    handle = layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with _swapped_layers(layers, layer), torch.no_grad():
+            model(**model_inputs)
+    except _Captured as cap:
+        kwargs = dict(cap.kwargs)
+        hidden = cap.args[0] if cap.args else kwargs.pop("hidden_states")
+        if len(cap.args) > 1:
+            raise ValueError(f"decoder layer {layer} got {len(cap.args)} positional args; expected 1") from None
+        return hidden, kwargs
+    finally:
+        handle.remove()
+    raise ValueError(f"decoder layer {layer} was never called by {type(model).__name__}.forward")
