@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -90,3 +91,190 @@ def test_fingerprint_mismatch_names_what_differs(tmp_path: Path) -> None:
     b = _model(tmp_path / "b", hidden=8)
     with pytest.raises(FingerprintMismatchError, match="model revision differs"):
         check_fingerprint("r", fp, cfg, fingerprint(b, cfg), cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Crash tests of the pruning stage: a child process is SIGKILLed at a named point, the stage is resumed in
+# this process, and the final model must equal (bitwise) the one of an uninterrupted run.
+# Children fork from a forkserver that imported torch/rac once (it never computes), so each costs ~1 s.
+
+CRASH_SCENARIOS: dict[str, dict[str, Any]] = {
+    # mid-statistics: the 2nd Hessian update of layer 1's first group
+    "mid-statistics": {"kill_add_after": ("prune.row:0:3", 2)},
+    # after layer 0's last group is pruned and persisted (next boundary activations included), before its row
+    "pruned-before-row": {"env": {"RAC_CRASH_AT": "prune.step:0:3"}},
+    # while a checkpoint shard is written: the temp file is half written when the process dies
+    "torn-shard": {"kill_replace": "step-00001-1.safetensors"},
+}
+
+
+def _tiny_calibration(folder: Path) -> Path:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rac.segments import CALIB_SCHEMA
+
+    rng = np.random.default_rng(0)
+    rows = [{"seq_id": i, "source": "test", "input_ids": rng.integers(5, 500, 24).tolist(),
+             "segment": [0] * 8 + [1] * 16} for i in range(6)]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "calib.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CALIB_SCHEMA), str(path))
+    return path
+
+
+def _prune_setup(work: Path) -> tuple[Any, Any, Any]:
+    from rac.artifacts import ArtifactRef
+    from rac.engine import CompressConfig
+    from rac.index import Index
+    from rac.models.assets import tiny_model
+    from rac.pipeline import RunEnv, StageOutput
+    from rac.pruners.base import PruneConfig
+    from rac.runconfig import PruneJob
+
+    model = tiny_model("llama")
+    env = RunEnv(str(work), "r1", str(model), model_revision(model))
+    if Index(work).get_run("r1") is None:
+        Index(work).create_run("r1", "test", {}, {}, "", 1)
+    calib_path = work / "calib" / "calib.parquet"
+    if not calib_path.exists():
+        _tiny_calibration(calib_path.parent)
+    calib = StageOutput("calib/t", "calib", "ck", (ArtifactRef.of(calib_path, "calibration"),))
+    cfg = CompressConfig(prune=PruneConfig(method="sparsegpt", sparsity=0.5), act_dtype="float32",
+                         compute_dtype="float32")
+    return env, PruneJob("t-sparsegpt-50pct", "t", cfg), calib
+
+
+def _crash_child(work: str, scenario: str) -> None:
+    """Runs in a forked child: arm the kill of `scenario`, then prune (the child never returns normally)."""
+    import os as _os
+    import signal as _signal
+
+    from rac import resume, stats, steps
+
+    spec = CRASH_SCENARIOS[scenario]
+    _os.environ.update(spec.get("env", {}))
+    if "kill_add_after" in spec:
+        point, nth = spec["kill_add_after"]
+        armed = {"on": False, "n": 0}
+        real_add, real_crashpoint = stats.HessianAccumulator.add, resume.crashpoint
+
+        def add(self: Any, *a: Any, **k: Any) -> None:
+            armed["n"] += armed["on"]
+            if armed["on"] and armed["n"] >= nth:
+                _os.kill(_os.getpid(), _signal.SIGKILL)
+            real_add(self, *a, **k)
+
+        def crashpoint(name: str) -> None:
+            armed["on"] = armed["on"] or name == point
+            real_crashpoint(name)
+
+        stats.HessianAccumulator.add = add  # type: ignore[method-assign]
+        resume.crashpoint = crashpoint  # type: ignore[assignment]
+    if "kill_replace" in spec:
+        real_replace = _os.replace
+
+        def replace(src: Any, dst: Any) -> None:
+            if str(dst).endswith(spec["kill_replace"]):
+                size = Path(src).stat().st_size
+                with open(src, "r+b") as fh:
+                    fh.truncate(size // 2)
+                _os.kill(_os.getpid(), _signal.SIGKILL)
+            real_replace(src, dst)
+
+        _os.replace = replace  # type: ignore[assignment]
+    env, job, calib = _prune_setup(Path(work))
+    steps.prune_step(env, job, calib, log=lambda m: None)
+
+
+def _model_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def forkserver() -> Any:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "rac.steps", "rac.engine", "test_resume"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def reference_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from rac import steps
+
+    work = tmp_path_factory.mktemp("reference")
+    env, job, calib = _prune_setup(work)
+    out = steps.prune_step(env, job, calib, log=lambda m: None)
+    assert not out.reused and out.summary["start_at"] is None
+    return _model_tensors(out.output("model").path)
+
+
+def _same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", sorted(CRASH_SCENARIOS))
+def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, forkserver: Any,
+                                                reference_model: dict[str, Any]) -> None:
+    from rac import steps
+    from rac.index import Index
+
+    proc = forkserver.Process(target=_crash_child, args=(str(tmp_path), scenario))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == -9, f"child was not killed at {scenario}: exit {proc.exitcode}"
+    env, job, calib = _prune_setup(tmp_path)
+    key = steps.prune_key(env, job, calib)
+    recorded = [(s[0], s[1]) for s in Index(tmp_path).steps(key)]
+    assert recorded and recorded[-1] < (1, 3), recorded  # it died mid-way
+    logs: list[str] = []
+    out = steps.prune_step(env, job, calib, log=logs.append)
+    assert not out.reused and out.summary["start_at"] is not None, logs  # continued, not restarted
+    assert tuple(out.summary["start_at"]) == (recorded[-1][0], recorded[-1][1] + 1) or \
+        tuple(out.summary["start_at"]) == (recorded[-1][0] + 1, 0)
+    assert _same_tensors(_model_tensors(out.output("model").path), reference_model)
+    assert len(Index(tmp_path).layer_rows(key)) == len(Index(tmp_path).layer_rows(key)) > 0
+    assert not (out.output("model").path.parent / "work").exists()  # checkpoints dropped once recorded
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_output_are_recomputed(tmp_path: Path, forkserver: Any,
+                                                      reference_model: dict[str, Any]) -> None:
+    from rac import steps
+    from rac.index import Index
+
+    proc = forkserver.Process(target=_crash_child, args=(str(tmp_path), "torn-shard"))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == -9
+    env, job, calib = _prune_setup(tmp_path)
+    key = steps.prune_key(env, job, calib)
+    ck = env.stage_dir("prune", key) / "work" / "engine" / "step-00001-0.safetensors"
+    data = bytearray(ck.read_bytes())
+    data[-1] ^= 0xFF  # flip one weight byte: same size, different hash
+    ck.write_bytes(bytes(data))
+    logs: list[str] = []
+    out = steps.prune_step(env, job, calib, log=logs.append)
+    assert tuple(out.summary["start_at"]) == (1, 0), logs  # (1, 0) not trusted: redone from there
+    assert any("step (1, 0) not trusted" in m for m in logs)
+    assert _same_tensors(_model_tensors(out.output("model").path), reference_model)
+    # a finished output whose bytes change is not reused: the stage is recomputed (from scratch)
+    shard = sorted(out.output("model").path.glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    logs.clear()
+    again = steps.prune_step(env, job, calib, log=logs.append)
+    assert not again.reused and any("not trusted" in m for m in logs)
+    assert _same_tensors(_model_tensors(again.output("model").path), reference_model)
+    assert steps.prune_step(env, job, calib, log=logs.append).reused
+    assert len(Index(tmp_path).steps(key)) == 8

@@ -1,0 +1,1 @@
+"""Prefect flows: `rac_prune` (the whole DAG for one model) and `rac_eval` (evaluate one model)."""

@@ -1,0 +1,103 @@
+"""`rac_prune`: the whole DAG for one model.
+
+prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> (dense eval) ->
+for each calibration x prune config: prune -> eval -> per-token error heatmap -> report.
+All calibrations and sparsities of one run share the prompts and the CoTs. Stages run one after another
+(2 CPU cores do not profit from running two model-sized stages at once).
+
+Embedded (ephemeral) Prefect is used unless PREFECT_API_URL points at a server; both behave the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from prefect import flow
+from prefect.tasks import Task
+
+from rac.pipeline import RunEnv, StageOutput
+from rac.run import new_run_id
+from rac.runconfig import RunConfig, load_run_config, parse_run_config
+from rac.session import RunSession
+from tasks import (
+    build_calibration_task,
+    evaluate_task,
+    generate_cots_task,
+    prune_task,
+    report_task,
+    sample_prompts_task,
+    token_error_task,
+)
+from tasks.progress import log
+
+
+def _load(config: dict[str, Any] | None, config_path: str | None) -> RunConfig:
+    if config is not None:
+        return parse_run_config(config, source="flow parameter `config`")
+    if config_path:
+        return load_run_config(config_path)
+    raise ValueError("rac_prune needs `config` (a run-config mapping) or `config_path` (a YAML file)")
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _stored(env: RunEnv, t: Task[P, R]) -> Task[P, R]:
+    return t.with_options(result_storage=Path(env.prefect_dir))
+
+
+def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
+    """Every stage of a run, in order; returns the stage outputs by name and the report paths."""
+    env = session.env
+    done: dict[str, StageOutput] = {}
+    prompts = _stored(env, sample_prompts_task)(env, cfg.prompts)
+    done[prompts.name] = prompts
+    cots = _stored(env, generate_cots_task)(env, cfg.generate, prompts) if cfg.needs_cots() else None
+    if cots is not None:
+        done[cots.name] = cots
+    calibs: dict[str, StageOutput] = {}
+    for name, ccfg in cfg.calibrations.items():
+        kind = str(getattr(ccfg, "kind", ""))
+        calib = _stored(env, build_calibration_task)(
+            env, name, ccfg, prompts if kind in ("prompt", "rac") else None, cots if kind == "rac" else None
+        )
+        calibs[name] = done[calib.name] = calib
+        note = session.note_calibration(name, calib.output("calibration").sha256)
+        if note:
+            log(note)
+    if cfg.eval is not None and cfg.eval_dense:
+        meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
+        out = _stored(env, evaluate_task)(env, "dense", cfg.eval, None, meta)
+        done[out.name] = out
+    for job in cfg.jobs:
+        pruned = _stored(env, prune_task)(env, job, calibs[job.calibration])
+        done[pruned.name] = pruned
+        if cfg.eval is not None:
+            meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
+                    "sparsity": job.compress.prune.sparsity}
+            out = _stored(env, evaluate_task)(env, job.label, cfg.eval, pruned, meta)
+            done[out.name] = out
+        if cfg.report.heatmap:
+            out = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, calibs[job.calibration])
+            done[out.name] = out
+    paths = report_task(env)
+    return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,
+            "stages": {k: {"key": v.key, "reused": v.reused, "outputs": [r.uri for r in v.outputs]}
+                       for k, v in done.items()}}
+
+
+@flow(name="rac-prune", log_prints=True)
+def rac_prune(config: dict[str, Any] | None = None, config_path: str | None = None, run_id: str | None = None,
+              work_dir: str = "work") -> dict[str, Any]:
+    """Run (or resume, for an existing run id) a whole rac run; a new run id is made when none is given."""
+    cfg = _load(config, config_path)
+    session = RunSession.open(work_dir, run_id or new_run_id(cfg.name), cfg, config_path or "")
+    try:
+        result = run_dag(session, cfg)
+    except BaseException as err:
+        session.close("failed", f"{type(err).__name__}: {err}"[:500])
+        raise
+    session.close("done")
+    return result

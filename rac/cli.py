@@ -1,0 +1,202 @@
+"""`rac` console script: run, resume, status, sql, report, serve.
+
+Exit codes: 0 done; 1 the run failed in a stage; 2 bad input (config, model, run id, fingerprint
+mismatch, a write statement given to `rac sql`), nothing written; 3 the run is held by another process.
+The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work.
+Prefect is imported lazily inside the commands that start flows (rac/ itself never imports Prefect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from rich.console import Console
+from rich.table import Table
+
+from rac.index import Index, IndexBusyError, ReadOnlyQueryError
+from rac.run import RunLockedError, new_run_id
+from rac.runconfig import RunConfigError, load_run_config
+from rac.session import precheck, stored_config
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
+BAD_INPUT = (RunConfigError, FileNotFoundError, ValueError)
+err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False)
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    return Path(args.work_dir or os.environ.get("RAC_WORK_DIR") or "work").resolve()
+
+
+def _prefect_env() -> None:
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
+    """Validate (nothing written on bad input), then run the rac_prune flow for a new or existing run."""
+    work = _work_dir(args)
+    if resume:
+        cfg, config_path = stored_config(work, args.run)
+        run_id = args.run
+    else:
+        cfg = load_run_config(args.config)
+        config_path = str(Path(args.config).resolve())
+        run_id = args.run_id or new_run_id(cfg.name)
+    prepared = precheck(work, run_id, cfg, config_path, resume_only=resume)
+    verb = "resuming" if prepared.existing else "starting"
+    err_console.print(f"[bold]{verb} run {run_id}[/] (model {prepared.env.model_dir}, work dir {work})")
+    _prefect_env()
+    from flows.prune import rac_prune  # Prefect only from here on
+
+    try:
+        result = rac_prune(config=cfg.canonical(), run_id=run_id, work_dir=str(work), config_path=config_path)
+    except RunLockedError:
+        raise
+    except Exception as err:  # a stage failed: the run row says so; the partial work is kept for resume
+        err_console.print(f"[red]run {run_id} failed:[/] {type(err).__name__}: {err}")
+        err_console.print(f"continue with: rac --work-dir {work} resume {run_id}")
+        return EXIT_FAILED
+    _print_evals(Index(work), run_id)
+    console.print(f"report: {result.get('report', '-')}")
+    console.print(f"index:  {Index(work).path}   (try: rac sql \"select * from evals\")")
+    return EXIT_OK
+
+
+def _print_evals(index: Index, run_id: str) -> None:
+    rows = index.evals(run_id)
+    if not rows:
+        return
+    table = Table(title=f"run {run_id}: evaluation")
+    for col in ("label", "accuracy", "95% CI", "mean tok", "p90 tok", "runaway", "eval s"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for r in rows:
+        table.add_row(
+            r["label"], _fmt(r["accuracy"]), f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+            _fmt(r["mean_tokens"], 1), _fmt(r["p90_tokens"], 0), _fmt(r["runaway_share"]), _fmt(r["wall_s"], 1),
+        )
+    console.print(table)
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{float(x):.{digits}f}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    index = Index(_work_dir(args))
+    if not index.path.exists():
+        raise FileNotFoundError(f"no index at {index.path}: no run has been started in this work dir")
+    if args.run is None:
+        table = Table(title=f"runs in {index.work_dir}")
+        for col in ("run", "name", "status", "created", "updated", "message"):
+            table.add_column(col)
+        for r in index.list_runs():
+            table.add_row(r["run_id"], r["name"], r["status"], str(r["created"])[:19], str(r["updated"])[:19],
+                          r["message"] or "")
+        console.print(table)
+        return EXIT_OK
+    run = index.get_run(args.run)
+    if run is None:
+        raise ValueError(f"no run {args.run!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
+    console.print(f"run {args.run}: [bold]{run['status']}[/] {run['message'] or ''}")
+    table = Table(title="stages")
+    for col in ("stage", "key", "status", "reused", "seconds", "layers done"):
+        table.add_column(col)
+    for s in index.run_stages(args.run):
+        steps = len(index.steps(s["key"])) if s["stage"] == "prune" else None
+        table.add_row(s["name"], s["key"], s["status"], str(bool(s["reused"])), _fmt(s["seconds"], 1),
+                      "" if steps is None else str(steps))
+    console.print(table)
+    _print_evals(index, args.run)
+    return EXIT_OK
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    cols, rows = Index(_work_dir(args)).query(args.query)
+    table = Table(*cols)
+    for row in rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    console.print(table)
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from rac.report import write_report
+
+    paths = write_report(_work_dir(args), args.run)
+    for p in paths:
+        console.print(str(p))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
+    load_run_config(args.config)  # bad configs refused before anything is served
+    _prefect_env()
+    from flows.prune import rac_prune
+
+    rac_prune.serve(
+        name=args.name, cron=args.cron,
+        parameters={"config_path": str(Path(args.config).resolve()), "work_dir": str(_work_dir(args))},
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rac", description="Reasoning-Aware Compression pipeline")
+    p.add_argument("--work-dir", help="work dir with rac.duckdb, stages/ and runs/ (default $RAC_WORK_DIR or ./work)")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a YAML config (a new run, or continue --run-id)")
+    r.add_argument("config")
+    r.add_argument("--run-id", help="run id; an existing id resumes that run (same model and config only)")
+    rs = sub.add_parser("resume", help="continue an interrupted run with its stored config")
+    rs.add_argument("run")
+    st = sub.add_parser("status", help="list runs, or one run's stages and results")
+    st.add_argument("run", nargs="?")
+    q = sub.add_parser("sql", help="read-only SQL over the index and the Parquet views")
+    q.add_argument("query")
+    rp = sub.add_parser("report", help="write a run's Markdown + PNG report")
+    rp.add_argument("run")
+    sv = sub.add_parser("serve", help="serve the flow on a cron schedule (Prefect deployment)")
+    sv.add_argument("config")
+    sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
+    sv.add_argument("--name", default="rac-scheduled")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "resume":
+            return cmd_run(args, resume=True)
+        handlers = {"status": cmd_status, "sql": cmd_sql, "report": cmd_report, "serve": cmd_serve}
+        return handlers[args.command](args)
+    except RunLockedError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return EXIT_LOCKED
+    except (ReadOnlyQueryError, duckdb.Error) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return EXIT_BAD_INPUT
+    except IndexBusyError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return EXIT_LOCKED
+    except BAD_INPUT as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]; continue with: rac resume RUN")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

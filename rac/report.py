@@ -1,0 +1,167 @@
+"""A run's report: Markdown + PNGs from the index (evals, per-layer pruning records, stage timings).
+
+Files in `<work_dir>/runs/<run_id>/report/`:
+  report.md         the tables (evaluation of dense vs each calibration x sparsity, stages, layer errors)
+  metrics.png       accuracy (95% CI), mean CoT tokens, runaway share, eval wall time per model
+  layer_error.png   mean relative reconstruction error per decoder layer (rows: pruned models)
+  tokerror-*.png    per-token reconstruction-error heatmaps, when the run computed them (copied in)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from rac.artifacts import atomic_path, atomic_write_text
+from rac.index import Index
+from rac.run import RunHandle
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "-" if x is None else f"{float(x):.{digits}f}"
+
+
+def eval_table(evals: list[dict[str, Any]]) -> str:
+    """Markdown table of the evaluation rows of a run."""
+    head = ("| model | calibration | method | sparsity | accuracy | 95% CI | mean tok | median tok | p90 tok "
+            "| runaway | eval s | tok/s |\n|" + "---|" * 12)
+    lines = [head]
+    for r in evals:
+        lines.append(
+            f"| {r['label']} | {r['calibration'] or '-'} | {r['method'] or '-'} | {_fmt(r['sparsity'], 2)} "
+            f"| {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['mean_tokens'], 1)} "
+            f"| {_fmt(r['median_tokens'], 1)} | {_fmt(r['p90_tokens'], 1)} | {_fmt(r['runaway_share'])} "
+            f"| {_fmt(r['wall_s'], 1)} | {_fmt(r['tokens_per_s'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def layer_errors(index: Index, stages: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Pruned-model label -> mean relative error per decoder layer (from the layers table)."""
+    out: dict[str, list[float]] = {}
+    for s in stages:
+        if s["stage"] != "prune":
+            continue
+        per_layer: dict[int, list[float]] = defaultdict(list)
+        for row in index.layer_rows(s["key"]):
+            per_layer[int(row["layer"])].append(float(row["error"]))
+        if per_layer:
+            label = s["name"].split("/", 1)[-1]
+            out[label] = [sum(v) / len(v) for _, v in sorted(per_layer.items())]
+    return out
+
+
+def plot_metrics(evals: list[dict[str, Any]], out: Path) -> Path:
+    """2x2 bar charts of accuracy (with CI), mean CoT tokens, runaway share and eval time per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["label"] for r in evals]
+    fig, axes = plt.subplots(2, 2, figsize=(max(6.0, 1.4 * len(labels) + 3), 7))
+    panels = [("accuracy", "accuracy (pass@1)"), ("mean_tokens", "mean CoT tokens"),
+              ("runaway_share", "runaway share (hit cap)"), ("wall_s", "eval wall time [s]")]
+    for ax, (key, title) in zip(axes.flat, panels, strict=True):
+        vals = [float(r[key] or 0.0) for r in evals]
+        err = None
+        if key == "accuracy":
+            err = [[max(0.0, v - float(r["ci_low"] if r["ci_low"] is not None else v)) for v, r in zip(vals, evals, strict=True)],
+                   [max(0.0, float(r["ci_high"] if r["ci_high"] is not None else v) - v) for v, r in zip(vals, evals, strict=True)]]
+        ax.bar(range(len(vals)), vals, yerr=err, capsize=3, color=["0.5" if lb == "dense" else "C0" for lb in labels])
+        ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_layer_errors(errors: dict[str, list[float]], out: Path) -> Path:
+    """Heatmap of mean relative reconstruction error: pruned models x decoder layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(errors)
+    width = max(len(v) for v in errors.values())
+    grid = np.full((len(labels), width), np.nan)  # [models, layers]
+    for i, lb in enumerate(labels):
+        grid[i, : len(errors[lb])] = errors[lb]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.35 * width + 3), 0.5 * len(labels) + 2))
+    im = ax.imshow(grid, aspect="auto", cmap="magma")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel("decoder layer")
+    ax.set_title("relative reconstruction error per layer (mean over linears)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
+    """Write report.md and its PNGs for a run from the index; returns the written paths."""
+    index = Index(work_dir)
+    run = index.get_run(run_id)
+    if run is None:
+        raise ValueError(f"no run {run_id!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
+    out_dir = RunHandle(str(Path(work_dir).resolve()), run_id).report_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evals, stages = index.evals(run_id), index.run_stages(run_id)
+    written: list[Path] = []
+    md = [f"# rac run `{run_id}`", "",
+          f"status **{run['status']}**; model `{run['fingerprint'].get('model_dir')}` "
+          f"(revision {str(run['fingerprint'].get('model_revision'))[:12]}); rac {run['fingerprint'].get('rac_version')}", ""]
+    if evals:
+        md += ["## Evaluation", "", eval_table(evals), "", "![metrics](metrics.png)", ""]
+        written.append(plot_metrics(evals, out_dir / "metrics.png"))
+    errors = layer_errors(index, stages)
+    if errors:
+        md += ["## Reconstruction error per layer", "", "| model | " + " | ".join(f"L{i}" for i in range(max(map(len, errors.values())))) + " |",
+               "|---|" + "---|" * max(map(len, errors.values()))]
+        md += [f"| {lb} | " + " | ".join(f"{e:.4f}" for e in errs) + " |" for lb, errs in errors.items()]
+        md += ["", "![layer error](layer_error.png)", ""]
+        written.append(plot_layer_errors(errors, out_dir / "layer_error.png"))
+    md += _tokerror_section(index, stages, out_dir, written)
+    md += ["## Stages", "", "| stage | key | status | reused | seconds |", "|---|---|---|---|---|"]
+    md += [f"| {s['name']} | `{s['key']}` | {s['status']} | {bool(s['reused'])} | {_fmt(s['seconds'], 1)} |" for s in stages]
+    md += ["", f"Config: see `{RunHandle(str(work_dir), run_id).run_dir / 'run.json'}`;",
+           f"query the index with `rac --work-dir {work_dir} sql \"select * from evals where run = '{run_id}'\"`.", ""]
+    written.insert(0, atomic_write_text(out_dir / "report.md", "\n".join(md)))
+    return written
+
+
+def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path, written: list[Path]) -> list[str]:
+    """Copy per-token error heatmaps of the run (stage 'tokerror') into the report and summarise them."""
+    lines: list[str] = []
+    for s in stages:
+        if s["stage"] != "tokerror" or s["status"] != "done":
+            continue
+        for row in index.done_stages(s["key"])[:1]:
+            pngs = [r for r in row["outputs"] if r.kind == "tokerror-png" and r.check() is None]
+            if not pngs:
+                continue
+            label = s["name"].split("/", 1)[-1]
+            dest = out_dir / f"tokerror-{label}.png"
+            shutil.copyfile(pngs[0].path, dest)
+            written.append(dest)
+            summ = row["summary"]
+            lines += [f"### per-token error: {label}", "",
+                      f"prompt mean {_fmt(summ.get('prompt_mean'), 4)}, decode mean {_fmt(summ.get('decode_mean'), 4)}",
+                      "", f"![{label}]({dest.name})", ""]
+    if lines:
+        lines = ["## Per-token reconstruction error (prompt vs decode)", "", *lines]
+    return lines
+
+
+def summary_json(work_dir: Path | str, run_id: str) -> str:
+    """The evaluation rows of a run as JSON (for scripts)."""
+    return json.dumps(Index(work_dir).evals(run_id), default=str, indent=1)

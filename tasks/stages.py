@@ -1,0 +1,99 @@
+"""The pipeline's Prefect tasks: thin wrappers over `rac.steps`, exchanging `StageOutput` references.
+
+Caching: each task's `cache_key_fn` returns `rac-<stage>-<key>` (key = sha256 of stage config, input
+artifact hashes, model revision, rac version; see `rac.pipeline.stage_key`) only when the index holds a
+completed stage with that key whose outputs still verify; otherwise None (no cache, the body runs and
+recomputes what is missing or corrupt). Results persist in the run folder (`runs/<id>/prefect/`, set by
+the flow through `with_options(result_storage=...)`). Across runs of one work dir the index does the
+reuse: the body finds the verified stage and records it as reused without computing anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+
+from rac import steps
+from rac.index import Index
+from rac.pipeline import RunEnv, StageOutput, find_done
+from rac.report import write_report
+from rac.runconfig import PruneJob, ReportConfig
+from tasks.progress import TaskProgress, artifact_key, log
+
+KeyFn = Callable[[dict[str, Any]], str]
+
+
+def verified_cache_key(stage: str, key_of: KeyFn) -> Callable[[TaskRunContext, dict[str, Any]], str | None]:
+    """A Prefect cache_key_fn: the stage key when its recorded outputs verify, else None (run the body)."""
+
+    def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+        key = key_of(parameters)
+        row, _ = find_done(Index(parameters["env"].work_dir), key)
+        return f"rac-{stage}-{key}" if row is not None else None
+
+    return cache_key
+
+
+@task(name="sample-prompts", persist_result=True,
+      cache_key_fn=verified_cache_key("prompts", lambda p: steps.prompts_key(p["env"], p["cfg"])))
+def sample_prompts_task(env: RunEnv, cfg: Any) -> StageOutput:
+    return steps.prompts_step(env, cfg, log=log)
+
+
+@task(name="generate-cots", persist_result=True,
+      cache_key_fn=verified_cache_key("cots", lambda p: steps.cots_key(p["env"], p["cfg"], p["prompts"])))
+def generate_cots_task(env: RunEnv, cfg: Any, prompts: StageOutput) -> StageOutput:
+    with TaskProgress("generation", f"{env.run_id}-generation") as progress:
+        return steps.cots_step(env, cfg, prompts, progress=progress, log=log)
+
+
+def _calib_inputs(p: dict[str, Any]) -> list[StageOutput]:
+    return [s for s in (p["prompts"], p["cots"]) if s is not None]
+
+
+@task(name="build-calibration", persist_result=True,
+      cache_key_fn=verified_cache_key("calib", lambda p: steps.calib_key(p["env"], p["cfg"], _calib_inputs(p))))
+def build_calibration_task(env: RunEnv, name: str, cfg: Any, prompts: StageOutput | None,
+                           cots: StageOutput | None) -> StageOutput:
+    return steps.calib_step(env, name, cfg, prompts, cots, log=log)
+
+
+@task(name="prune", persist_result=True,
+      cache_key_fn=verified_cache_key("prune", lambda p: steps.prune_key(p["env"], p["job"], p["calib"])))
+def prune_task(env: RunEnv, job: PruneJob, calib: StageOutput) -> StageOutput:
+    """Statistics + pruning, layer by layer; progress per (layer, group) step."""
+    with TaskProgress(f"pruning {job.label}", f"{env.run_id}-prune-{job.label}") as progress:
+        return steps.prune_step(env, job, calib, progress=progress, log=log)
+
+
+@task(name="evaluate", persist_result=True,
+      cache_key_fn=verified_cache_key("eval", lambda p: steps.eval_key(p["env"], p["cfg"], p["model"])))
+def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, meta: dict[str, Any]) -> StageOutput:
+    out = steps.eval_step(env, label, cfg, model, meta, log=log)
+    row = steps.metrics_row(out.summary)
+    create_markdown_artifact(
+        f"**{label}**: accuracy {row['accuracy']} (95% CI {row['ci_low']}..{row['ci_high']}), "
+        f"mean CoT tokens {row['mean_tokens']}, runaway share {row['runaway_share']}",
+        key=artifact_key(f"{env.run_id}-eval-{label}"), description=f"evaluation of {label}",
+    )
+    return out
+
+
+@task(name="token-error", persist_result=True)
+def token_error_task(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutput,
+                     calib: StageOutput) -> StageOutput:
+    return steps.tokerror_step(env, label, cfg, pruned, calib, log=log)
+
+
+@task(name="report")
+def report_task(env: RunEnv) -> list[str]:
+    """Write the run's Markdown + PNG report and publish the Markdown as a Prefect artifact."""
+    paths = write_report(Path(env.work_dir), env.run_id)
+    create_markdown_artifact(paths[0].read_text(), key=artifact_key(f"{env.run_id}-report"),
+                             description=f"rac report of run {env.run_id}")
+    return [str(p) for p in paths]
