@@ -26,8 +26,8 @@ from rac.session import precheck, stored_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
 BAD_INPUT = (RunConfigError, FileNotFoundError, ValueError)
-err_console = Console(stderr=True, highlight=False)
-console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def _work_dir(args: argparse.Namespace) -> Path:

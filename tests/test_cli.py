@@ -1,0 +1,96 @@
+"""The `rac` CLI: sql over the index views, status, report, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from rac.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from rac.index import Index, LayerRow
+
+
+def _cots_work_dir(work: Path) -> list[int]:
+    """A work dir with a run row and two CoT shards; returns the decode lengths written."""
+    Index(work).create_run("r1", "demo", {"a": 1}, {"model_dir": "m", "model_revision": "x", "rac_version": "0"},
+                           "", 1)
+    lengths = [[12, 30], [7]]
+    for shard, lens in enumerate(lengths):
+        path = work / "stages" / "cots" / "abc" / f"part-{shard:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"prompt_id": list(range(len(lens))), "n_decode": lens}), str(path))
+    return [n for lens in lengths for n in lens]
+
+
+def test_sql_answers_from_views_and_refuses_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flat = _cots_work_dir(tmp_path)
+    assert main(["--work-dir", str(tmp_path), "sql", "select count(*), avg(n_decode) from cots"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert str(len(flat)) in out and f"{sum(flat) / len(flat):.4f}"[:6] in out
+    for stmt in ("delete from runs", "update runs set status = 'x'", "create table t (a int)",
+                 "insert into runs (run_id) values ('z')"):
+        assert main(["--work-dir", str(tmp_path), "sql", stmt]) == EXIT_BAD_INPUT
+        assert "read-only" in capsys.readouterr().err
+    assert main(["--work-dir", str(tmp_path), "sql", "select nonsense from nowhere"]) == EXIT_BAD_INPUT
+    assert "nowhere" in capsys.readouterr().err
+    _, rows = Index(tmp_path).query("select count(*) from runs")
+    assert rows == [(1,)]
+
+
+def test_status_lists_runs_and_unknown_ones(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--work-dir", str(tmp_path / "empty"), "status"]) == EXIT_BAD_INPUT
+    assert "no index" in capsys.readouterr().err
+    _cots_work_dir(tmp_path)
+    assert main(["--work-dir", str(tmp_path), "status"]) == EXIT_OK
+    assert "r1" in capsys.readouterr().out
+    assert main(["--work-dir", str(tmp_path), "status", "nope"]) == EXIT_BAD_INPUT
+    assert "'nope'" in capsys.readouterr().err
+
+
+def test_report_writes_markdown_and_pngs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx = Index(tmp_path)
+    idx.create_run("r1", "demo", {}, {"model_dir": "/m", "model_revision": "abc", "rac_version": "0.1.0"}, "", 1)
+    evals: list[dict[str, Any]] = [
+        {"model": "dense", "sparsity": 0.0, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7, "mean_tokens": 100.0,
+         "median_tokens": 90.0, "p90_tokens": 180.0, "runaway_share": 0.1, "wall_s": 12.0, "tokens_per_s": 50.0, "n": 20},
+        {"model": "rac-sparsegpt-50pct", "calibration": "rac", "method": "sparsegpt", "sparsity": 0.5,
+         "accuracy": 0.4, "ci_low": 0.2, "ci_high": 0.6, "mean_tokens": 130.0, "median_tokens": 120.0,
+         "p90_tokens": 256.0, "runaway_share": 0.25, "wall_s": 15.0, "tokens_per_s": 45.0, "n": 20},
+    ]
+    for ev in evals:
+        idx.record_eval("r1", ev["model"], "k-" + ev["model"], ev)
+    idx.stage_started("r1", "prune/rac-sparsegpt-50pct", "prune", "pk", {}, [])
+    errors = {0: [0.01, 0.03], 1: [0.05, 0.07]}
+    for layer, errs in errors.items():
+        rows = [LayerRow(layer, 0, f"model.layers.{layer}.lin{i}", 0.5, e, 1.0, 0.01, 0, 0.1) for i, e in enumerate(errs)]
+        idx.record_step("r1", "pk", layer, 0, rows, [])
+    assert main(["--work-dir", str(tmp_path), "report", "r1"]) == EXIT_OK
+    report = tmp_path / "runs" / "r1" / "report"
+    md = (report / "report.md").read_text()
+    assert "| rac-sparsegpt-50pct | rac | sparsegpt | 0.50 | 0.400 | [0.200, 0.600] | 130.0 |" in md
+    assert "| dense |" in md
+    assert re.search(r"\| rac-sparsegpt-50pct \| 0\.0200 \| 0\.0600 \|", md)  # per-layer means
+    for png in ("metrics.png", "layer_error.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(report / "report.md") in capsys.readouterr().out
+    assert main(["--work-dir", str(tmp_path), "report", "missing"]) == EXIT_BAD_INPUT
+
+
+def write_yaml(path: Path, data: Any) -> Path:
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def no_run_rows(work: Path) -> bool:
+    idx = Index(work)
+    return not idx.path.exists() or idx.list_runs() == []
+
+
+def load_json(path: Path) -> Any:
+    return json.loads(path.read_text())
