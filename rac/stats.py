@@ -1,0 +1,209 @@
+"""Streaming second-moment statistics of a linear layer's input, kept per token segment.
+
+For an input stream x_t in R^d the accumulator keeps, for every declared segment s (prompt, decode,
+other; ids from `rac.segments`), H_s = sum_{t in s} x_t x_t^T and the token count n_s. Counting is
+in tokens, not sequences; masked tokens (padding) are left out entirely. Any weighting
+H = sum_s w_s H_s can be formed afterwards without a second pass; a weight w on a segment equals
+scaling that segment's tokens by sqrt(w). Wanda's column norms are ||X_j||_2 = sqrt(H_jj).
+
+Accumulators merge by summation. `state()` exposes the live buffers (one [S, d, d] tensor and one
+int64 [S] count tensor) so data-parallel workers can `torch.distributed.all_reduce` them in place.
+Files are safetensors with metadata {format, n_features, dtype, segments, tokens}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from rac.masks import all_finite
+from rac.segments import SEGMENT_IDS
+
+FILE_FORMAT = "rac.hessian.v1"
+DEFAULT_SEGMENT = "other"
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+
+
+class HessianAccumulator:
+    """Per-segment running sum of x x^T over tokens of a `n_features`-wide input."""
+
+    def __init__(
+        self,
+        n_features: int,
+        dtype: torch.dtype = torch.float32,
+        segments: Sequence[str] = tuple(SEGMENT_IDS),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features <= 0:
+            raise ValueError(f"n_features must be a positive int, got {n_features!r}")
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        names = tuple(segments)
+        unknown = [s for s in names if s not in SEGMENT_IDS]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"segments must be distinct names from {sorted(SEGMENT_IDS)}, got {names!r}")
+        self.n_features = n_features
+        self.dtype = dtype
+        self.segments = names
+        self._slot = {SEGMENT_IDS[name]: i for i, name in enumerate(names)}  # segment id -> slot
+        self.hessians = torch.zeros(len(names), n_features, n_features, dtype=dtype, device=device)
+        self.counts = torch.zeros(len(names), dtype=torch.int64, device=device)  # [S] tokens
+
+    def add(self, x: Tensor, segment_ids: Tensor | None = None, token_mask: Tensor | None = None) -> None:
+        """Add the tokens of `x` [..., d]; `segment_ids`/`token_mask` [...] label and filter them.
+
+        Without `segment_ids` every token counts as segment "other". `token_mask` True = counted.
+        """
+        if x.dim() < 1 or x.shape[-1] != self.n_features:
+            raise ValueError(f"x must be [..., {self.n_features}], got shape {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        dev = self.hessians.device
+        xs = x.detach().reshape(-1, self.n_features).to(dev)  # [T, d]
+        seg = self._segment_ids(segment_ids, lead).to(dev)  # [T] int64
+        if token_mask is not None:
+            if tuple(token_mask.shape) != lead or token_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"token_mask must be bool with shape {lead}, got {token_mask.dtype} {tuple(token_mask.shape)}"
+                )
+            keep = token_mask.reshape(-1).to(dev)
+            xs, seg = xs[keep], seg[keep]
+        xs = xs.to(self.dtype)  # upcast (e.g. from bf16) before the outer product
+        if not all_finite(xs):
+            raise ValueError(f"x contains {int((~torch.isfinite(xs)).sum())} NaN/Inf values")
+        present = torch.unique(seg).tolist()
+        for sid in present:
+            slot = self._slot[sid]
+            xt = xs if len(present) == 1 else xs[seg == sid]  # [T_s, d]
+            self.hessians[slot].addmm_(xt.T, xt)
+            self.counts[slot] += xt.shape[0]
+
+    def hessian(self, weights: Mapping[str, float] | None = None, normalize: bool = False) -> Tensor:
+        """H = sum_s w_s H_s [d, d] (default: all weights 1; a segment missing from `weights` gets 0).
+
+        With `normalize`, H is divided by the weighted token count sum_s w_s n_s.
+        """
+        w = self._weights(weights)
+        out = torch.zeros_like(self.hessians[0])  # [d, d]
+        for slot, ws in enumerate(w):
+            if ws != 0.0:
+                out.add_(self.hessians[slot], alpha=ws)
+        return out / self._weighted_tokens(w) if normalize else out
+
+    def col_norms(self, weights: Mapping[str, float] | None = None) -> Tensor:
+        """Column norms ||X_j||_2 = sqrt(H_jj) of the (weighted) input stream, [d]."""
+        w = self._weights(weights)
+        diag = torch.zeros_like(self.hessians[0, 0])  # [d]
+        for slot, ws in enumerate(w):
+            if ws != 0.0:
+                diag.add_(torch.diagonal(self.hessians[slot]), alpha=ws)
+        return diag.clamp_min(0.0).sqrt()
+
+    def tokens(self, segment: str | None = None) -> int:
+        """Tokens counted in `segment` (all segments when None)."""
+        if segment is None:
+            return int(self.counts.sum())
+        return int(self.counts[self._slot_of(segment)])
+
+    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
+        """Add `other`'s sums into this accumulator (same width, dtype and segments); returns self."""
+        if (other.n_features, other.dtype, other.segments) != (self.n_features, self.dtype, self.segments):
+            raise ValueError(
+                f"cannot merge accumulator (d={other.n_features}, {other.dtype}, {other.segments}) "
+                f"into (d={self.n_features}, {self.dtype}, {self.segments})"
+            )
+        self.hessians += other.hessians.to(self.hessians.device)
+        self.counts += other.counts.to(self.counts.device)
+        return self
+
+    def state(self) -> dict[str, Tensor]:
+        """The live buffers {"hessians": [S, d, d], "counts": int64 [S]}; summing them merges."""
+        return {"hessians": self.hessians, "counts": self.counts}
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file atomically (temp file in the same folder, then os.replace)."""
+        path = Path(path)
+        meta = {
+            "format": FILE_FORMAT,
+            "n_features": str(self.n_features),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "segments": json.dumps(list(self.segments)),
+            "tokens": json.dumps({s: self.tokens(s) for s in self.segments}),
+        }
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.contiguous().cpu() for k, v in self.state().items()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> HessianAccumulator:
+        """Read a file written by `save`; raises ValueError on a malformed or inconsistent file."""
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FILE_FORMAT:
+                raise ValueError(f"{path}: format {meta.get('format')!r} is not {FILE_FORMAT!r}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        dtype_name = meta.get("dtype", "")
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"{path}: unsupported dtype {dtype_name!r}")
+        acc = cls(int(meta["n_features"]), _DTYPES[dtype_name], json.loads(meta["segments"]), device)
+        h, c = tensors.get("hessians"), tensors.get("counts")
+        if h is None or c is None or h.shape != acc.hessians.shape or c.shape != acc.counts.shape:
+            raise ValueError(f"{path}: tensors do not match metadata (n_features, segments)")
+        acc.hessians.copy_(h)
+        acc.counts.copy_(c)
+        tokens = json.loads(meta["tokens"])
+        if tokens != {s: acc.tokens(s) for s in acc.segments}:
+            raise ValueError(f"{path}: token counts {c.tolist()} disagree with metadata {tokens}")
+        return acc
+
+    def _segment_ids(self, segment_ids: Tensor | None, lead: tuple[int, ...]) -> Tensor:
+        n_tok = 1
+        for s in lead:
+            n_tok *= s
+        if segment_ids is None:
+            return torch.full((n_tok,), self._id_of(DEFAULT_SEGMENT), dtype=torch.int64)
+        if tuple(segment_ids.shape) != lead or segment_ids.is_floating_point():
+            raise ValueError(
+                f"segment_ids must be integer with shape {lead}, got {segment_ids.dtype} {tuple(segment_ids.shape)}"
+            )
+        seg = segment_ids.reshape(-1).to(torch.int64)
+        bad = sorted(set(torch.unique(seg).tolist()) - set(self._slot))
+        if bad:
+            raise ValueError(f"segment ids {bad} are not declared segments {{n: SEGMENT_IDS[n] for n in self.segments}}")
+        return seg
+
+    def _weights(self, weights: Mapping[str, float] | None) -> list[float]:
+        if weights is None:
+            return [1.0] * len(self.segments)
+        unknown = [k for k in weights if k not in self.segments]
+        if unknown:
+            raise ValueError(f"unknown segments {unknown} in weights; declared: {list(self.segments)}")
+        bad = {k: v for k, v in weights.items() if not (isinstance(v, int | float) and 0.0 <= v < float("inf"))}
+        if bad:
+            raise ValueError(f"segment weights must be finite and >= 0, got {bad}")
+        return [float(weights.get(s, 0.0)) for s in self.segments]
+
+    def _weighted_tokens(self, w: list[float]) -> float:
+        total = sum(ws * int(n) for ws, n in zip(w, self.counts.tolist(), strict=True))
+        if total <= 0:
+            raise ValueError(f"cannot normalize: weighted token count is {total} (tokens {self.counts.tolist()})")
+        return total
+
+    def _id_of(self, name: str) -> int:
+        self._slot_of(name)
+        return SEGMENT_IDS[name]
+
+    def _slot_of(self, name: str) -> int:
+        if name not in self.segments:
+            raise ValueError(f"segment {name!r} is not declared; declared: {list(self.segments)}")
+        return self._slot[SEGMENT_IDS[name]]
+
