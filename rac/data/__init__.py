@@ -1,0 +1,1 @@
+"""Calibration data: prompt sources and templates, CoT generation engines, calibration sets."""

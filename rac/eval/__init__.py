@@ -1,0 +1,1 @@
+"""Evaluation: answer grading, accuracy/length metrics, per-token reconstruction error."""

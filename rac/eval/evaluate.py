@@ -1,0 +1,156 @@
+"""Evaluation stage: a dense or pruned model answers an eval prompts file; answers are graded and summarised.
+
+The prompts file is templated once (rac.data.prompts) with the calibration template; evaluation refuses a
+prompts file whose template hash differs from `expect_template_hash`, and re-renders the template with the
+evaluated model's tokenizer to check it still produces the same fingerprint. Generation reuses
+`generate_cots` (same engines, seeds and shard resume) into `<out_path stem>.cots/`.
+
+Metrics: accuracy = pass@1 averaged over the n samples of each problem, then over problems, with a 95%
+percentile-bootstrap interval over problems; mean/median/p90 completion tokens; the share of samples that hit
+the token cap (runaway CoTs); generation wall time and new tokens/s. Per-sample rows go to `out_path`
+(Parquet), the summary to `out_path` with suffix .json.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
+
+from rac.config import StageConfig
+from rac.data.generate import GenerateConfig, generate_cots, read_cots
+from rac.data.io import atomic_write_table, atomic_write_text
+from rac.data.prompts import read_prompts_meta
+from rac.data.templates import TemplateConfig, TemplateError, load_tokenizer, template_info
+from rac.eval.grade import grade
+
+ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("gold", pa.string(), nullable=False),
+        pa.field("pred", pa.string(), nullable=True),
+        pa.field("correct", pa.bool_(), nullable=False),
+        pa.field("completion_len", pa.int32(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+    ]
+)
+
+
+class EvalConfig(StageConfig):
+    """Eval prompts, the template they must carry, generation settings, and the interval's bootstrap."""
+
+    prompts_path: str
+    expect_template_hash: str | None = None
+    generation: GenerateConfig = GenerateConfig(max_new_tokens=2048, token_budget=None, temperature=0.6,
+                                                top_p=0.95)
+    bootstrap: int = Field(default=2000, ge=100)
+    seed: int = 0
+    grade_threads: int = Field(default=2, ge=1)
+
+    @field_validator("generation")
+    @classmethod
+    def _no_budget(cls, v: GenerateConfig) -> GenerateConfig:
+        if v.token_budget is not None:
+            raise ValueError(f"evaluation covers every prompt: generation.token_budget must be None, "
+                             f"got {v.token_budget}")
+        return v
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    """Per-model evaluation metrics."""
+
+    model: str
+    n_problems: int
+    n_samples: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    mean_tokens: float
+    median_tokens: float
+    p90_tokens: float
+    cap_rate: float
+    wall_s: float
+    tokens_per_s: float
+    template: dict[str, str]
+    rows_path: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def bootstrap_interval(per_problem: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-problem scores (resampling problems)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_problem), size=(n_boot, len(per_problem)))  # [B, P]
+    means = per_problem[idx].mean(axis=1)  # [B]
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _check_template(model_dir: Path, meta: dict[str, Any], expect: str | None) -> dict[str, str]:
+    """The prompts' template fingerprint, verified against `expect` and the model's own tokenizer."""
+    stored = meta.get("template") or {}
+    if expect is not None and stored.get("hash") != expect:
+        raise TemplateError(f"eval prompts use template {stored} but calibration used hash {expect!r}")
+    tcfg = TemplateConfig(**meta["config"]["template"])
+    mine = template_info(load_tokenizer(str(model_dir)), tcfg)
+    if mine["hash"] != stored.get("hash"):
+        raise TemplateError(f"model {model_dir} renders template {mine}, prompts were made with {stored}")
+    return dict(stored)
+
+
+def score_rows(cots: pa.Table, gold: dict[str, str], threads: int) -> pa.Table:
+    """Grade every completion (in `threads` worker threads) into per-sample rows."""
+    texts = cots.column("text").to_pylist()
+    pids = cots.column("prompt_id").to_pylist()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        grades = list(pool.map(lambda tp: grade(tp[0], gold[tp[1]]), zip(texts, pids, strict=True)))
+    return pa.table(
+        {"prompt_id": pids, "sample_index": cots.column("sample_index"), "gold": [gold[p] for p in pids],
+         "pred": [g.pred for g in grades], "correct": [g.correct for g in grades],
+         "completion_len": cots.column("completion_len"), "finish_reason": cots.column("finish_reason"),
+         "text": texts},
+        schema=ROWS_SCHEMA,
+    )
+
+
+def summarise(rows: pa.Table, n_boot: int, seed: int) -> dict[str, float]:
+    """Accuracy with interval, token statistics and cap rate of graded rows."""
+    pids = np.array(rows.column("prompt_id").to_pylist())
+    correct = np.array(rows.column("correct").to_pylist(), dtype=np.float64)
+    lens = np.array(rows.column("completion_len").to_pylist(), dtype=np.float64)
+    uniq, inv = np.unique(pids, return_inverse=True)
+    per_problem = np.bincount(inv, weights=correct) / np.bincount(inv)  # [P]
+    lo, hi = bootstrap_interval(per_problem, n_boot, seed)
+    return {"n_problems": len(uniq), "n_samples": len(correct), "accuracy": float(per_problem.mean()),
+            "ci_low": lo, "ci_high": hi, "mean_tokens": float(lens.mean()),
+            "median_tokens": float(np.median(lens)), "p90_tokens": float(np.percentile(lens, 90)),
+            "cap_rate": rows.column("finish_reason").to_pylist().count("length") / len(correct)}
+
+
+def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path) -> EvalSummary:
+    """Generate, grade and summarise `model_dir` on `cfg.prompts_path`; rows to `out_path`, summary JSON beside."""
+    prompts_path = Path(cfg.prompts_path)
+    meta = read_prompts_meta(prompts_path)
+    info = _check_template(model_dir, meta, cfg.expect_template_hash)
+    prompts = pq.read_table(prompts_path, columns=["prompt_id", "answer"])
+    gold = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist(), strict=True))
+    out_path = Path(out_path)
+    gen = generate_cots(prompts_path, model_dir, cfg.generation, out_path.with_name(out_path.stem + ".cots"))
+    rows = score_rows(read_cots(gen.out_dir), gold, cfg.grade_threads)
+    atomic_write_table(rows, out_path)
+    summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed),  # type: ignore[arg-type]
+                          wall_s=gen.wall_s, tokens_per_s=gen.new_tokens_per_s, template=info,
+                          rows_path=str(out_path))
+    atomic_write_text(summary.to_json(), out_path.with_suffix(".json"))
+    return summary
