@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from rac.pruners.alps import alps
-from rac.pruners.base import FactorizationError, PruneConfig, PruneResult, Retry
+from rac.pruners.base import FactorizationError, PruneConfig, PruneResult, Retry, check_layer
 from rac.pruners.magnitude import magnitude
 from rac.pruners.sparsegpt import sparsegpt
 from rac.pruners.wanda import col_norms_from_hessian, wanda
@@ -25,6 +25,7 @@ def _magnitude(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
 
 
 def _wanda(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
+    check_layer(W, H, cfg)  # before reading diag H
     return wanda(W, col_norms_from_hessian(H), cfg, H)
 
 
