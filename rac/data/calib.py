@@ -39,7 +39,7 @@ from rac.data.prompts import PROMPTS_META_KEY
 from rac.data.templates import load_tokenizer
 from rac.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 
-GENERIC_FILES = ("gensim/test/test_data/lee_background.cor", "gensim/test/test_data/lee.cor")
+GENERIC_FILES = {"gensim/test/test_data/lee_background.cor": "utf-8", "gensim/test/test_data/lee.cor": "cp1252"}
 P, D, OTHER = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"], SEGMENT_IDS["other"]
 
 
@@ -80,9 +80,9 @@ def generic_texts() -> list[str]:
     """The Lee corpus articles shipped in the gensim wheel (one article per line)."""
     dist = distribution("gensim")
     texts: list[str] = []
-    for rel in GENERIC_FILES:
+    for rel, encoding in GENERIC_FILES.items():
         path = Path(str(dist.locate_file(rel)))
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts += [line.strip() for line in path.read_text(encoding=encoding).splitlines() if line.strip()]
     return texts
 
 

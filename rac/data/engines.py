@@ -160,18 +160,29 @@ class TransformersEngine:
 
 
 class VLLMEngine:
-    """vLLM `LLM.generate` on token-id prompts, one seeded request per sample, in-process engine core."""
+    """vLLM `LLM.generate` on token-id prompts, one seeded request per sample.
+
+    Runs vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: spawning its two child
+    processes costs more than the generation on a small CPU) without OpenMP core binding, in eager mode
+    (torch.compile's warm-up takes minutes here). vLLM's in-process worker replaces torch.set_num_threads
+    and sets up torch.distributed; both are undone by close() so the rest of the process is unaffected.
+    """
 
     name = "vllm"
 
     def __init__(self, model_dir: Path, eos_ids: Sequence[int], dtype: str = "bfloat16", batch_size: int = 8,
-                 max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0) -> None:
+                 max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0,
+                 threads: int | None = None) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         try:
             from vllm import LLM
         except ImportError as e:
             raise RuntimeError(f"engine 'vllm' is unavailable: cannot import vllm ({e})") from e
+        self._set_num_threads, self._threads = torch.set_num_threads, torch.get_num_threads()
+        if threads is not None:  # vLLM computes with torch's threads (no binding); restored by close()
+            torch.set_num_threads(threads)
         self.eos = list(eos_ids)
         self.llm = LLM(model=str(model_dir), dtype=dtype,  # type: ignore[arg-type]
                        seed=seed, max_model_len=max_model_len,
@@ -197,7 +208,17 @@ class VLLMEngine:
         return res
 
     def close(self) -> None:
+        """Shut the engine down and undo vLLM's process-wide changes."""
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
         del self.llm
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        torch.set_num_threads = self._set_num_threads  # type: ignore[method-assign]
+        torch.set_num_threads(self._threads)
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -166,6 +166,8 @@ def records_from_table(
     table: pa.Table, source: str, question_col: str, answer_col: str, id_col: str | None
 ) -> list[Record]:
     """Map a table's columns to Records; a missing column is named with the available ones."""
+    if table.num_rows == 0:
+        raise EmptySourceError(f"prompt source {source!r} has no rows")
     for col in (question_col, answer_col, id_col):
         if col is not None and col not in table.column_names:
             raise MissingColumnError(
