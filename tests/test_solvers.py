@@ -10,6 +10,7 @@ import torch
 from bench.reference import reference_sparsegpt
 from rac.error import reconstruction_loss
 from rac.pruners import FactorizationError, PruneConfig, alps, prune, sparsegpt
+from rac.pruners.sparsegpt import reverse_cholesky
 
 
 def _correlated_h(
@@ -89,13 +90,20 @@ def test_sparsegpt_within_factor_of_brute_force(spec: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", [{"sparsity": 0.6}, {"sparsity": 0.35, "blocksize": 24}, {"nm": (2, 4)}, {"nm": (3, 8), "blocksize": 16}]
+    ("cols", "spec"),
+    [
+        (72, {"sparsity": 0.6}),
+        (72, {"sparsity": 0.35, "blocksize": 24}),
+        (72, {"nm": (2, 4)}),
+        (72, {"nm": (3, 8), "blocksize": 16}),
+        (328, {"sparsity": 0.5, "blocksize": 96}),  # blocked Cholesky (256) with straddling blocks
+    ],
 )
-def test_sparsegpt_matches_the_reference_loop(spec: dict) -> None:
-    _, H = _correlated_h(72, 256, 0.3, 7)
+def test_sparsegpt_matches_the_reference_loop(cols: int, spec: dict) -> None:
+    _, H = _correlated_h(cols, 4 * cols, 0.3, 7)
     H[:, [3, 50]] = 0.0  # dead inputs
     H[[3, 50], :] = 0.0
-    W = torch.randn(20, 72, generator=torch.Generator().manual_seed(7))
+    W = torch.randn(20, cols, generator=torch.Generator().manual_seed(7))
     cfg = PruneConfig(method="sparsegpt", **spec)
     res = sparsegpt(W, H, cfg)
     W_ref, keep_ref, half_err_sq = reference_sparsegpt(W, H, cfg.target_sparsity, cfg.nm, cfg.blocksize, cfg.damp)
@@ -105,6 +113,18 @@ def test_sparsegpt_matches_the_reference_loop(spec: dict) -> None:
     assert res.loss == pytest.approx(direct, rel=1e-4)  # OBS identity ||E||^2 - λ||ΔW||^2
     damped = direct + res.info["lambda"] * float((W - res.weight).square()[:, H.diagonal() > 0].sum())
     assert 2 * half_err_sq == pytest.approx(damped, rel=1e-3)  # the reference's sum of e^2 / 2
+
+
+def test_blocked_reverse_cholesky() -> None:
+    X, H = _correlated_h(600, 800, 0.3, 1, spread=0.3)
+    R, lam = reverse_cholesky(H, 0.5)
+    R = R.double().triu()
+    H_damped = H.double() + 0.5 * torch.eye(600, dtype=torch.float64)
+    assert float((R @ R.T - H_damped).abs().max()) <= 1e-5 * float(H_damped.abs().max())
+    H_bad = H.clone()
+    H_bad[10, 10] = -1.0  # breaks positive definiteness in the first (last factored) block
+    with pytest.raises(FactorizationError, match="diagonal block at columns 0:256"):
+        reverse_cholesky(H_bad, 0.0)
 
 
 # --- quality ordering --------------------------------------------------------------------------

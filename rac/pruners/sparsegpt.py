@@ -10,7 +10,8 @@ the matrix with one matmul (lazy batch update). Dead inputs (H_jj = 0) get H_jj 
 as in the reference implementation.
 
 Faster formulation, same result as the reference loop up to rounding:
-* No inverse. With R upper triangular and R R^T = H (a Cholesky of the index-reversed H), U = R^{-1}.
+* No inverse. With R upper triangular and R R^T = H (a blocked Cholesky from the bottom-right
+  corner), U = R^{-1}.
   The later columns C are updated through the block's total change δ_B = W_B - Ŵ_B by
   G_C += δ_B R_BC, and block B at its start is W_B + G_B U_BB with U_BB = R_BB^{-1} ([B, B]).
   One Cholesky replaces the reference's Cholesky + inverse + Cholesky.
@@ -40,6 +41,7 @@ from rac.pruners.base import (
 )
 
 MICRO = 16  # columns per micro-block of the in-block sweep
+CHOL_BLOCK = 256  # columns per block of the blocked reverse Cholesky
 
 
 def sparsegpt(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
@@ -47,10 +49,12 @@ def sparsegpt(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
     start = time.perf_counter()
     check_layer(W, H, cfg)
     W0_t = W.detach().T.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # [cols, rows]
-    Hf = H.detach().to(torch.float32, copy=True)  # [cols, cols]
+    Hf = H.detach().float()  # [cols, cols]; copied below only when dead inputs must be patched
     dead = dead_columns(Hf)  # [cols]
-    torch.diagonal(Hf)[dead] = 1.0
-    W0_t[dead] = 0.0
+    if bool(dead.any()):
+        Hf = Hf.clone()
+        torch.diagonal(Hf)[dead] = 1.0
+        W0_t[dead] = 0.0
     (R, lam), damp, retries = factor_with_damping(Hf, cfg, reverse_cholesky)
     W_hat_t, keep_t, err_sq, delta_sq = obs_sweep(W0_t, R, cfg)
     info = {"dead_columns": int(dead.sum()), "lambda": lam}
@@ -61,15 +65,32 @@ def sparsegpt(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
 
 
 def reverse_cholesky(H: Tensor, lam: float) -> tuple[Tensor, float]:
-    """Upper-triangular R with R R^T = H + λI, and λ; raises FactorizationError if not PD."""
-    A = H.flip((0, 1))  # [cols, cols] copy in reversed index order
+    """(R, λ): R R^T = H + λI with R upper triangular, held in the upper triangle of the returned
+    [cols, cols] tensor (its strict lower triangle is scratch). Raises FactorizationError if not PD.
+
+    Blocked from the bottom-right corner: R_kk = J chol(J A_kk J) J (J reverses the order),
+    R_<k,k = A_<k,k R_kk^-T, then A_<k,<k -= R_<k,k R_<k,k^T on the upper triangle only.
+    """
+    A = H.to(torch.float32, copy=True)  # [cols, cols], overwritten by R
     torch.diagonal(A).add_(lam)
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:
-        raise FactorizationError(
-            f"Cholesky of H + {lam:.4g}*I failed: minor of order {int(info)} (reversed order) not positive definite"
-        )
-    return L.flip((0, 1)), lam
+    starts = range(0, A.shape[0], CHOL_BLOCK)
+    for k0 in reversed(starts):
+        k1 = min(k0 + CHOL_BLOCK, A.shape[0])
+        L, info = torch.linalg.cholesky_ex(A[k0:k1, k0:k1].flip((0, 1)))
+        if int(info) != 0:
+            raise FactorizationError(
+                f"Cholesky of H + {lam:.4g}*I failed: not positive definite (diagonal block at columns {k0}:{k1})"
+            )
+        R_kk = L.flip((0, 1))  # [b, b] upper, R_kk R_kk^T = A_kk
+        A[k0:k1, k0:k1] = R_kk
+        if k0 == 0:
+            break
+        P = torch.linalg.solve_triangular(R_kk.mT, A[:k0, k0:k1], upper=False, left=False)  # [k0, b]
+        A[:k0, k0:k1] = P
+        for j0 in range(0, k0, CHOL_BLOCK):
+            j1 = min(j0 + CHOL_BLOCK, k0)
+            A[:j1, j0:j1].addmm_(P[:j1], P[j0:j1].T, alpha=-1)
+    return A, lam
 
 
 def obs_sweep(W0_t: Tensor, R: Tensor, cfg: PruneConfig) -> tuple[Tensor, Tensor, float, float]:
@@ -80,7 +101,7 @@ def obs_sweep(W0_t: Tensor, R: Tensor, cfg: PruneConfig) -> tuple[Tensor, Tensor
     err_sq = delta_sq = 0.0
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
-        R_b = R[i1:i2, i1:i2]  # [b, b] upper
+        R_b = R[i1:i2, i1:i2].triu()  # [b, b] upper
         U_b = torch.linalg.solve_triangular(R_b, torch.eye(i2 - i1), upper=True)  # [b, b] = U_BB
         W_t = torch.addmm(W0_t[i1:i2], U_b.T, out_t[i1:i2])  # [b, rows] block at its start
         E_t = sweep_block(W_t, keep_t[i1:i2], U_b, cfg, _block_prune_count(cfg, rows, i1, i2))
@@ -103,8 +124,8 @@ def sweep_block(W_t: Tensor, keep_t: Tensor, U_b: Tensor, cfg: PruneConfig, k: i
     """
     b = W_t.shape[0]
     d = torch.diagonal(U_b)[:, None]  # [b, 1]
-    E_t = torch.zeros_like(W_t)  # [b, rows]
-    S_t = torch.zeros_like(W_t)  # [b, rows]: 1/d_j where pruned, else 0
+    E_t = torch.empty_like(W_t)  # [b, rows], each row written before it is read
+    S_t = torch.empty_like(W_t)  # [b, rows]: 1/d_j where pruned, else 0
     if cfg.nm is None:
         saliency = (W_t / d).square()  # [b, rows] w^2 / d^2
         if cfg.scope == "row":
