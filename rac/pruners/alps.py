@@ -73,10 +73,10 @@ def normalised_eigh(H: Tensor, lam: float) -> tuple[Tensor, Tensor, Tensor, Tens
         raise FactorizationError(f"H + {lam:.4g}*I has a non-positive diagonal (min {float(diag.min()):.4g})")
     scale = diag.sqrt()  # [cols]
     H_s = Hd / scale[:, None] / scale[None, :]  # [cols, cols]
-    evals, Q = torch.linalg.eigh(H_s.double())  # float64: (H_s + ρI)^-1 stays accurate for small ρ
+    evals, Q = torch.linalg.eigh(H_s.double())  # [cols], [cols, cols]; float64 for accurate small eigenvalues
     if not float(evals.min()) > 0:
         raise FactorizationError(f"H + {lam:.4g}*I is not positive definite (smallest eigenvalue {float(evals.min()):.4g})")
-    return H_s, scale, evals, Q
+    return H_s, scale, evals.float(), Q.float()
 
 
 def admm(W_s: Tensor, B: Tensor, evals: Tensor, Q: Tensor, cfg: PruneConfig) -> tuple[Tensor, dict[str, float | int | bool]]:
@@ -145,8 +145,8 @@ def masked_cg(H_s: Tensor, B: Tensor, keep: Tensor, X0: Tensor, max_iter: int) -
 
 
 def _shifted_inverse(evals: Tensor, Q: Tensor, rho: float) -> Tensor:
-    """(H_s + ρI)^-1 = Q diag(1 / (Λ + ρ)) Q^T in float32 [cols, cols]."""
-    return ((Q / (evals + rho)) @ Q.T).float()
+    """(H_s + ρI)^-1 = Q diag(1 / (Λ + ρ)) Q^T [cols, cols]."""
+    return (Q / (evals + rho)) @ Q.T
 
 
 def _project_mask(Z: Tensor, cfg: PruneConfig) -> Tensor:
