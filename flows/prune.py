@@ -1,6 +1,6 @@
 """`rac_prune`: the whole DAG for one model.
 
-prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> (dense eval) ->
+prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> eval prompts -> (dense eval) ->
 for each calibration x prune config: prune -> eval -> per-token error heatmap -> report.
 All calibrations and sparsities of one run share the prompts and the CoTs. Stages run one after another
 (2 CPU cores do not profit from running two model-sized stages at once).
@@ -67,20 +67,27 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
         note = session.note_calibration(name, calib.output("calibration").sha256)
         if note:
             log(note)
-    if cfg.eval is not None and cfg.eval_dense:
+    eval_cfg, eval_prompts = None, None
+    if cfg.eval is not None:
+        eval_prompts = _stored(env, sample_prompts_task)(env, cfg.eval_prompts, name="prompts/eval")
+        done[eval_prompts.name] = eval_prompts
+        template = prompts.summary.get("template", {}).get("hash")
+        eval_cfg = cfg.eval_config(str(eval_prompts.output("prompts").path), template)
+    if eval_cfg is not None and eval_prompts is not None and cfg.eval_dense:
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
-        out = _stored(env, evaluate_task)(env, "dense", cfg.eval, None, meta)
+        out = _stored(env, evaluate_task)(env, "dense", eval_cfg, None, eval_prompts, meta)
         done[out.name] = out
     for job in cfg.jobs:
         pruned = _stored(env, prune_task)(env, job, calibs[job.calibration])
         done[pruned.name] = pruned
-        if cfg.eval is not None:
+        if eval_cfg is not None and eval_prompts is not None:
             meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                     "sparsity": job.compress.prune.sparsity}
-            out = _stored(env, evaluate_task)(env, job.label, cfg.eval, pruned, meta)
+            out = _stored(env, evaluate_task)(env, job.label, eval_cfg, pruned, eval_prompts, meta)
             done[out.name] = out
         if cfg.report.heatmap:
-            out = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, calibs[job.calibration])
+            heat = calibs[cfg.heatmap_calibration(job)]
+            out = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, heat)
             done[out.name] = out
     paths = report_task(env)
     return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,

@@ -117,8 +117,9 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     evals, stages = index.evals(run_id), index.run_stages(run_id)
     written: list[Path] = []
+    status = "in progress (this report is its last step)" if run["status"] == "running" else run["status"]
     md = [f"# rac run `{run_id}`", "",
-          f"status **{run['status']}**; model `{run['fingerprint'].get('model_dir')}` "
+          f"status **{status}**; model `{run['fingerprint'].get('model_dir')}` "
           f"(revision {str(run['fingerprint'].get('model_revision'))[:12]}); rac {run['fingerprint'].get('rac_version')}", ""]
     if evals:
         md += ["## Evaluation", "", eval_table(evals), "", "![metrics](metrics.png)", ""]

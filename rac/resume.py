@@ -62,18 +62,14 @@ class CotsResume:
         self.index.forget_artifacts([u for u in recorded if u not in kept])
         return trusted
 
-    def on_shard(self, progress: ProgressFn) -> Callable[..., None]:
-        """The generator's callback: hash the new shard, then record it."""
+    def on_shard(self, progress: ProgressFn, total: int) -> Callable[[int, Path], None]:
+        """The generator's callback `(k, path)` after shard k is renamed into place: hash it, record it."""
 
-        def callback(*args: Any, **kwargs: Any) -> None:
-            newest = shard_files(self.folder)
-            recorded = {r.uri for r in self.index.artifacts(self.key, "cots-shard")}
-            fresh = [ArtifactRef.of(p, "cots-shard") for p in newest if ArtifactRef.of(p).uri not in recorded]
-            for ref in fresh:
-                crashpoint(f"cots.shard:{_shard_no(ref.path)}")
-            self.index.record_artifacts(fresh, self.key)
-            total = _total_shards(args, kwargs)
-            progress(len(newest), total or len(newest), "cots shards")
+        def callback(k: int, path: Path) -> None:
+            ref = ArtifactRef.of(path, "cots-shard")
+            crashpoint(f"cots.shard:{k}")
+            self.index.record_artifacts([ref], self.key)
+            progress(k + 1, max(total, k + 1), f"shard {k}")
 
         return callback
 
@@ -84,20 +80,6 @@ class CotsResume:
         if missing:
             self.index.record_artifacts([ArtifactRef.of(p, "cots-shard") for p in missing], self.key)
         return ArtifactRef.of(self.folder, "cots", patterns=("*part-*.parquet",))
-
-
-def _shard_no(path: Path) -> int:
-    m = _SHARD_RE.search(path.name)
-    return int(m.group(1)) if m else -1
-
-
-def _total_shards(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
-    for obj in (*args, *kwargs.values()):
-        for name in ("n_shards", "total_shards", "shards_total"):
-            val = getattr(obj, name, None) if not isinstance(obj, dict) else obj.get(name)
-            if isinstance(val, int):
-                return val
-    return 0
 
 
 class PruneResume:

@@ -10,7 +10,11 @@
     compress:  {...}                # rac.engine CompressConfig fields except `prune`
     prune:                          # list of rac.pruners PruneConfig; every calibration x every entry
       - {method: sparsegpt, sparsity: 0.5}
-    eval:      {...}                # rac.eval EvalConfig, or omitted (no evaluation)
+    eval:                           # omitted: no evaluation
+      prompts: {...}                # PromptsConfig of the eval set (e.g. holdout: eval); its template
+                                    # defaults to the calibration prompts' template
+      generation: {...}             # + every other rac.eval EvalConfig field except prompts_path and
+                                    # expect_template_hash, which the pipeline fills in at run time
     eval_dense: true                # also evaluate the dense model
     report:    {...}                # ReportConfig below
 
@@ -20,6 +24,7 @@ dotted path) into one RunConfigError (a ValueError). Nothing is resolved or writ
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +39,7 @@ from rac.config import StageConfig
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
             "eval_dense", "report")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
+EVAL_RUNTIME_KEYS = ("prompts_path", "expect_template_hash")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
 
 
@@ -46,7 +52,10 @@ class ReportConfig(StageConfig):
 
     heatmap: bool = True
     heatmap_sequences: int = 2
-    heatmap_max_tokens: int = 256
+    heatmap_max_tokens: int = 1024
+    # calibration set whose sequences the heatmaps of every pruned model use (same tokens for all);
+    # None: the first `rac` calibration, else each model's own
+    heatmap_calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class RunConfig:
     generate: Any | None  # GenerateConfig (None when no calibration needs CoTs)
     calibrations: dict[str, Any]  # name -> CalibConfig
     jobs: tuple[PruneJob, ...]
-    eval: Any | None  # EvalConfig
+    eval: Any | None  # EvalConfig with a placeholder prompts_path (see eval_config)
+    eval_prompts: Any | None  # PromptsConfig of the eval set
     eval_dense: bool
     report: ReportConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
@@ -85,10 +95,30 @@ class RunConfig:
             "calibrations": {k: v.canonical() for k, v in self.calibrations.items()},
             "compress": first,
             "prune": _unique([j.compress.prune.canonical() for j in self.jobs]),
-            "eval": self.eval.canonical() if self.eval is not None else None,
+            "eval": self._eval_canonical(),
             "eval_dense": self.eval_dense,
             "report": self.report.canonical(),
         }
+
+    def _eval_canonical(self) -> dict[str, Any] | None:
+        if self.eval is None or self.eval_prompts is None:
+            return None
+        fields = {k: v for k, v in self.eval.canonical().items() if k not in EVAL_RUNTIME_KEYS}
+        return {"prompts": self.eval_prompts.canonical(), **fields}
+
+    def eval_config(self, prompts_path: str, template_hash: str | None) -> Any:
+        """The EvalConfig of this run for an eval prompts file and the calibration template's hash."""
+        if self.eval is None:
+            raise ValueError("this run config has no `eval` section")
+        fields = {k: v for k, v in self.eval.canonical().items() if k not in EVAL_RUNTIME_KEYS}
+        return stage_class("eval")(prompts_path=prompts_path, expect_template_hash=template_hash, **fields)
+
+    def heatmap_calibration(self, job: PruneJob) -> str:
+        """Name of the calibration set whose sequences the per-token error heatmap of `job` uses."""
+        if self.report.heatmap_calibration is not None:
+            return self.report.heatmap_calibration
+        rac = [n for n, c in self.calibrations.items() if _calib_kind(c) == "rac"]
+        return rac[0] if rac else job.calibration
 
     def needs_cots(self) -> bool:
         return any(_calib_kind(c) == "rac" for c in self.calibrations.values())
@@ -106,15 +136,23 @@ def _calib_kind(cfg: Any) -> str:
     return str(getattr(cfg, "kind", ""))
 
 
-def stage_classes() -> dict[str, type[StageConfig]]:
-    """The stage config classes of the library, by run-config section."""
-    from rac.data import CalibConfig, GenerateConfig, PromptsConfig
-    from rac.engine import CompressConfig
-    from rac.eval import EvalConfig
-    from rac.pruners import PruneConfig
+STAGE_CLASSES: dict[str, str] = {
+    "prompts": "rac.data.prompts:PromptsConfig",
+    "generate": "rac.data.generate:GenerateConfig",
+    "calibrations": "rac.data.calib:CalibConfig",
+    "compress": "rac.engine.sequential:CompressConfig",
+    "prune": "rac.pruners.base:PruneConfig",
+    "eval": "rac.eval.evaluate:EvalConfig",
+    "report": "rac.runconfig:ReportConfig",
+}
 
-    return {"prompts": PromptsConfig, "generate": GenerateConfig, "calibrations": CalibConfig,
-            "compress": CompressConfig, "prune": PruneConfig, "eval": EvalConfig, "report": ReportConfig}
+
+def stage_class(section: str) -> Any:
+    """The library's stage config class (a StageConfig subclass) of a run-config section, imported on use."""
+    module, _, name = STAGE_CLASSES[section].partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    assert issubclass(cls, StageConfig)
+    return cls
 
 
 def _known(cls: type[BaseModel], drop: tuple[str, ...] = ()) -> str:
@@ -145,15 +183,6 @@ def _build(cls: type[BaseModel], data: Any, where: str, problems: list[str],
     return None
 
 
-def _check_pruner(method: str, where: str, problems: list[str]) -> None:
-    from rac.pruners import get_pruner
-
-    try:
-        get_pruner(method)
-    except (ValueError, KeyError) as err:
-        problems.append(f"{where}.method = {method!r}: {err}")
-
-
 def _prune_label(calib: str, prune: Any) -> str:
     nm = getattr(prune, "nm", None)
     amount = f"{nm[0]}of{nm[1]}" if nm else f"{round(float(prune.sparsity) * 100):d}pct"
@@ -175,8 +204,7 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         problems.append(f"model = {model!r}: must be a model alias or a folder path")
-    classes = stage_classes()
-    prompts = _build(classes["prompts"], data.get("prompts"), "prompts", problems) if "prompts" in data else None
+    prompts = _build(stage_class("prompts"), data.get("prompts"), "prompts", problems) if "prompts" in data else None
     calibs: dict[str, Any] = {}
     raw_calibs = data.get("calibrations", {})
     if not isinstance(raw_calibs, Mapping) or ("calibrations" in data and not raw_calibs):
@@ -185,25 +213,27 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     for cname, cdata in raw_calibs.items():
         if not _NAME_RE.match(str(cname)):
             problems.append(f"calibrations.{cname}: name must match {_NAME_RE.pattern}")
-        calibs[str(cname)] = _build(classes["calibrations"], cdata, f"calibrations.{cname}", problems)
+        calibs[str(cname)] = _build(stage_class("calibrations"), cdata, f"calibrations.{cname}", problems)
     needs_cots = any(c is not None and _calib_kind(c) == "rac" for c in calibs.values())
     generate = None
     if needs_cots or data.get("generate") is not None:
-        generate = _build(classes["generate"], data.get("generate"), "generate", problems)
-    jobs = _parse_jobs(data, classes, calibs, problems)
-    ev = _build(classes["eval"], data["eval"], "eval", problems) if data.get("eval") is not None else None
+        generate = _build(stage_class("generate"), data.get("generate"), "generate", problems)
+    jobs = _parse_jobs(data, calibs, problems)
+    ev, ev_prompts = _parse_eval(data.get("eval"), data.get("prompts"), problems)
     eval_dense = data.get("eval_dense", True)
     if not isinstance(eval_dense, bool):
         problems.append(f"eval_dense = {eval_dense!r}: expected true or false")
     report = _build(ReportConfig, data.get("report"), "report", problems)
+    if report is not None and report.heatmap_calibration not in (None, *calibs):
+        problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
+                        f"calibrations {sorted(calibs)}")
     if problems:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
-                     jobs=tuple(jobs), eval=ev, eval_dense=bool(eval_dense), report=report, raw=dict(data))
+                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, raw=dict(data))
 
 
-def _parse_jobs(data: Mapping[str, Any], classes: dict[str, type[StageConfig]], calibs: dict[str, Any],
-                problems: list[str]) -> list[PruneJob]:
+def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[str]) -> list[PruneJob]:
     raw_prunes = data.get("prune", [])
     if isinstance(raw_prunes, Mapping):
         raw_prunes = [raw_prunes]
@@ -217,22 +247,59 @@ def _parse_jobs(data: Mapping[str, Any], classes: dict[str, type[StageConfig]], 
     if "prune" in compress:
         problems.append("compress.prune: give pruning settings in the top-level `prune` list instead")
         return []
+    compress_cls = stage_class("compress")
+    default_prune = stage_class("prune")(sparsity=0.5)  # placeholder: compress fields are checked once
+    compress_ok = _build(compress_cls, {**compress, "prune": default_prune}, "compress", problems,
+                         drop=("prune",)) is not None
     jobs: list[PruneJob] = []
     for i, pdata in enumerate(raw_prunes):
-        prune = _build(classes["prune"], pdata, f"prune[{i}]", problems)
-        if prune is None:
-            continue
-        _check_pruner(str(prune.method), f"prune[{i}]", problems)
-        ccfg = _build(classes["compress"], {**compress, "prune": prune}, "compress", problems, drop=("prune",))
-        if ccfg is None:
-            return []
-        for cname in calibs:
-            jobs.append(PruneJob(_prune_label(cname, prune), cname, ccfg))
+        prune = _build(stage_class("prune"), pdata, f"prune[{i}]", problems)
+        if prune is not None and compress_ok:
+            ccfg = compress_cls(**compress, prune=prune)
+            jobs += [PruneJob(_prune_label(cname, prune), cname, ccfg) for cname in calibs]
     labels = [j.label for j in jobs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         problems.append(f"prune: duplicate entries {dupes}")
     return jobs
+
+
+def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[Any, Any]:
+    """(EvalConfig with a placeholder prompts_path, PromptsConfig of the eval set) or (None, None)."""
+    if data is None:
+        return None, None
+    if not isinstance(data, Mapping):
+        problems.append(f"eval: expected a mapping of keys, got {data!r}")
+        return None, None
+    fields = dict(data)
+    pdata = fields.pop("prompts", None)
+    if pdata is None:
+        problems.append("missing key 'eval.prompts' (the eval set's PromptsConfig, e.g. holdout: eval)")
+        return None, None
+    runtime = sorted(set(fields) & set(EVAL_RUNTIME_KEYS))
+    if runtime:
+        problems.append(f"eval.{runtime[0]}: set by the pipeline (eval prompts stage, calibration template)")
+        return None, None
+    if isinstance(pdata, Mapping) and "template" not in pdata and isinstance(calib_prompts, Mapping):
+        if "template" in calib_prompts:  # evaluation uses the calibration template unless told otherwise
+            pdata = {**pdata, "template": calib_prompts["template"]}
+    prompts = _build(stage_class("prompts"), pdata, "eval.prompts", problems)
+    cls = stage_class("eval")
+    known = ", ".join(["prompts", *(k for k in sorted(cls.model_fields) if k not in EVAL_RUNTIME_KEYS)])
+    n_before = len(problems)
+    ev = _build(cls, {**fields, "prompts_path": "<eval prompts stage>"}, "eval", problems)
+    for i in range(n_before, len(problems)):
+        problems[i] = re.sub(r"known keys in eval: .*", f"known keys in eval: {known}", problems[i])
+    return ev, prompts
+
+
+def parse_eval_section(data: Any, calib_prompts: Any = None, source: str = "<eval>") -> tuple[Any, Any]:
+    """(EvalConfig with a placeholder prompts_path, eval PromptsConfig) of an `eval:` mapping."""
+    problems: list[str] = []
+    ev, prompts = _parse_eval(data, calib_prompts, problems)
+    if problems or ev is None:
+        raise RunConfigError(f"{source}: invalid eval config:\n  - " + "\n  - ".join(problems or ["empty"]))
+    return ev, prompts
 
 
 def load_run_config(path: Path | str) -> RunConfig:

@@ -20,10 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from rac.artifacts import ArtifactRef, atomic_write_json
 from rac.config import StageConfig
 from rac.index import Index
-from rac.pipeline import ProgressFn, RunEnv, StageOutput, run_stage, stage_key
+from rac.pipeline import ProgressFn, RunEnv, StageOutput, clear_folder, run_stage, stage_key
 from rac.resume import CotsResume, PruneResume
 from rac.runconfig import PruneJob, ReportConfig
 
@@ -70,35 +72,37 @@ def prune_key(env: RunEnv, job: PruneJob, calib: StageOutput) -> str:
     return stage_key("prune", job.compress.canonical(), list(calib.outputs), env)
 
 
-def eval_key(env: RunEnv, cfg: Any, model: StageOutput | None) -> str:
-    return stage_key("eval", cfg.canonical(), list(model.outputs) if model else [], env)
+def eval_key(env: RunEnv, cfg: Any, model: StageOutput | None, prompts: StageOutput) -> str:
+    return stage_key("eval", cfg.canonical(), [*(model.outputs if model else ()), *prompts.outputs], env)
 
 
 # ------------------------------------------------------------------ stages
-def prompts_step(env: RunEnv, cfg: Any, log: LogFn = print) -> StageOutput:
-    """Sample the calibration prompts (deterministic by seed)."""
-    from rac.data import sample_prompts
+def prompts_step(env: RunEnv, cfg: Any, log: LogFn = print, name: str = "prompts") -> StageOutput:
+    """Sample prompts (calibration, or `name="prompts/eval"` for the eval set; deterministic by seed)."""
+    from rac.data.prompts import sample_prompts
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         out = folder / "prompts.parquet"
         summary = sample_prompts(cfg, Path(env.model_dir), out)
         return [ArtifactRef.of(out, "prompts")], to_jsonable(summary)
 
-    return run_stage(env, "prompts", "prompts", cfg.canonical(), [], compute, log)
+    return run_stage(env, name, "prompts", cfg.canonical(), [], compute, log)
 
 
 def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn = _noop,
               log: LogFn = print) -> StageOutput:
     """Generate the on-policy CoTs shard by shard; a crash resumes at the first unverified shard."""
-    from rac.data import generate_cots
+    from rac.data.generate import generate_cots
 
     key = cots_key(env, cfg, prompts)
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         resume = CotsResume(Index(env.work_dir), env, key, folder, log)
         resume.prepare()
+        n_prompts = pq.read_metadata(str(prompts.output("prompts").path)).num_rows
+        total = -(-n_prompts // cfg.shard_size)
         summary = generate_cots(prompts.output("prompts").path, Path(env.model_dir), cfg, folder,
-                                on_shard=resume.on_shard(progress))
+                                on_shard=resume.on_shard(progress, total))
         return [resume.final_ref()], to_jsonable(summary)
 
     return run_stage(env, "cots", "cots", cfg.canonical(), list(prompts.outputs), compute, log)
@@ -107,7 +111,7 @@ def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn 
 def calib_step(env: RunEnv, name: str, cfg: Any, prompts: StageOutput | None, cots: StageOutput | None,
                log: LogFn = print) -> StageOutput:
     """Build one calibration set (generic / prompt / rac / self)."""
-    from rac.data import build_calibration
+    from rac.data.calib import build_calibration
 
     inputs = [s for s in (prompts, cots) if s is not None]
 
@@ -153,19 +157,22 @@ def prune_step(env: RunEnv, job: PruneJob, calib: StageOutput, progress: Progres
                      compute, log, cleanup=resume.cleanup)
 
 
-def eval_step(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, meta: dict[str, Any],
-              log: LogFn = print) -> StageOutput:
-    """Evaluate the dense model (model=None) or a pruned one, and write the run's `evals` row."""
-    from rac.eval import evaluate
+def eval_step(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
+              meta: dict[str, Any], log: LogFn = print) -> StageOutput:
+    """Evaluate the dense model (model=None) or a pruned one on the eval prompts; write the `evals` row.
+
+    An interrupted evaluation starts over (its generation shards are not recorded, so not trusted).
+    """
+    from rac.eval.evaluate import evaluate
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
+        clear_folder(folder)
         model_dir = model.output("model").path if model else Path(env.model_dir)
         rows = folder / "rows.parquet"
         summary = to_jsonable(evaluate(model_dir, cfg, rows))
-        atomic_write_json(folder / "summary.json", summary)
-        return [ArtifactRef.of(rows, "eval-rows"), ArtifactRef.of(folder / "summary.json", "eval-summary")], summary
+        return [ArtifactRef.of(rows, "eval-rows"), ArtifactRef.of(rows.with_suffix(".json"), "eval-summary")], summary
 
-    refs = list(model.outputs) if model else []
+    refs = [*(model.outputs if model else ()), *prompts.outputs]
     out = run_stage(env, f"eval/{label}", "eval", cfg.canonical(), refs, compute, log)
     Index(env.work_dir).record_eval(env.run_id, label, out.key, {**metrics_row(out.summary), **meta})
     return out
@@ -183,7 +190,7 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
         "ci_low": ("ci_low", "accuracy_ci_low", "accuracy_low"),
         "ci_high": ("ci_high", "accuracy_ci_high", "accuracy_high"),
         "mean_tokens": ("mean_tokens", "mean_cot_tokens"), "median_tokens": ("median_tokens", "median_cot_tokens"),
-        "p90_tokens": ("p90_tokens", "p90_cot_tokens"), "runaway_share": ("runaway_share", "runaway"),
+        "p90_tokens": ("p90_tokens", "p90_cot_tokens"), "runaway_share": ("runaway_share", "cap_rate", "runaway"),
         "wall_s": ("wall_s", "wall_time_s", "seconds"), "tokens_per_s": ("tokens_per_s", "tok_per_s"),
     }
     row: dict[str, Any] = {}
@@ -199,13 +206,13 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
 def tokerror_step(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutput, calib: StageOutput,
                   log: LogFn = print) -> StageOutput:
     """Per-token reconstruction-error heatmap of one pruned model on a few of its calibration sequences."""
-    from rac.eval import token_error_heatmap
+    from rac.eval.tokerror import token_error_heatmap
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         png = folder / "heatmap.png"
         res = token_error_heatmap(Path(env.model_dir), pruned.output("model").path,
                                   calib.output("calibration").path, png,
-                                  n_sequences=cfg.heatmap_sequences, max_tokens=cfg.heatmap_max_tokens)
+                                  n_seqs=cfg.heatmap_sequences, max_tokens=cfg.heatmap_max_tokens)
         summary = to_jsonable(res)
         atomic_write_json(folder / "summary.json", summary)
         return [ArtifactRef.of(png, "tokerror-png"), ArtifactRef.of(folder / "summary.json", "tokerror-summary")], summary

@@ -34,15 +34,17 @@ def verified_cache_key(stage: str, key_of: KeyFn) -> Callable[[TaskRunContext, d
     def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
         key = key_of(parameters)
         row, _ = find_done(Index(parameters["env"].work_dir), key)
-        return f"rac-{stage}-{key}" if row is not None else None
+        job = parameters.get("job")
+        label = parameters.get("name") or parameters.get("label") or (job.label if job is not None else "")
+        return f"rac-{stage}-{key}-{artifact_key(str(label))}" if row is not None else None
 
     return cache_key
 
 
 @task(name="sample-prompts", persist_result=True,
       cache_key_fn=verified_cache_key("prompts", lambda p: steps.prompts_key(p["env"], p["cfg"])))
-def sample_prompts_task(env: RunEnv, cfg: Any) -> StageOutput:
-    return steps.prompts_step(env, cfg, log=log)
+def sample_prompts_task(env: RunEnv, cfg: Any, name: str = "prompts") -> StageOutput:
+    return steps.prompts_step(env, cfg, log=log, name=name)
 
 
 @task(name="generate-cots", persist_result=True,
@@ -72,9 +74,11 @@ def prune_task(env: RunEnv, job: PruneJob, calib: StageOutput) -> StageOutput:
 
 
 @task(name="evaluate", persist_result=True,
-      cache_key_fn=verified_cache_key("eval", lambda p: steps.eval_key(p["env"], p["cfg"], p["model"])))
-def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, meta: dict[str, Any]) -> StageOutput:
-    out = steps.eval_step(env, label, cfg, model, meta, log=log)
+      cache_key_fn=verified_cache_key("eval", lambda p: steps.eval_key(p["env"], p["cfg"], p["model"], p["prompts"])))
+def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
+                  meta: dict[str, Any]) -> StageOutput:
+    """Generate + grade answers of one model on the eval prompts; a Markdown artifact with its metrics."""
+    out = steps.eval_step(env, label, cfg, model, prompts, meta, log=log)
     row = steps.metrics_row(out.summary)
     create_markdown_artifact(
         f"**{label}**: accuracy {row['accuracy']} (95% CI {row['ci_low']}..{row['ci_high']}), "

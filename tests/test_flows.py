@@ -1,0 +1,209 @@
+"""Flow wiring under `prefect_test_harness`, task bodies called directly, and whole runs through the CLI
+(reuse, a mid-generation kill resumed to the identical model, two runs on one run id, a corrupted shard).
+
+One Prefect test server serves the module; subprocess runs reach it through PREFECT_API_URL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="rac-prefect-home-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from rac.cli import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, main  # noqa: E402
+from rac.index import Index  # noqa: E402
+from rac.models.assets import tiny_model  # noqa: E402
+from rac.pipeline import RunEnv  # noqa: E402
+from rac.run import RunLockedError, model_revision  # noqa: E402
+from rac.runconfig import load_run_config  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "data" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def api_url() -> Iterator[str]:
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="module")
+def reference(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted run of tiny.yaml through the flow; later tests compare against it."""
+    from flows.prune import rac_prune
+
+    work = tmp_path_factory.mktemp("ref")
+    result = rac_prune(config_path=str(TINY), run_id="ref", work_dir=str(work))
+    return {"work": work, "result": result}
+
+
+def models_of(work: Path, run_id: str) -> dict[str, dict[str, Any]]:
+    """Pruned model tensors of a run, by stage name."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in Index(work).run_stages(run_id):
+        if row["stage"] == "prune" and row["status"] == "done":
+            folder = work / "stages" / "prune" / row["key"] / "model"
+            out[row["name"]] = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    return out
+
+
+def same_models(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(
+        a[m].keys() == b[m].keys() and all(torch.equal(a[m][k], b[m][k]) for k in a[m]) for m in a)
+
+
+def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> None:
+    work, result = reference["work"], reference["result"]
+    idx = Index(work)
+    assert idx.get_run("ref")["status"] == "done"  # type: ignore[index]
+    names = {s["name"]: s for s in idx.run_stages("ref")}
+    jobs = ("prompt-sparsegpt-50pct", "rac-sparsegpt-50pct")
+    assert set(names) == {"prompts", "cots", "calib/prompt", "calib/rac", "prompts/eval", "eval/dense",
+                          *(f"{stage}/{job}" for stage in ("prune", "eval", "tokerror") for job in jobs)}
+    assert all(s["status"] == "done" and not s["reused"] for s in names.values())
+    evals = {e["label"]: e for e in idx.evals("ref")}
+    assert set(evals) == {"dense", *jobs} and all(e["n"] == 3 for e in evals.values())
+    assert evals["rac-sparsegpt-50pct"]["calibration"] == "rac" and evals["dense"]["sparsity"] == 0.0
+    _, eval_rows = idx.query("select count(*) from eval_rows")
+    assert eval_rows == [(9,)]  # 3 models x 3 eval prompts
+    for name in ("prune/prompt-sparsegpt-50pct", "prune/rac-sparsegpt-50pct"):
+        rows = idx.layer_rows(names[name]["key"])
+        assert len(rows) == 2 * 7 and all(abs(r["sparsity"] - 0.5) < 0.01 for r in rows)  # 2 layers x 7 linears
+    _, agg = idx.query("select count(*), avg(n_decode), sum(completion_len) from cots")
+    assert agg[0][0] == 6 and agg[0][1] == agg[0][2] / 6
+    assert Path(result["report"]).name == "report.md" and Path(result["report"]).is_file()
+    two = models_of(work, "ref")
+    assert not same_models({"a": two["prune/prompt-sparsegpt-50pct"]}, {"a": two["prune/rac-sparsegpt-50pct"]})
+
+
+def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str, Any], tmp_path: Path) -> None:
+    from flows.prune import rac_prune
+
+    work = reference["work"]
+    rac_prune(config_path=str(TINY), run_id="ref", work_dir=str(work))  # same run again: Prefect cache
+    again = rac_prune(config_path=str(TINY), run_id="second", work_dir=str(work))  # new run: index reuse
+    assert all(s["reused"] for s in again["stages"].values())
+    assert same_models(models_of(work, "second"), models_of(work, "ref"))
+    data = yaml.safe_load(TINY.read_text())
+    data["prune"] = [{"method": "wanda", "sparsity": 0.5}]
+    cfg_path = tmp_path / "wanda.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    third = rac_prune(config_path=str(cfg_path), run_id="wanda", work_dir=str(work))
+    computed = sorted(k for k, v in third["stages"].items() if not v["reused"])
+    assert computed == [f"{stage}/{calib}-wanda-50pct" for stage in ("eval", "prune", "tokerror")
+                        for calib in ("prompt", "rac")]  # prompts, CoTs, calibrations, dense eval reused
+
+
+def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Path) -> None:
+    from tasks import build_calibration_task, sample_prompts_task
+
+    cfg = load_run_config(TINY)
+    model = tiny_model("llama")
+    env = RunEnv(str(tmp_path), "direct", str(model), model_revision(model))
+    Index(tmp_path).create_run("direct", "t", {}, {}, "", 1)
+    prompts = sample_prompts_task.fn(env, cfg.prompts)
+    ref_prompts = Index(reference["work"]).done_stages(prompts.key)
+    assert ref_prompts and prompts.output("prompts").sha256 == ref_prompts[0]["outputs"][0].sha256
+    calib = build_calibration_task.fn(env, "prompt", cfg.calibrations["prompt"], prompts, None)
+    assert calib.summary["kind"] == "prompt" and calib.summary["prompt_share"] == 1.0
+
+
+def _cli(args: list[str], api_url: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "PREFECT_API_URL": api_url, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "rac.cli", *args], env=env, cwd=str(REPO),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_mid_generation_resumes_to_identical_models(reference: dict[str, Any], api_url: str,
+                                                          tmp_path: Path) -> None:
+    proc = _cli(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "crash"], api_url,
+                {"RAC_CRASH_AT": "cots.shard:1"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -9, out
+    idx = Index(tmp_path)
+    assert idx.get_run("crash")["status"] == "running"  # type: ignore[index]
+    shards = sorted((tmp_path / "stages" / "cots").glob("*/part-*.parquet"))
+    assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet"]  # shard 1 never indexed
+    assert main(["--work-dir", str(tmp_path), "resume", "crash"]) == EXIT_OK
+    cots = {s["name"]: s for s in idx.run_stages("crash")}["cots"]
+    summary = idx.done_stages(cots["key"])[0]["summary"]
+    assert summary["shards_reused"] == 1 and summary["shards_written"] == 2  # shard 1 regenerated, 0 kept
+    assert idx.get_run("crash")["status"] == "done"  # type: ignore[index]
+    assert same_models(models_of(tmp_path, "crash"), models_of(reference["work"], "ref"))
+
+
+@pytest.mark.slow
+def test_second_run_on_same_id_refuses(reference: dict[str, Any], api_url: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.prune import rac_prune
+
+    proc = _cli(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "busy"], api_url,
+                {"RAC_PAUSE_AT": "run.opened=120"})
+    try:
+        lock = tmp_path / "runs" / "busy" / "run.lock"
+        deadline = time.monotonic() + 300
+        while not (lock.exists() and str(proc.pid) in lock.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.5)
+        assert main(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "busy"]) == EXIT_LOCKED
+        assert f"run 'busy' is already running (pid {proc.pid}" in capsys.readouterr().err
+        with pytest.raises(RunLockedError):
+            rac_prune(config_path=str(TINY), run_id="busy", work_dir=str(tmp_path))
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert [r["run_id"] for r in Index(tmp_path).list_runs()] == ["busy"]
+
+
+def test_corrupted_shard_is_detected_and_recomputed(reference: dict[str, Any]) -> None:
+    from flows.prune import rac_prune
+
+    work = reference["work"]
+    idx = Index(work)
+    shard = sorted((work / "stages" / "cots").glob("*/part-00001.parquet"))[0]
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-20] + bytes(20))  # same size, different content
+    out = rac_prune(config_path=str(TINY), run_id="after-corruption", work_dir=str(work))
+    assert not out["stages"]["cots"]["reused"]  # the cots stage was recomputed, not trusted
+    assert shard.read_bytes() == good  # deterministic sampling regenerates the same shard
+    assert out["stages"]["prune/rac-sparsegpt-50pct"]["reused"]  # same CoTs -> same calibration -> reuse
+    assert idx.get_run("after-corruption")["status"] == "done"  # type: ignore[index]
+
+
+def test_bad_input_exits_2_without_a_run_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    cases: dict[str, tuple[Any, str]] = {
+        "malformed": ("name: x\nprune:\n  - method: wanda\n   sparsity: 0.5\n", "malformed YAML at line 4"),
+        "unknown-key": ({**data, "sparsity": 0.5}, "unknown key(s) ['sparsity']; known keys: name, model"),
+        "unknown-pruner": ({**data, "prune": [{"method": "obs", "sparsity": 0.5}]}, "unknown pruning method 'obs'"),
+        "sparsity": ({**data, "prune": [{"method": "wanda", "sparsity": 1.5}]}, "prune[0].sparsity = 1.5"),
+        "model": ({**data, "model": str(tmp_path / "no-such-model")}, "no-such-model' does not exist"),
+    }
+    work = tmp_path / "work"
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        assert main(["--work-dir", str(work), "run", str(path)]) == EXIT_BAD_INPUT, name
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()), (name, err)
+        assert not Index(work).path.exists() or Index(work).list_runs() == []
+        assert not (work / "runs").exists()
+    assert main(["--work-dir", str(work), "resume", "nope"]) == EXIT_BAD_INPUT
+    assert "no run 'nope'" in capsys.readouterr().err
