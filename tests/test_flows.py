@@ -78,10 +78,10 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
                           *(f"{stage}/{job}" for stage in ("prune", "eval", "tokerror") for job in jobs)}
     assert all(s["status"] == "done" and not s["reused"] for s in names.values())
     evals = {e["label"]: e for e in idx.evals("ref")}
-    assert set(evals) == {"dense", *jobs} and all(e["n"] == 3 for e in evals.values())
+    assert set(evals) == {"dense", *jobs} and all(e["n"] == 2 for e in evals.values())
     assert evals["rac-sparsegpt-50pct"]["calibration"] == "rac" and evals["dense"]["sparsity"] == 0.0
     _, eval_rows = idx.query("select count(*) from eval_rows")
-    assert eval_rows == [(9,)]  # 3 models x 3 eval prompts
+    assert eval_rows == [(6,)]  # 3 models x 2 eval prompts
     for name in ("prune/prompt-sparsegpt-50pct", "prune/rac-sparsegpt-50pct"):
         rows = idx.layer_rows(names[name]["key"])
         assert len(rows) == 2 * 7 and all(abs(r["sparsity"] - 0.5) < 0.01 for r in rows)  # 2 layers x 7 linears
@@ -130,10 +130,21 @@ def _cli(args: list[str], api_url: str, env_extra: dict[str, str] | None = None)
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def without_eval(tmp_path: Path) -> Path:
+    """tiny.yaml without evaluation and heatmaps (the stages a crash test does not need)."""
+    data = yaml.safe_load(TINY.read_text())
+    data.pop("eval")
+    data["report"] = {"heatmap": False}
+    path = tmp_path / "tiny-no-eval.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.mark.slow
 def test_killed_mid_generation_resumes_to_identical_models(reference: dict[str, Any], api_url: str,
                                                           tmp_path: Path) -> None:
-    proc = _cli(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "crash"], api_url,
+    cfg = without_eval(tmp_path)
+    proc = _cli(["--work-dir", str(tmp_path), "run", str(cfg), "--run-id", "crash"], api_url,
                 {"RAC_CRASH_AT": "cots.shard:1"})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == -9, out
@@ -154,7 +165,8 @@ def test_second_run_on_same_id_refuses(reference: dict[str, Any], api_url: str, 
                                        capsys: pytest.CaptureFixture[str]) -> None:
     from flows.prune import rac_prune
 
-    proc = _cli(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "busy"], api_url,
+    cfg = without_eval(tmp_path)
+    proc = _cli(["--work-dir", str(tmp_path), "run", str(cfg), "--run-id", "busy"], api_url,
                 {"RAC_PAUSE_AT": "run.opened=120"})
     try:
         lock = tmp_path / "runs" / "busy" / "run.lock"
@@ -162,10 +174,10 @@ def test_second_run_on_same_id_refuses(reference: dict[str, Any], api_url: str, 
         while not (lock.exists() and str(proc.pid) in lock.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
             time.sleep(0.5)
-        assert main(["--work-dir", str(tmp_path), "run", str(TINY), "--run-id", "busy"]) == EXIT_LOCKED
+        assert main(["--work-dir", str(tmp_path), "run", str(cfg), "--run-id", "busy"]) == EXIT_LOCKED
         assert f"run 'busy' is already running (pid {proc.pid}" in capsys.readouterr().err
         with pytest.raises(RunLockedError):
-            rac_prune(config_path=str(TINY), run_id="busy", work_dir=str(tmp_path))
+            rac_prune(config_path=str(cfg), run_id="busy", work_dir=str(tmp_path))
     finally:
         proc.kill()
         proc.communicate()
@@ -207,3 +219,34 @@ def test_bad_input_exits_2_without_a_run_row(tmp_path: Path, capsys: pytest.Capt
         assert not (work / "runs").exists()
     assert main(["--work-dir", str(work), "resume", "nope"]) == EXIT_BAD_INPUT
     assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import flows.prune
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(type(flows.prune.rac_prune), "serve", lambda self, **kw: seen.update(kw))
+    assert main(["--work-dir", str(tmp_path), "serve", str(TINY), "--cron", "15 4 * * 1"]) == EXIT_OK
+    assert seen == {"name": "rac-scheduled", "cron": "15 4 * * 1",
+                    "parameters": {"config_path": str(TINY), "work_dir": str(tmp_path)}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\n")
+    assert main(["serve", str(bad)]) == EXIT_BAD_INPUT
+
+
+def test_prefect_yaml_deployments_point_at_flows() -> None:
+    import inspect
+
+    from flows.eval import rac_eval
+    from flows.prune import rac_prune
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    flows_by_entry = {"flows/prune.py:rac_prune": rac_prune, "flows/eval.py:rac_eval": rac_eval}
+    for dep in spec["deployments"]:
+        flow = flows_by_entry[dep["entrypoint"]]
+        assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters), dep["name"]
+        for value in dep["parameters"].values():
+            if str(value).endswith(".yaml"):
+                assert (REPO / value).is_file()
+    crons = [s["cron"] for d in spec["deployments"] for s in d.get("schedules", [])]
+    assert crons == ["0 3 * * *"]
