@@ -241,7 +241,7 @@ def test_prefect_yaml_deployments_point_at_flows() -> None:
     from flows.prune import rac_prune
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    flows_by_entry = {"flows/prune.py:rac_prune": rac_prune, "flows/eval.py:rac_eval": rac_eval}
+    flows_by_entry: dict[str, Any] = {"flows/prune.py:rac_prune": rac_prune, "flows/eval.py:rac_eval": rac_eval}
     for dep in spec["deployments"]:
         flow = flows_by_entry[dep["entrypoint"]]
         assert set(dep["parameters"]) <= set(inspect.signature(flow.fn).parameters), dep["name"]
