@@ -50,8 +50,7 @@ class EvalConfig(StageConfig):
 
     prompts_path: str
     expect_template_hash: str | None = None
-    generation: GenerateConfig = GenerateConfig(max_new_tokens=2048, token_budget=None, temperature=0.6,
-                                                top_p=0.95)
+    generation: GenerateConfig = GenerateConfig(max_new_tokens=2048, token_budget=None)
     bootstrap: int = Field(default=2000, ge=100)
     seed: int = 0
     grade_threads: int = Field(default=2, ge=1)
