@@ -78,6 +78,7 @@ def test_bad_inputs_name_the_value(method: str) -> None:
         (nan_w, H, r"W has 1 NaN/Inf.*\(1, 2\)"),
         (W, inf_h, r"H has 1 NaN/Inf.*\(3, 0\)"),
         (W.long(), H, "W must be floating point"),
+        (W, H + torch.triu(torch.ones(8, 8), 1), r"H must be symmetric: max \|H - H\^T\| = 1"),
     ]
     for w, h, match in cases:
         with pytest.raises(ValueError, match=match):

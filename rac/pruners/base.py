@@ -26,6 +26,7 @@ from rac.error import reconstruction_loss
 from rac.masks import all_finite, check_nm, check_sparsity
 
 T = TypeVar("T")
+SYMMETRY_RTOL = 1e-4  # tolerated |H - H^T| relative to max |H| (float32 X^T X is symmetric up to rounding)
 
 
 class FactorizationError(ValueError):
@@ -164,7 +165,7 @@ def check_weight(W: Tensor) -> None:
 
 
 def check_hessian(H: Tensor, in_features: int) -> None:
-    """H must be a finite floating [in, in] tensor."""
+    """H must be a finite, symmetric, floating [in, in] tensor."""
     if not isinstance(H, Tensor):
         raise ValueError(f"H must be a torch.Tensor, got {type(H).__name__}")
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
@@ -174,6 +175,10 @@ def check_hessian(H: Tensor, in_features: int) -> None:
     if not H.is_floating_point():
         raise ValueError(f"H must be floating point, got dtype {H.dtype}")
     _check_finite("H", H)
+    scale = float(H.abs().amax())
+    asym = float((H - H.mT).abs().amax())
+    if asym > SYMMETRY_RTOL * scale:
+        raise ValueError(f"H must be symmetric: max |H - H^T| = {asym:.4g} exceeds {SYMMETRY_RTOL} * max |H| = {scale:.4g}")
 
 
 def check_col_norms(norms: Tensor, in_features: int) -> None:

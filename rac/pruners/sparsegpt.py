@@ -97,12 +97,12 @@ def obs_sweep(W0_t: Tensor, R: Tensor, cfg: PruneConfig) -> tuple[Tensor, Tensor
     """Blocked OBS pass on W^T: (Ŵ^T [cols, rows] float32, keep^T, ||E||_F^2, ||W - Ŵ||_F^2)."""
     cols, rows = W0_t.shape
     out_t = torch.zeros_like(W0_t)  # [cols, rows]: pending G^T for later blocks, Ŵ^T for finished ones
-    keep_t = torch.ones(cols, rows, dtype=torch.bool)
+    keep_t = torch.ones(cols, rows, dtype=torch.bool, device=W0_t.device)
     err_sq = delta_sq = 0.0
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
         R_b = R[i1:i2, i1:i2].triu()  # [b, b] upper
-        U_b = torch.linalg.solve_triangular(R_b, torch.eye(i2 - i1), upper=True)  # [b, b] = U_BB
+        U_b = torch.linalg.solve_triangular(R_b, torch.eye(i2 - i1, device=R.device), upper=True)  # [b, b] = U_BB
         W_t = torch.addmm(W0_t[i1:i2], U_b.T, out_t[i1:i2])  # [b, rows] block at its start
         E_t = sweep_block(W_t, keep_t[i1:i2], U_b, cfg, _block_prune_count(cfg, rows, i1, i2))
         out_t[i1:i2] = W_t
