@@ -77,12 +77,17 @@ def filter_logits(logits: torch.Tensor, spec: SamplingSpec, history: torch.Tenso
     if 0 < spec.top_k < x.numel():
         kth = torch.topk(x, spec.top_k).values[-1]
         x = torch.where(x < kth, torch.full_like(x, -torch.inf), x)
-    if spec.top_p < 1.0:
-        sorted_x, order = torch.sort(x, descending=True)  # [V]
-        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)  # [V]
-        drop_sorted = cum - torch.softmax(sorted_x, dim=-1) >= spec.top_p  # keep the smallest set >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        x = x.masked_fill(drop, -torch.inf)
+    if spec.top_p < 1.0:  # smallest top set with mass >= top_p; grows a top-k window instead of a full sort
+        probs = torch.softmax(x, dim=-1)  # [V]
+        k = min(64, x.numel())
+        while True:
+            vals, idx = torch.topk(probs, k)  # [k] descending
+            cum = vals.cumsum(0)  # [k]
+            if cum[-1] >= spec.top_p or k == x.numel():
+                break
+            k = min(4 * k, x.numel())
+        keep = idx[(cum - vals) < spec.top_p]
+        x = torch.full_like(x, -torch.inf).index_copy(0, keep, x[keep])
     return x
 
 
