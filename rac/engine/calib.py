@@ -1,10 +1,11 @@
 """Read and validate a calibration Parquet (`rac.segments.CALIB_SCHEMA`) and plan its forward batches.
 
 Packing: sequences are stored in the activation store back to back with no padding, ordered by length
-(stable, so equal lengths keep calibration order). A batch is a run of consecutive sequences of the *same*
-length, at most `batch_tokens` tokens (a longer sequence runs alone), so a batch is a dense [B, L] block with
-no padding and no attention mask beyond the causal one. Batch `b` occupies store rows
-[start, start + B*L), sequence-major.
+(stable, so equal lengths keep calibration order). A batch is a run of consecutive sequences whose padded
+size B x max_len stays within `batch_tokens` (a longer sequence runs alone). In the forward a batch is
+right-padded to [B, max_len]: under the causal mask a real token never attends to the pads after it, so its
+output equals the unpadded one; pad positions are masked out of the statistics (`batch_mask`) and never
+stored. Batch `b` occupies store rows [start, start + n_tokens), sequence-major.
 """
 
 from __future__ import annotations
@@ -28,15 +29,25 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class Batch:
-    """Sequences `rows` (indices into the calibration order) of equal length `seq_len`, at store row `start`."""
+    """Sequences `rows` (indices into the calibration order) of `lengths` tokens, stored from row `start`."""
 
     start: int
-    seq_len: int
     rows: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def seq_len(self) -> int:
+        """Padded length of the batch (its longest sequence)."""
+        return max(self.lengths)
 
     @property
     def n_tokens(self) -> int:
-        return self.seq_len * len(self.rows)
+        """Real (unpadded) tokens in the batch."""
+        return sum(self.lengths)
+
+    def mask(self) -> torch.Tensor:
+        """True at real tokens, False at right padding # [B, seq_len] bool."""
+        return torch.arange(self.seq_len)[None, :] < torch.tensor(self.lengths)[:, None]
 
 
 @dataclass(frozen=True)
@@ -55,17 +66,24 @@ class Calibration:
         return sum(len(x) for x in self.input_ids)
 
     def batch_ids(self, batch: Batch) -> torch.Tensor:
-        """Token ids of a batch # [B, L] int64."""
-        return torch.from_numpy(np.stack([self.input_ids[r] for r in batch.rows]))
+        """Token ids of a batch, right-padded with 0 # [B, L] int64."""
+        return _pad([self.input_ids[r] for r in batch.rows], batch.seq_len)
 
     def batch_segments(self, batch: Batch) -> torch.Tensor:
-        """Segment labels of a batch # [B, L] int64."""
-        return torch.from_numpy(np.stack([self.segments[r] for r in batch.rows]).astype(np.int64))
+        """Segment labels of a batch, right-padded with 0 # [B, L] int64."""
+        return _pad([self.segments[r] for r in batch.rows], batch.seq_len)
 
     def segment_tokens(self) -> dict[str, int]:
         """Token count per segment name."""
         counts = np.bincount(np.concatenate(self.segments).astype(np.int64), minlength=len(SEGMENT_NAMES))
         return {SEGMENT_NAMES[i]: int(c) for i, c in enumerate(counts)}
+
+
+def _pad(seqs: list[np.ndarray], width: int) -> torch.Tensor:
+    out = np.zeros((len(seqs), width), dtype=np.int64)  # [B, L]
+    for i, x in enumerate(seqs):
+        out[i, : len(x)] = x
+    return torch.from_numpy(out)
 
 
 def file_sha256(path: Path) -> str:
@@ -96,20 +114,19 @@ def _validate_row(i: int, seq_id: int, ids: np.ndarray, seg: np.ndarray, vocab: 
 
 
 def plan_batches(lengths: list[int], batch_tokens: int) -> tuple[list[int], tuple[Batch, ...]]:
-    """Storage order (rows sorted by length, stable) and equal-length batches of <= batch_tokens tokens."""
+    """Storage order (rows sorted by length, stable) and batches of padded size B x max_len <= batch_tokens."""
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
     order = sorted(range(len(lengths)), key=lambda r: lengths[r])
     batches: list[Batch] = []
     start, i = 0, 0
     while i < len(order):
-        seq_len = lengths[order[i]]
-        cap = max(1, batch_tokens // seq_len)
-        j = i
-        while j < len(order) and j - i < cap and lengths[order[j]] == seq_len:
+        j = i + 1  # ascending lengths: the newest member is the longest
+        while j < len(order) and (j + 1 - i) * lengths[order[j]] <= batch_tokens:
             j += 1
-        batches.append(Batch(start=start, seq_len=seq_len, rows=tuple(order[i:j])))
-        start += seq_len * (j - i)
+        rows = tuple(order[i:j])
+        batches.append(Batch(start=start, rows=rows, lengths=tuple(lengths[r] for r in rows)))
+        start += batches[-1].n_tokens
         i = j
     return order, tuple(batches)
 

@@ -25,24 +25,47 @@ from rac.models.adapters import Adapter, capture_layer_call, get_submodule
 from rac.stats import HessianAccumulator
 
 
+def _tensor_bytes(value: Any) -> int:
+    """Bytes held by the tensors in a (nested tuple/list/dict of) kwargs value."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple | list):
+        return sum(_tensor_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    return 0
+
+
 class LayerKwargs:
-    """Keyword arguments decoder layer `i` is called with for a [B, L] batch, captured from the skeleton."""
+    """Keyword arguments decoder layer `i` is called with for a [B, L] batch, captured from the skeleton.
+
+    Captures of the current layer are cached (every pass over the calibration reuses them) within
+    `budget_bytes`; moving to another layer clears the cache.
+    """
 
     def __init__(self, model: nn.Module, adapter: Adapter, hidden: int, dtype: torch.dtype,
-                 device: torch.device, max_cached: int = 4) -> None:
+                 device: torch.device, budget_bytes: int = 256 * 1024**2) -> None:
         self.model, self.adapter, self.hidden = model, adapter, hidden
-        self.dtype, self.device, self.max_cached = dtype, device, max_cached
-        self._cache: OrderedDict[tuple[int, int, int], dict[str, Any]] = OrderedDict()
+        self.dtype, self.device, self.budget_bytes = dtype, device, budget_bytes
+        self._cache: OrderedDict[tuple[int, int], tuple[dict[str, Any], int]] = OrderedDict()
+        self._layer = -1
+        self.captures = 0
 
     def __call__(self, layer: int, batch_size: int, seq_len: int) -> dict[str, Any]:
-        key = (layer, batch_size, seq_len)
-        if key not in self._cache:
-            zeros = torch.zeros(batch_size, seq_len, self.hidden, dtype=self.dtype, device=self.device)
-            _, kwargs = capture_layer_call(self.model, self.adapter, layer, inputs_embeds=zeros, use_cache=False)
-            self._cache[key] = kwargs
-            while len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
-        return self._cache[key]
+        if layer != self._layer:
+            self._cache.clear()
+            self._layer = layer
+        key = (batch_size, seq_len)
+        if key in self._cache:
+            return self._cache[key][0]
+        zeros = torch.zeros(batch_size, seq_len, self.hidden, dtype=self.dtype, device=self.device)
+        _, kwargs = capture_layer_call(self.model, self.adapter, layer, inputs_embeds=zeros, use_cache=False)
+        self.captures += 1
+        size = _tensor_bytes(kwargs)
+        self._cache[key] = (kwargs, size)
+        while sum(n for _, n in self._cache.values()) > self.budget_bytes and len(self._cache) > 1:
+            self._cache.popitem(last=False)
+        return kwargs
 
 
 def layer_forward(module: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
@@ -52,8 +75,18 @@ def layer_forward(module: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, 
 
 
 def _read_batch(store: ActStore, batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    rows = store.read(batch.start, batch.n_tokens)  # [B*L, hidden]
-    return rows.view(len(batch.rows), batch.seq_len, -1).to(device=device, dtype=dtype)  # [B, L, hidden]
+    """A batch's stored hidden states, right-padded with zeros # [B, L, hidden]."""
+    rows = store.read(batch.start, batch.n_tokens).to(device=device, dtype=dtype)  # [n_tokens, hidden]
+    if len(set(batch.lengths)) == 1:
+        return rows.view(len(batch.rows), batch.seq_len, -1)
+    out = rows.new_zeros(len(batch.rows), batch.seq_len, rows.shape[1])
+    out[batch.mask().to(device)] = rows
+    return out
+
+
+def _write_batch(store: ActStore, batch: Batch, y: torch.Tensor) -> None:
+    """Store the real (unpadded) tokens of a batch output y # [B, L, hidden]."""
+    store.write(batch.start, y[batch.mask().to(y.device)])  # [n_tokens, hidden], sequence-major
 
 
 def embed_pass(model: nn.Module, adapter: Adapter, calib: Calibration, out: ActStore,
@@ -62,7 +95,7 @@ def embed_pass(model: nn.Module, adapter: Adapter, calib: Calibration, out: ActS
     for batch in calib.batches:
         ids = calib.batch_ids(batch).to(device)  # [B, L]
         hidden, _ = capture_layer_call(model, adapter, 0, input_ids=ids, use_cache=False)
-        out.write(batch.start, hidden.reshape(batch.n_tokens, -1))
+        _write_batch(out, batch, hidden)
 
 
 def output_pass(module: nn.Module, layer: int, calib: Calibration, src: ActStore, dst: ActStore,
@@ -72,7 +105,7 @@ def output_pass(module: nn.Module, layer: int, calib: Calibration, src: ActStore
         for batch in calib.batches:
             hidden = _read_batch(src, batch, dtype, device)
             y = layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
-            dst.write(batch.start, y.reshape(batch.n_tokens, -1))
+            _write_batch(dst, batch, y)
 
 
 class _Stop(Exception):
@@ -91,6 +124,7 @@ class _GroupHooks:
         self.names = {g: list(names) for g, names in groups.items()}
         self.accs = {g: make_acc(int(cast(nn.Linear, mods[0]).in_features)) for g, mods in self.linears.items()}
         self.segments: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[torch.Tensor, int]] = {}
         self._pending = 0
         self._handles: list[Any] = []
@@ -105,15 +139,15 @@ class _GroupHooks:
         for h in self._handles:
             h.remove()
 
-    def start_batch(self, segments: torch.Tensor) -> None:
-        self.segments, self._seen = segments, {}
+    def start_batch(self, segments: torch.Tensor, mask: torch.Tensor) -> None:
+        self.segments, self.mask, self._seen = segments, mask, {}
         self._pending = sum(len(m) for m in self.linears.values())
 
     def _hook(self, g: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]  # [B, L, d_in]
             if g not in self._seen:
-                self.accs[g].add(x, segment_ids=self.segments)
+                self.accs[g].add(x, segment_ids=self.segments, token_mask=self.mask)
                 self._seen[g] = (x, 1)
             else:
                 first, count = self._seen[g]
@@ -135,7 +169,7 @@ def stats_pass(module: nn.Module, layer: int, groups: Mapping[int, Sequence[str]
     with hooks, torch.no_grad():
         for batch in calib.batches:
             hidden = _read_batch(src, batch, dtype, device)
-            hooks.start_batch(calib.batch_segments(batch).to(device))
+            hooks.start_batch(calib.batch_segments(batch).to(device), batch.mask().to(device))
             try:
                 layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             except _Stop:
