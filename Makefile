@@ -8,6 +8,8 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+# torch threads sleep instead of spinning while waiting: on 2 shared cores spinning slowed solvers 30x
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install test lint typecheck pytest bench demo clean
 
