@@ -9,7 +9,6 @@ Files in `<work_dir>/runs/<run_id>/report/`:
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -162,7 +161,3 @@ def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path,
         lines = ["## Per-token reconstruction error (prompt vs decode)", "", *lines]
     return lines
 
-
-def summary_json(work_dir: Path | str, run_id: str) -> str:
-    """The evaluation rows of a run as JSON (for scripts)."""
-    return json.dumps(Index(work_dir).evals(run_id), default=str, indent=1)

@@ -1,8 +1,8 @@
-"""The `rac` CLI: sql over the index views, status, report, and bad input (exit 2, nothing written)."""
+"""The `rac` CLI: bad input (exit 2, no run row, nothing written), sql over the index views (writes refused),
+status, report."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,8 @@ import yaml
 
 from rac.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from rac.index import Index, LayerRow
+
+TINY = Path(__file__).resolve().parent.parent / "data" / "configs" / "tiny.yaml"
 
 
 def _cots_work_dir(work: Path) -> list[int]:
@@ -82,15 +84,23 @@ def test_report_writes_markdown_and_pngs(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["--work-dir", str(tmp_path), "report", "missing"]) == EXIT_BAD_INPUT
 
 
-def write_yaml(path: Path, data: Any) -> Path:
-    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
-    return path
-
-
-def no_run_rows(work: Path) -> bool:
-    idx = Index(work)
-    return not idx.path.exists() or idx.list_runs() == []
-
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())
+def test_bad_input_exits_2_without_a_run_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    cases: dict[str, tuple[Any, str]] = {
+        "malformed": ("name: x\nprune:\n  - method: wanda\n   sparsity: 0.5\n", "malformed YAML at line 4"),
+        "unknown-key": ({**data, "sparsity": 0.5}, "unknown key(s) ['sparsity']; known keys: name, model"),
+        "unknown-pruner": ({**data, "prune": [{"method": "obs", "sparsity": 0.5}]}, "unknown pruning method 'obs'"),
+        "sparsity": ({**data, "prune": [{"method": "wanda", "sparsity": 1.5}]}, "prune[0].sparsity = 1.5"),
+        "model": ({**data, "model": str(tmp_path / "no-such-model")}, "no-such-model' does not exist"),
+    }
+    work = tmp_path / "work"
+    for name, (content, message) in cases.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        assert main(["--work-dir", str(work), "run", str(path)]) == EXIT_BAD_INPUT, name
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()), (name, err)
+        assert not Index(work).path.exists() or Index(work).list_runs() == []
+        assert not (work / "runs").exists()
+    assert main(["--work-dir", str(work), "resume", "nope"]) == EXIT_BAD_INPUT
+    assert "no run 'nope'" in capsys.readouterr().err

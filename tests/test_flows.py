@@ -199,28 +199,6 @@ def test_corrupted_shard_is_detected_and_recomputed(reference: dict[str, Any]) -
     assert idx.get_run("after-corruption")["status"] == "done"  # type: ignore[index]
 
 
-def test_bad_input_exits_2_without_a_run_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = yaml.safe_load(TINY.read_text())
-    cases: dict[str, tuple[Any, str]] = {
-        "malformed": ("name: x\nprune:\n  - method: wanda\n   sparsity: 0.5\n", "malformed YAML at line 4"),
-        "unknown-key": ({**data, "sparsity": 0.5}, "unknown key(s) ['sparsity']; known keys: name, model"),
-        "unknown-pruner": ({**data, "prune": [{"method": "obs", "sparsity": 0.5}]}, "unknown pruning method 'obs'"),
-        "sparsity": ({**data, "prune": [{"method": "wanda", "sparsity": 1.5}]}, "prune[0].sparsity = 1.5"),
-        "model": ({**data, "model": str(tmp_path / "no-such-model")}, "no-such-model' does not exist"),
-    }
-    work = tmp_path / "work"
-    for name, (content, message) in cases.items():
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
-        assert main(["--work-dir", str(work), "run", str(path)]) == EXIT_BAD_INPUT, name
-        err = capsys.readouterr().err
-        assert message in " ".join(err.split()), (name, err)
-        assert not Index(work).path.exists() or Index(work).list_runs() == []
-        assert not (work / "runs").exists()
-    assert main(["--work-dir", str(work), "resume", "nope"]) == EXIT_BAD_INPUT
-    assert "no run 'nope'" in capsys.readouterr().err
-
-
 def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import flows.prune
 
