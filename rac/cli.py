@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rac.index import Index, IndexBusyError, ReadOnlyQueryError
-from rac.run import RunLockedError, new_run_id
+from rac.run import FileLock, RunHandle, RunLockedError, new_run_id
 from rac.runconfig import RunConfigError, load_run_config
 from rac.session import precheck, stored_config
 
@@ -99,14 +99,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         for col in ("run", "name", "status", "created", "updated", "message"):
             table.add_column(col)
         for r in index.list_runs():
-            table.add_row(r["run_id"], r["name"], r["status"], str(r["created"])[:19], str(r["updated"])[:19],
-                          r["message"] or "")
+            table.add_row(r["run_id"], r["name"], _live_status(index, r["run_id"], r["status"]),
+                          str(r["created"])[:19], str(r["updated"])[:19], r["message"] or "")
         console.print(table)
         return EXIT_OK
     run = index.get_run(args.run)
     if run is None:
         raise ValueError(f"no run {args.run!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
-    console.print(f"run {args.run}: [bold]{run['status']}[/] {run['message'] or ''}")
+    console.print(f"run {args.run}: [bold]{_live_status(index, args.run, run['status'])}[/] {run['message'] or ''}")
     table = Table(title="stages")
     for col in ("stage", "key", "status", "reused", "seconds", "layers done"):
         table.add_column(col)
@@ -117,6 +117,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(table)
     _print_evals(index, args.run)
     return EXIT_OK
+
+
+def _live_status(index: Index, run_id: str, status: str) -> str:
+    """A 'running' row whose run lock is free belongs to a process that died: say so."""
+    if status != "running":
+        return status
+    lock = FileLock(RunHandle(str(index.work_dir), run_id).lock_file, f"run {run_id!r}")
+    return f"running ({lock.holder()})" if lock.is_held() else "interrupted (rac resume)"
 
 
 def cmd_sql(args: argparse.Namespace) -> int:

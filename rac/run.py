@@ -108,6 +108,18 @@ class FileLock:
             return "unknown holder"
         return f"pid {info.get('pid')} since {info.get('since')}"
 
+    def is_held(self) -> bool:
+        """Whether another process holds the lock now (a read-only probe: nothing is written)."""
+        if not self.path.is_file():
+            return False
+        with open(self.path) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
     def acquire(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime

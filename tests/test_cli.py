@@ -50,7 +50,8 @@ def test_status_lists_runs_and_unknown_ones(tmp_path: Path, capsys: pytest.Captu
     assert "no index" in capsys.readouterr().err
     _cots_work_dir(tmp_path)
     assert main(["--work-dir", str(tmp_path), "status"]) == EXIT_OK
-    assert "r1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "r1" in out and "interrupted" in out  # status 'running' but nobody holds its lock
     assert main(["--work-dir", str(tmp_path), "status", "nope"]) == EXIT_BAD_INPUT
     assert "'nope'" in capsys.readouterr().err
 

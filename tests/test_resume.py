@@ -52,8 +52,10 @@ def test_lock_refuses_second_holder_in_other_process(tmp_path: Path) -> None:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunLockedError, match=rf"run x is already running \(pid {holder.pid} since"):
             FileLock(lock_file, "run x").acquire()
+        assert FileLock(lock_file, "run x").is_held()
     finally:
         holder.communicate("\n")
+    assert not FileLock(lock_file, "run x").is_held()
     with FileLock(lock_file, "run x"):  # released when the holder exits
         assert json.loads(lock_file.read_text())["pid"] > 0
 
