@@ -72,10 +72,13 @@ def verified(outputs: list[ArtifactRef]) -> list[str]:
     return [p for p in (r.check() for r in outputs) if p is not None]
 
 
-def find_done(index: Index, key: str) -> tuple[dict[str, Any] | None, list[str]]:
-    """(a completed stage row with key `key` whose outputs all verify, problems seen with others)."""
+def find_done(index: Index, key: str, prefer_run: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """(a completed stage row with key `key` whose outputs all verify, problems seen with others).
+
+    Rows of `prefer_run` come first, then the newest.
+    """
     problems: list[str] = []
-    for row in index.done_stages(key):
+    for row in sorted(index.done_stages(key), key=lambda r: r["run_id"] != prefer_run):
         bad = verified(row["outputs"])
         if not bad:
             return row, problems
@@ -92,21 +95,23 @@ def run_stage(env: RunEnv, name: str, stage: str, config: dict[str, Any], inputs
     """
     index = Index(env.work_dir)
     key = stage_key(stage, config, inputs, env)
-    row, problems = find_done(index, key)
+    row, problems = find_done(index, key, env.run_id)
     for p in problems:
         log(f"[{name}] not trusted, recomputing: {p}")
     if row is None:
         folder = env.stage_dir(stage, key)
         with FileLock(folder.with_name(key + ".lock"), f"stage {stage}/{key}", blocking=True):
-            row, _ = find_done(index, key)  # another process may have finished it while we waited
+            row, _ = find_done(index, key, env.run_id)  # another process may have finished it meanwhile
             if row is None:
                 out = _compute(env, index, name, stage, key, config, inputs, compute, folder)
                 if cleanup is not None:
                     cleanup()
                 return out
-    index.stage_started(env.run_id, name, stage, key, config, inputs)
-    index.stage_done(env.run_id, name, key, row["outputs"], row["summary"], 0.0, reused=True)
-    log(f"[{name}] reused {stage}/{key} (verified {len(row['outputs'])} artifact(s))")
+    mine = row["run_id"] == env.run_id and row["name"] == name  # this run computed it before (a resume)
+    if not mine:
+        index.stage_started(env.run_id, name, stage, key, config, inputs)
+        index.stage_done(env.run_id, name, key, row["outputs"], row["summary"], 0.0, reused=True)
+    log(f"[{name}] {'already done' if mine else 'reused'} {stage}/{key} (verified {len(row['outputs'])} artifact(s))")
     return StageOutput(name, stage, key, tuple(row["outputs"]), row["summary"], reused=True)
 
 

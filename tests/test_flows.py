@@ -124,6 +124,22 @@ def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Pa
     assert calib.summary["kind"] == "prompt" and calib.summary["prompt_share"] == 1.0
 
 
+def test_eval_flow_on_a_pruned_folder(reference: dict[str, Any]) -> None:
+    from flows.eval import rac_eval
+
+    work = reference["work"]
+    key = {s["name"]: s for s in Index(work).run_stages("ref")}["prune/rac-sparsegpt-50pct"]["key"]
+    folder = work / "stages" / "prune" / key / "model"
+    out = rac_eval(model=str(folder), eval_config=str(TINY), work_dir=str(work), label="rac-pruned", run_id="ev1")
+    assert out["n_problems"] == 2 and 0.0 <= out["accuracy"] <= 1.0
+    ref_row = {e["label"]: e for e in Index(work).evals("ref")}["rac-sparsegpt-50pct"]
+    row = Index(work).evals("ev1")[0]
+    assert row["label"] == "rac-pruned" and row["mean_tokens"] == ref_row["mean_tokens"]  # same model, same seeds
+    again = rac_eval(model=str(folder), eval_config=str(TINY), work_dir=str(work), label="rac-pruned", run_id="ev2")
+    assert again["stage"] == out["stage"]
+    assert {s["name"]: s["reused"] for s in Index(work).run_stages("ev2")} == {"prompts/eval": True, "eval/rac-pruned": True}
+
+
 def _cli(args: list[str], api_url: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PREFECT_API_URL": api_url, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "rac.cli", *args], env=env, cwd=str(REPO),
