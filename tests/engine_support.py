@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM
 
+from rac.error import relative_error
 from rac.pruners import PruneConfig, prune
 from rac.segments import CALIB_SCHEMA
 from rac.stats import HessianAccumulator
@@ -71,14 +72,16 @@ def _collect(model: torch.nn.Module, names: list[str], seqs: Sequence[Seq],
 
 
 def reference_prune(model_dir: Path, seqs: Sequence[Seq], prune_cfg: PruneConfig, sequential: str,
-                    weights: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Pruned weights {"model.layers.i.x.weight": W} of every decoder linear, in float32."""
+                    weights: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Pruned weights {"model.layers.i.x.weight": W} of every decoder linear (float32), and their
+    `rac.error.relative_error` under the reference H."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     names = {0: "prompt", 1: "decode", 2: "other"}
     segments = tuple(names[s] for s in sorted({x for _, seg in seqs for x in seg}))
     w = {k: v for k, v in weights.items() if k in segments}
     mods = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
+    errors: dict[str, float] = {}
     for layer in range(model.config.num_hidden_layers):
         full = [[f"model.layers.{layer}.{r}" for r in g] for g in GROUPS]
         accs = _collect(model, [n for g in full for n in g], seqs, segments) if sequential == "layer" else {}
@@ -87,7 +90,9 @@ def reference_prune(model_dir: Path, seqs: Sequence[Seq], prune_cfg: PruneConfig
                 accs = _collect(model, group, seqs, segments)
             for name in group:
                 lin = mods[name]
-                res = prune(lin.weight.data.clone(), accs[name].hessian(w), prune_cfg)
+                H = accs[name].hessian(w)
+                res = prune(lin.weight.data.clone(), H, prune_cfg)
+                errors[name + ".weight"] = relative_error(lin.weight.data, res.weight, H)
                 lin.weight.data.copy_(res.weight)
                 out[name + ".weight"] = res.weight.clone()
-    return out
+    return out, errors

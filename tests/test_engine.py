@@ -42,21 +42,33 @@ def sliding_qwen2() -> Path:
     return tiny_model("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=1)
 
 
-@pytest.mark.parametrize("sequential", ["group", "layer"])
-@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2-sliding"])
-def test_streamed_equals_in_memory_reference(tmp_path: Path, sequential: str, arch: str,
-                                             sliding_qwen2: Path) -> None:
+EQUAL = {"prompt": 1.0, "decode": 1.0, "other": 1.0}  # one merged accumulator slot in the engine
+PROMPT_ONLY = {"prompt": 1.0, "decode": 0.0}  # decode tokens masked out
+
+
+@pytest.mark.parametrize("arch,sequential,weights", [
+    ("qwen3", "group", WEIGHTS), ("qwen3", "layer", WEIGHTS), ("llama", "group", WEIGHTS),
+    ("llama", "layer", EQUAL), ("qwen2-sliding", "group", EQUAL), ("qwen2-sliding", "layer", WEIGHTS),
+    ("qwen3", "group", PROMPT_ONLY),
+])
+def test_streamed_equals_in_memory_reference(tmp_path: Path, arch: str, sequential: str,
+                                             weights: dict[str, float], sliding_qwen2: Path) -> None:
     model_dir = sliding_qwen2 if arch == "qwen2-sliding" else tiny_model(arch)
     seqs = random_sequences(7, 500, [12, 16, 16, 20], seed=1)
     calib = write_calib(tmp_path / "calib.parquet", seqs)
-    cfg = _cfg(sequential=sequential)
-    compress(model_dir, calib, tmp_path / "out", cfg, tmp_path / "work")
+    cfg = _cfg(sequential=sequential, segment_weights=weights)
+    records: list[StepRecord] = []
+    compress(model_dir, calib, tmp_path / "out", cfg, tmp_path / "work", on_step=records.append)
     got = _weights(tmp_path / "out")
-    ref = reference_prune(model_dir, seqs, cfg.prune, sequential, WEIGHTS)
+    ref, rel_errors = reference_prune(model_dir, seqs, cfg.prune, sequential, weights)
     assert set(ref) == {k for k in got if k.endswith("_proj.weight")}
     for name, w in ref.items():
         assert torch.equal(got[name] == 0, w == 0), name  # same masks
         torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)
+    reported = {lin.name + ".weight": lin.rel_error for r in records for lin in r.linears}
+    assert reported.keys() == rel_errors.keys()
+    for name, err in rel_errors.items():  # provenance error == rac.error.relative_error on the reference H
+        assert reported[name] == pytest.approx(err, rel=1e-3), name
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(got[name], dense[name])

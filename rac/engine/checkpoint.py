@@ -59,8 +59,8 @@ class LinearRecord:
     name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
     shape: tuple[int, int]  # [out_features, in_features]
     sparsity: float  # achieved share of exact zeros
-    rel_error: float  # tr(dW H dW^T) / tr(W H W^T)
-    loss: float  # the pruner's tr(dW H dW^T)
+    rel_error: float  # loss / tr(W H W^T) (NaN when the input energy is 0)
+    loss: float  # tr(dW H dW^T) of the pruner's float32 solution (before the cast to the storage dtype)
     damp: float  # damping actually used
     retries: int  # number of failed attempts before success
     retry_log: tuple[str, ...]  # one line per failed attempt

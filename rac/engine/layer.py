@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from rac.engine.actstore import ActStore
 from rac.engine.calib import Batch, Calibration
 from rac.models.adapters import Adapter, capture_layer_call, get_submodule
+from rac.segments import SEGMENT_IDS
 from rac.stats import HessianAccumulator
 
 
@@ -74,7 +76,7 @@ def layer_forward(module: nn.Module, hidden: torch.Tensor, kwargs: Mapping[str, 
     return out[0] if isinstance(out, tuple) else out
 
 
-def _read_batch(store: ActStore, batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def read_batch(store: ActStore, batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A batch's stored hidden states, right-padded with zeros # [B, L, hidden]."""
     rows = store.read(batch.start, batch.n_tokens).to(device=device, dtype=dtype)  # [n_tokens, hidden]
     if len(set(batch.lengths)) == 1:
@@ -103,9 +105,55 @@ def output_pass(module: nn.Module, layer: int, calib: Calibration, src: ActStore
     """Forward the layer over every batch of `src` and write its outputs to `dst`."""
     with torch.no_grad():
         for batch in calib.batches:
-            hidden = _read_batch(src, batch, dtype, device)
+            hidden = read_batch(src, batch, dtype, device)
             y = layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             _write_batch(dst, batch, y)
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Which calibration tokens feed the Hessians, and how H = sum_s w_s H_s is formed.
+
+    Tokens of segments with weight 0 are masked out. When every kept segment has the same weight w, one
+    accumulator slot takes them all (H = w * sum over kept tokens: the same matrix with a third of the
+    memory); otherwise each kept segment gets its own slot.
+    """
+
+    weights: dict[str, float]  # kept (weight > 0) segments present in the calibration
+    device: torch.device
+
+    @classmethod
+    def build(cls, segment_weights: Mapping[str, float], present: Sequence[str],
+              device: torch.device) -> SegmentPlan:
+        kept = {s: float(segment_weights.get(s, 0.0)) for s in present if segment_weights.get(s, 0.0) > 0}
+        if not kept:
+            raise ValueError(f"segment_weights {dict(segment_weights)} give weight 0 to every segment "
+                             f"present in the calibration {list(present)}")
+        return cls(kept, device)
+
+    @property
+    def merged(self) -> bool:
+        return len(set(self.weights.values())) == 1
+
+    def make(self, n_features: int) -> HessianAccumulator:
+        """An empty accumulator for an input of `n_features`."""
+        slots = ("other",) if self.merged else tuple(self.weights)
+        return HessianAccumulator(n_features, segments=slots, device=self.device)
+
+    def hessian(self, acc: HessianAccumulator) -> torch.Tensor:
+        """H = sum_s w_s H_s # [d, d] float32. Consumes `acc`: with one slot, H is its buffer scaled in place."""
+        if self.merged:
+            H = acc.state()["hessians"][0]  # [d, d], no copy: a 70B down_proj H is 3.3 GB
+            weight = next(iter(self.weights.values()))
+            return H.mul_(weight) if weight != 1.0 else H
+        return acc.hessian(self.weights)
+
+    def labels(self, segments: torch.Tensor, pad_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(segment ids or None when merged, token mask) for a batch # [B, L] each."""
+        keep = torch.zeros_like(pad_mask)
+        for name in self.weights:
+            keep |= segments == SEGMENT_IDS[name]
+        return (None if self.merged else segments), keep & pad_mask
 
 
 class _Stop(Exception):
@@ -115,14 +163,13 @@ class _Stop(Exception):
 class _GroupHooks:
     """Pre-hooks on the linears of the requested groups: one Hessian per group, stop after the last."""
 
-    def __init__(self, module: nn.Module, groups: Mapping[int, Sequence[str]],
-                 make_acc: Callable[[int], HessianAccumulator]) -> None:
+    def __init__(self, module: nn.Module, groups: Mapping[int, Sequence[str]], plan: SegmentPlan) -> None:
         self.linears = {g: [get_submodule(module, n) for n in names] for g, names in groups.items()}
         for g, mods in self.linears.items():
             if not all(isinstance(m, nn.Linear) for m in mods):
                 raise ValueError(f"group {g} members {list(groups[g])} are not all nn.Linear")
         self.names = {g: list(names) for g, names in groups.items()}
-        self.accs = {g: make_acc(int(cast(nn.Linear, mods[0]).in_features)) for g, mods in self.linears.items()}
+        self.accs = {g: plan.make(int(cast(nn.Linear, mods[0]).in_features)) for g, mods in self.linears.items()}
         self.segments: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self._seen: dict[int, tuple[torch.Tensor, int]] = {}
@@ -139,7 +186,7 @@ class _GroupHooks:
         for h in self._handles:
             h.remove()
 
-    def start_batch(self, segments: torch.Tensor, mask: torch.Tensor) -> None:
+    def start_batch(self, segments: torch.Tensor | None, mask: torch.Tensor) -> None:
         self.segments, self.mask, self._seen = segments, mask, {}
         self._pending = sum(len(m) for m in self.linears.values())
 
@@ -163,13 +210,13 @@ class _GroupHooks:
 
 def stats_pass(module: nn.Module, layer: int, groups: Mapping[int, Sequence[str]], calib: Calibration,
                src: ActStore, kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device,
-               make_acc: Callable[[int], HessianAccumulator]) -> dict[int, HessianAccumulator]:
-    """One Hessian accumulator per requested group over all calibration tokens, segment-labelled."""
-    hooks = _GroupHooks(module, groups, make_acc)
+               plan: SegmentPlan) -> dict[int, HessianAccumulator]:
+    """One Hessian accumulator per requested group over the calibration tokens the plan keeps."""
+    hooks = _GroupHooks(module, groups, plan)
     with hooks, torch.no_grad():
         for batch in calib.batches:
-            hidden = _read_batch(src, batch, dtype, device)
-            hooks.start_batch(calib.batch_segments(batch).to(device), batch.mask().to(device))
+            hidden = read_batch(src, batch, dtype, device)
+            hooks.start_batch(*plan.labels(calib.batch_segments(batch).to(device), batch.mask().to(device)))
             try:
                 layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             except _Stop:

@@ -16,6 +16,7 @@ step not yet done) resumes from those checkpoints; `stop_after` ends a run early
 
 from __future__ import annotations
 
+import ctypes
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -31,9 +32,9 @@ from rac.config import StageConfig
 from rac.engine.actstore import ActStore
 from rac.engine.calib import Calibration, load_calibration
 from rac.engine.checkpoint import Checkpoints, LinearRecord, StepRecord
-from rac.engine.layer import LayerKwargs, embed_pass, output_pass, stats_pass
+from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.output import build_provenance, check_out_dir, write_hf_folder
-from rac.error import relative_error
+from rac.error import reconstruction_loss
 from rac.models.adapters import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
@@ -50,6 +51,10 @@ from rac.stats import HessianAccumulator
 
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Step = tuple[int, int]
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc
+    _LIBC = None
 
 
 class CompressConfig(StageConfig):
@@ -109,6 +114,7 @@ class _Run:
     ckpt: Checkpoints
     table: list[list[tuple[str, ...]]]
     kwargs: LayerKwargs
+    plan: SegmentPlan
     device: torch.device
     dtype: torch.dtype
     on_step: Callable[[StepRecord], None] | None
@@ -123,9 +129,20 @@ def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> S
     return (int(layer), int(group))
 
 
-def _accumulator_factory(run: _Run) -> Callable[[int], HessianAccumulator]:
-    present = tuple(s for s, n in run.calib.segment_tokens().items() if n > 0)
-    return lambda d: HessianAccumulator(d, segments=present, device=run.device)
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS between steps (glibc `malloc_trim`; no-op elsewhere), so
+    fragmentation from one step's transient buffers does not add to the next step's peak."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor, rows: int = 256) -> float:
+    """tr(W H W^T) for W [out, in], H [in, in], in float32 (reduced in float64), `rows` rows at a time."""
+    total = 0.0
+    for i in range(0, W.shape[0], rows):
+        Wb = W[i : i + rows].float()  # [rows, in]
+        total += float(((Wb @ H) * Wb).sum(dtype=torch.float64))
+    return total
 
 
 def _set_weight(module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
@@ -138,8 +155,9 @@ def _set_weight(module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
 def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module,
                  acc: HessianAccumulator) -> tuple[dict[str, torch.Tensor], list[LinearRecord]]:
     """Prune the selected linears of one group with its Hessian; update the module in place."""
-    weights = {s: w for s, w in run.cfg.segment_weights.items() if s in acc.segments}
-    H = acc.hessian(weights)  # [d_in, d_in] float32
+    H = run.plan.hessian(acc)  # [d_in, d_in] float32
+    tokens = acc.tokens()
+    del acc  # free the per-segment sums before the pruner's workspace is allocated
     prefix = run.adapter.layer_prefix(layer)
     tensors, records = {}, []
     for rel in run.table[layer][group]:
@@ -147,14 +165,16 @@ def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module,
         W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
         res = prune(W, H, run.cfg.prune)
         W_hat = res.weight.to(W.dtype)
+        loss = res.loss if res.loss is not None else reconstruction_loss(W, W_hat, H)
+        energy = _energy(W, H)
         _set_weight(module, rel, W_hat)
         tensors[key] = W_hat
         records.append(LinearRecord(
             name=prefix + rel, shape=(int(W.shape[0]), int(W.shape[1])),
-            sparsity=float((W_hat == 0).sum()) / W_hat.numel(), rel_error=relative_error(W, W_hat, H),
-            loss=float(res.loss) if res.loss is not None else float("nan"), damp=float(res.damp),
+            sparsity=float((W_hat == 0).sum()) / W_hat.numel(),
+            rel_error=loss / energy if energy > 0 else float("nan"), loss=loss, damp=float(res.damp),
             retries=len(res.retries), retry_log=tuple(f"damp={r.damp}: {r.error}" for r in res.retries),
-            seconds=res.seconds, tokens=acc.tokens(),
+            seconds=res.seconds, tokens=tokens,
         ))
     return tensors, records
 
@@ -173,12 +193,12 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     materialize(module, run.adapter.layer_prefix(layer), run.files, run.dtype, run.device)
     src = ActStore.open(run.ckpt.acts_path(layer))
     groups = run.adapter.groups
-    make_acc = _accumulator_factory(run)
     todo = {g: groups[g] for g in range(first_group, len(groups)) if run.table[layer][g]}
     t_prev = time.perf_counter()  # step seconds run from the previous step's end (stats pass included)
     accs: dict[int, HessianAccumulator] = {}
     if run.cfg.sequential == "layer" and todo:  # dense statistics, before any pruned weight is loaded
-        accs = stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device, make_acc)
+        accs = stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device, run.plan)
+        _trim_heap()
     _load_done_groups(run, layer, first_group, module)
     done: list[StepRecord] = []
     for g in range(first_group, len(groups)):
@@ -187,7 +207,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
         if g in todo:
             if run.cfg.sequential == "group":
                 accs = stats_pass(module, layer, {g: groups[g]}, run.calib, src, run.kwargs, run.dtype,
-                                  run.device, make_acc)
+                                  run.device, run.plan)
+                _trim_heap()
             tensors, records = _prune_group(run, layer, g, module, accs.pop(g))
         extra: tuple[Path, ...] = ()
         if g == len(groups) - 1:
@@ -203,6 +224,7 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
             run.on_step(record)
         if g == len(groups) - 1:
             run.ckpt.drop_acts(layer)  # only after the step is reported: a resume at (layer, last) still finds it
+        _trim_heap()
         t_prev = time.perf_counter()
         if stop_after == (layer, g):
             release(module)
@@ -219,6 +241,7 @@ def _embed(run: _Run, hidden: int) -> None:
     embed_pass(run.model, run.adapter, run.calib, dst, run.device)
     dst.commit()
     release(embed)
+    _trim_heap()
 
 
 def _fingerprint(cfg: CompressConfig, files: WeightFiles, calib: Calibration) -> dict[str, str]:
@@ -258,17 +281,19 @@ def compress(
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     device, dtype = torch.device(cfg.device), DTYPES[cfg.compute_dtype]
+    present = [s for s, n in calib.segment_tokens().items() if n > 0]
+    plan = SegmentPlan.build(cfg.segment_weights, present, device)
+    model = build_skeleton(config, cfg.trust_remote_code)
     ckpt = Checkpoints(work_dir)
     fingerprint = _fingerprint(cfg, files, calib)
     if start == (0, 0):
         ckpt.reset(fingerprint)
     else:
         ckpt.verify(fingerprint)
-    model = build_skeleton(config, cfg.trust_remote_code)
     if adapter.rotary is not None:
         get_submodule(model, adapter.rotary).to(device)  # real buffers (inv_freq), no weights
     run = _Run(cfg, files, adapter, model, calib, ckpt, table,
-               LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), device, dtype, on_step)
+               LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
     steps: list[StepRecord] = []
