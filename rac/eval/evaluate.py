@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
+from rac.artifacts import atomic_write_text
 from rac.config import StageConfig
 from rac.data.generate import GenerateConfig, generate_cots, read_cots
-from rac.data.io import atomic_write_table, atomic_write_text
+from rac.data.io import atomic_write_table
 from rac.data.prompts import read_prompts_meta
 from rac.data.templates import TemplateConfig, TemplateError, load_tokenizer, template_info
 from rac.eval.grade import grade
@@ -151,5 +152,5 @@ def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path) -> EvalSummary:
     summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed),  # type: ignore[arg-type]
                           wall_s=gen.wall_s, tokens_per_s=gen.new_tokens_per_s, template=info,
                           rows_path=str(out_path))
-    atomic_write_text(summary.to_json(), out_path.with_suffix(".json"))
+    atomic_write_text(out_path.with_suffix(".json"), summary.to_json())
     return summary

