@@ -28,6 +28,8 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
 BAD_INPUT = (RunConfigError, FileNotFoundError, ValueError)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False, soft_wrap=True)
+if not console.is_terminal:  # piped/logged output: do not squeeze tables into 80 columns
+    console = Console(highlight=False, soft_wrap=True, width=160)
 
 
 def _work_dir(args: argparse.Namespace) -> Path:

@@ -73,6 +73,8 @@ def plot_metrics(evals: list[dict[str, Any]], out: Path) -> Path:
         ax.bar(range(len(vals)), vals, yerr=err, capsize=3, color=["0.5" if lb == "dense" else "C0" for lb in labels])
         ax.set_xticks(range(len(vals)), labels, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+        if key in ("accuracy", "runaway_share"):
+            ax.set_ylim(0.0, 1.0)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
