@@ -92,6 +92,20 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
     assert not same_models({"a": two["prune/prompt-sparsegpt-50pct"]}, {"a": two["prune/rac-sparsegpt-50pct"]})
 
 
+def test_flow_publishes_prefect_artifacts(reference: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = ["ref-report", "ref-generation", "ref-prune-rac-sparsegpt-50pct", "ref-eval-dense"]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) == set(keys)
+    assert by_key["ref-report"].type == "markdown" and "# rac run `ref`" in str(by_key["ref-report"].data)
+    assert by_key["ref-prune-rac-sparsegpt-50pct"].type == "progress"
+    assert float(by_key["ref-prune-rac-sparsegpt-50pct"].data) == 100.0  # type: ignore[arg-type]
+
+
 def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str, Any], tmp_path: Path) -> None:
     from flows.prune import rac_prune
 
