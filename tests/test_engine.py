@@ -164,8 +164,12 @@ def test_nm_sparsity_and_resume_guard(tmp_path: Path) -> None:
 
 def test_pruned_folder_generates(tmp_path: Path) -> None:
     model_dir = tiny_model("qwen3")
+    before = {p.name: sha256_file(p) for p in model_dir.iterdir() if p.is_file()}
     calib = write_calib(tmp_path / "c.parquet", random_sequences(4, 500, [16], seed=6))
     compress(model_dir, calib, tmp_path / "out", CompressConfig(prune=PruneConfig(sparsity=0.5)), tmp_path / "w")
+    assert {p.name: sha256_file(p) for p in model_dir.iterdir() if p.is_file()} == before  # source untouched
+    copied = {p.name for p in (tmp_path / "out").iterdir()} - {"rac_provenance.json", "model.safetensors.index.json"}
+    assert {n for n in before if not n.endswith(".safetensors") and not n.startswith("rac_")} <= copied
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -196,3 +196,6 @@ def test_hf_folder_sharded_and_atomic(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="disk gone"):
         write_hf_folder(src, tmp_path / "out2", files.specs, broken, {})
     assert list(tmp_path.iterdir()) == [tmp_path / "out"]  # no half-written folder, no temp left behind
+    (tmp_path / ".out3.tmp-killed").mkdir()  # what a killed run leaves beside its output
+    write_hf_folder(src, tmp_path / "out3", files.specs, state.__getitem__, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out3"]

@@ -17,6 +17,7 @@ step not yet done) resumes from those checkpoints; `stop_after` ends a run early
 from __future__ import annotations
 
 import ctypes
+import gc
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -129,9 +130,13 @@ def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> S
     return (int(layer), int(group))
 
 
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS between steps (glibc `malloc_trim`; no-op elsewhere), so
-    fragmentation from one step's transient buffers does not add to the next step's peak."""
+def _trim_heap(collect: bool = False) -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`; no-op elsewhere), so fragmentation from
+    one step's transient buffers does not add to the next step's peak. With `collect`, first free reference
+    cycles: `safetensors.torch.save_file` leaves ctypes cycles that keep the saved tensors (a group's pruned
+    weights) alive until the next garbage collection - measured +55 MB per 1B-model layer without it."""
+    if collect:
+        gc.collect()
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -224,7 +229,7 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
             run.on_step(record)
         if g == len(groups) - 1:
             run.ckpt.drop_acts(layer)  # only after the step is reported: a resume at (layer, last) still finds it
-        _trim_heap()
+        _trim_heap(collect=True)
         t_prev = time.perf_counter()
         if stop_after == (layer, g):
             release(module)
