@@ -24,20 +24,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from rac.artifacts import fsync_dir, fsync_file
+
 ACT_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _NP_STORAGE: dict[str, type[np.generic]] = {"bfloat16": np.uint16, "float32": np.float32}
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_path(path)
 
 
 @dataclass(frozen=True)
@@ -133,7 +123,7 @@ class ActStore:
         if not self.writable:
             raise ValueError(f"activation store {self.path} is already committed")
         tmp = self._tmp_path()
-        _fsync_path(tmp)
+        fsync_file(tmp)
         side = self.sidecar(self.path)
         side_tmp = Path(str(side) + ".tmp")
         meta = {"n_tokens": self.spec.n_tokens, "hidden": self.spec.hidden, "dtype": self.spec.dtype}
@@ -143,7 +133,7 @@ class ActStore:
             os.fsync(f.fileno())
         os.replace(side_tmp, side)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         self.writable = False
 
     def delete(self) -> None:

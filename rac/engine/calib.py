@@ -10,7 +10,6 @@ stored. Batch `b` occupies store rows [start, start + n_tokens), sequence-major.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from rac.artifacts import sha256_file
 from rac.segments import CALIB_META_KEY, SEGMENT_NAMES
 
 
@@ -86,15 +86,6 @@ def _pad(seqs: list[np.ndarray], width: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _validate_row(i: int, seq_id: int, ids: np.ndarray, seg: np.ndarray, vocab: int, max_len: int) -> None:
     where = f"calibration row {i} (seq_id {seq_id})"
     if len(ids) == 0:
@@ -157,4 +148,4 @@ def load_calibration(path: Path, vocab_size: int, max_len: int, batch_tokens: in
     _, batches = plan_batches([len(x) for x in input_ids], batch_tokens)
     raw_meta = (table.schema.metadata or {}).get(CALIB_META_KEY)
     meta = json.loads(raw_meta) if raw_meta else {}
-    return Calibration(path, file_sha256(path), input_ids, segments, batches, meta)
+    return Calibration(path, sha256_file(path), input_ids, segments, batches, meta)

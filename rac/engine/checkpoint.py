@@ -10,7 +10,6 @@ A step (L, G) is done when its .json exists. Resuming refuses a work dir whose f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,22 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from rac.artifacts import fsync_dir, fsync_file, sha256_file
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,7 +33,7 @@ def atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -152,9 +136,9 @@ class Checkpoints:
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"layer": str(layer), "group": str(group)})
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
-        _fsync(self.root)
+        fsync_dir(self.root)
         files = tuple(CheckpointFile.of(p) for p in (path, *extra_files))
         full = StepRecord(record.layer, record.group, record.linears, files, record.seconds)
         atomic_write_text(self.record_path(layer, group), json.dumps(full.to_json(), indent=1))

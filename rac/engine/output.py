@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 import rac
+from rac.artifacts import fsync_dir, fsync_file
 from rac.config import StageConfig
 from rac.engine.calib import Calibration
 from rac.engine.checkpoint import StepRecord
@@ -41,15 +42,6 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-
-
-def fsync_file(path: Path) -> None:
-    """fsync an existing file (or directory) by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def nbytes(dtype: str, shape: Sequence[int]) -> int:
@@ -166,7 +158,7 @@ def write_hf_folder(
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above): rename onto it
         os.replace(tmp, out_dir)
-        fsync_file(out_dir.parent)
+        fsync_dir(out_dir.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
