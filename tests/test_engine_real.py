@@ -117,11 +117,29 @@ def _run(model_dir: Path, tmp_path: Path, samples: int, new_tokens: int, n_calib
     return ppl, kl
 
 
+def _vllm_matches_transformers(out_dir: Path) -> None:
+    """vLLM loads the pruned folder and decodes greedily the same tokens as transformers (float32)."""
+    from rac.data.engines import Request, SamplingSpec, VLLMEngine
+
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[9]}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    expect = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    engine = VLLMEngine(out_dir, [tok.eos_token_id], dtype="float32", batch_size=1, max_model_len=512, threads=1)
+    try:
+        got = engine.generate([Request(ids, seed=0, max_new_tokens=12)], SamplingSpec(0.0, 1.0, 0, 1.0, 12))
+    finally:
+        engine.close()
+    assert got[0].token_ids == expect[: len(got[0].token_ids)] and len(got[0].token_ids) >= 8
+
+
 @pytest.mark.slow
 def test_smollm2_real_model(tmp_path: Path) -> None:
     ppl, kl = _run(smollm2_135m(), tmp_path, samples=3, new_tokens=64, n_calib=28)
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
     assert kl["sparsegpt"] < kl["wanda"] < kl["magnitude"], kl
+    _vllm_matches_transformers(tmp_path / "sparsegpt")
 
 
 def test_tiny_random_qwen3(tmp_path: Path) -> None:
