@@ -63,6 +63,15 @@ def test_champ_problems() -> None:
     assert first.answer == "239" and "length 6" in first.question
 
 
+def test_joined_offline_sources() -> None:
+    sym = load_records("gsm8k-symbolic", variants=2, seed=1)
+    champ = load_records("champ")
+    both = load_records("gsm8k-symbolic+champ", variants=2, seed=1)
+    assert [(r.problem_id, r.question) for r in both] == [(r.problem_id, r.question) for r in sym + champ]
+    with pytest.raises(ValueError, match="'file'"):
+        load_records("gsm8k+file")
+
+
 def test_file_sources_through_fsspec(tmp_path: Path) -> None:
     rows = [{"q": f"What is {i}+1?", "a": str(i + 1), "id": f"p{i}"} for i in range(5)]
     table = pa.Table.from_pylist(rows)

@@ -184,7 +184,15 @@ def load_records(
     question_col: str = "question", answer_col: str = "answer", id_col: str | None = None,
     variants: int = 1, seed: int = 0, keep_original: bool = False,
 ) -> list[Record]:
-    """Records of a source: an offline name (OFFLINE_SOURCES), "file" (path/URL) or "hf" (datasets)."""
+    """Records of a source: an offline name (OFFLINE_SOURCES), several joined by "+" (e.g.
+    "gsm8k-symbolic+champ"), "file" (path/URL) or "hf" (datasets)."""
+    if "+" in source:
+        parts = source.split("+")
+        bad = [p for p in parts if p not in OFFLINE_SOURCES]
+        if bad:
+            raise ValueError(f"prompt source {source!r}: only offline sources {list(OFFLINE_SOURCES)} can be "
+                             f"joined with '+', not {bad}")
+        return [r for p in parts for r in load_records(p, variants=variants, seed=seed, keep_original=keep_original)]
     if source == "gsm8k":
         recs = load_gsm8k()
     elif source == "gsm8k-symbolic":
