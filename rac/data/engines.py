@@ -177,7 +177,7 @@ class VLLMEngine:
 
     def __init__(self, model_dir: Path, eos_ids: Sequence[int], dtype: str = "bfloat16", batch_size: int = 8,
                  max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -189,9 +189,14 @@ class VLLMEngine:
         if threads is not None:  # vLLM computes with torch's threads (no binding); restored by close()
             torch.set_num_threads(threads)
         self.eos = list(eos_ids)
+        parallel: dict[str, Any] = {}  # passed only when > 1: vLLM's defaults stay untouched otherwise
+        if tensor_parallel_size > 1:
+            parallel["tensor_parallel_size"] = tensor_parallel_size
+        if data_parallel_size > 1:
+            parallel["data_parallel_size"] = data_parallel_size
         self.llm = LLM(model=str(model_dir), dtype=dtype,  # type: ignore[arg-type]
                        seed=seed, max_model_len=max_model_len,
-                       max_num_seqs=batch_size, enforce_eager=True, disable_log_stats=True)
+                       max_num_seqs=batch_size, enforce_eager=True, disable_log_stats=True, **parallel)
 
     def generate(self, requests: Sequence[Request], spec: SamplingSpec) -> list[Completion]:
         from vllm import SamplingParams, TokensPrompt
@@ -234,11 +239,20 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def make_engine(name: str, model_dir: Path, *, eos_ids: Sequence[int], pad_id: int, dtype: str = "bfloat16",
-                batch_size: int = 8, max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0) -> Any:
-    """An Engine by name; UnknownEngineError lists the known names."""
+                batch_size: int = 8, max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0,
+                tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> Any:
+    """An Engine by name; UnknownEngineError lists the known names.
+
+    `tensor_parallel_size` / `data_parallel_size` go to vLLM as they are; the transformers engine runs on
+    one device and refuses sizes above 1 (ValueError) rather than ignoring them.
+    """
     if name == "transformers":
+        if tensor_parallel_size != 1 or data_parallel_size != 1:
+            raise ValueError(f"engine 'transformers' runs on one device: tensor_parallel_size="
+                             f"{tensor_parallel_size}, data_parallel_size={data_parallel_size} need engine 'vllm'")
         return TransformersEngine(model_dir, eos_ids, pad_id, dtype, batch_size)
     if name == "vllm":
         return VLLMEngine(model_dir, eos_ids, "bfloat16" if dtype in ("bf16", "bfloat16") else "float32",
-                          batch_size, max_model_len, kv_cache_gib, seed)
+                          batch_size, max_model_len, kv_cache_gib, seed, tensor_parallel_size=tensor_parallel_size,
+                          data_parallel_size=data_parallel_size)
     raise UnknownEngineError(f"unknown engine {name!r}; known engines: {list(ENGINES)}")

@@ -7,6 +7,10 @@ Columns: cot_id, prompt_id, sample_index, seed, prompt_ids, completion_ids (the 
 text (= tokenizer.decode(completion_ids, skip_special_tokens=True)), finish_reason ("stop"/"length"),
 prompt_len, completion_len; schema metadata b"rac.cots" = JSON {config_hash, engine, sampling, template, ...}.
 
+Fan-out: `generate_cots(..., run_shards=, wave=)` hands missing shards to another runner (e.g. Prefect
+tasks on Dask workers, each owning an engine; see tasks/generation.py); `plan_cots` + `write_shard` are what a
+worker runs for one shard. Shards remain the unit of resume either way.
+
 Resume: existing shards with the same config hash are kept, the first missing shard is generated next, and a
 shard is never written twice. Each sample's seed is derived from (seed, prompt_id, sample_index), and a shard
 always holds the same requests, so an interrupted-and-resumed run ends with the rows of an uninterrupted one.
@@ -69,6 +73,10 @@ class GenerateConfig(StageConfig):
     dtype: str = "bfloat16"
     seed: int = 0
     kv_cache_gib: int = Field(default=1, ge=1)
+    # vLLM only: GPUs per engine (tensor parallel) and engine replicas inside one vLLM instance; left out
+    # of the canonical dict (and so of every hash, also when nested in another config) while they are 1
+    tensor_parallel_size: int = Field(default=1, ge=1, exclude_if=lambda v: v == 1)
+    data_parallel_size: int = Field(default=1, ge=1, exclude_if=lambda v: v == 1)
 
     @field_validator("engine")
     @classmethod
@@ -169,12 +177,27 @@ def _shard_table(items: list[tuple[str, int, Request]], comps: list[Any], tok: A
     return table.replace_schema_metadata({COTS_META_KEY: json.dumps(meta)})
 
 
-def generate_cots(
-    prompts_path: Path, model_dir: Path, cfg: GenerateConfig, out_dir: Path,
-    on_shard: Callable[[int, Path], None] | None = None,
-) -> GenerateSummary:
-    """Sample CoTs for every prompt into sharded Parquet under `out_dir`, resuming finished shards."""
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class CotsPlan:
+    """Every shard's requests of one (prompts, model, config), the sampling and the shard metadata."""
+
+    model_dir: Path
+    out_dir: Path
+    cfg: GenerateConfig
+    spec: SamplingSpec
+    shards: tuple[tuple[tuple[str, int, Request], ...], ...]
+    meta: dict[str, Any]
+
+    @property
+    def config_hash(self) -> str:
+        return str(self.meta["config_hash"])
+
+    def path(self, k: int) -> Path:
+        return shard_path(self.out_dir, k)
+
+
+def plan_cots(prompts_path: Path, model_dir: Path, cfg: GenerateConfig, out_dir: Path) -> CotsPlan:
+    """The shard plan of a CoT run (reads the prompts; loads no model)."""
     prompts = pq.read_table(prompts_path)
     if prompts.num_rows == 0:
         raise ValueError(f"prompts file {prompts_path} has no rows")
@@ -182,56 +205,128 @@ def generate_cots(
     spec = resolve_sampling(cfg, model_dir)
     items = build_requests(prompts, cfg, context_window(model_dir))
     per_shard = cfg.shard_size * cfg.samples_per_prompt
-    shards = [items[i: i + per_shard] for i in range(0, len(items), per_shard)]
-    cfg_hash = cfg.stable_hash()
-    meta = {"config_hash": cfg_hash, "config": cfg.canonical(), "engine": cfg.engine,
+    shards = tuple(tuple(items[i: i + per_shard]) for i in range(0, len(items), per_shard))
+    meta = {"config_hash": cfg.stable_hash(), "config": cfg.canonical(), "engine": cfg.engine,
             "sampling": spec.__dict__, "model_dir": str(model_dir), "template": pmeta.get("template"),
             "prompts_config_hash": pmeta.get("config_hash")}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".part-*.tmp"):
+    return CotsPlan(Path(model_dir), Path(out_dir), cfg, spec, shards, meta)
+
+
+def open_engine(cfg: GenerateConfig, model_dir: Path) -> Any:
+    """The generation engine a config asks for (the caller closes it)."""
+    eos, pad = special_ids(model_dir)
+    return make_engine(cfg.engine, model_dir, eos_ids=eos, pad_id=pad, dtype=cfg.dtype,
+                       batch_size=cfg.batch_size, max_model_len=context_window(model_dir),
+                       kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed,
+                       tensor_parallel_size=cfg.tensor_parallel_size, data_parallel_size=cfg.data_parallel_size)
+
+
+def write_shard(plan: CotsPlan, k: int, engine: Any, tok: Any = None) -> Path:
+    """Generate shard `k` with `engine` and write it atomically; a finished shard of the same config is
+    kept as it is (generation is deterministic per request seed, so a re-run would write the same rows)."""
+    if not 0 <= k < len(plan.shards):
+        raise ValueError(f"shard {k} out of range: the plan has {len(plan.shards)} shards")
+    path = plan.path(k)
+    if path.exists():
+        _check_shard(path, plan.config_hash)
+        return path
+    tok = tok if tok is not None else load_tokenizer(str(plan.model_dir))
+    shard = plan.shards[k]
+    comps = engine.generate([req for _, _, req in shard], plan.spec)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_table(_shard_table(list(shard), comps, tok, plan.meta), path)
+    return path
+
+
+# run_shards(plan, ks): make shard files ks of the plan exist (in any order, anywhere), return when done
+ShardRunner = Callable[[CotsPlan, list[int]], None]
+
+
+def generate_cots(
+    prompts_path: Path, model_dir: Path, cfg: GenerateConfig, out_dir: Path,
+    on_shard: Callable[[int, Path], None] | None = None,
+    run_shards: ShardRunner | None = None, wave: int = 1,
+) -> GenerateSummary:
+    """Sample CoTs for every prompt into sharded Parquet under `out_dir`, resuming finished shards.
+
+    By default shards are generated here, one after another, with one engine. `run_shards` hands the
+    missing shards out `wave` at a time (e.g. to workers that each own an engine); the token budget is
+    checked between waves, in shard order, and shards a wave wrote past the budget are deleted, so the
+    result holds the shards an uninterrupted sequential run would. `on_shard(k, path)` is called in shard
+    order for every newly written shard that is kept.
+    """
+    if wave < 1:
+        raise ValueError(f"wave must be >= 1, got {wave}")
+    t0 = time.perf_counter()
+    plan = plan_cots(prompts_path, model_dir, cfg, out_dir)
+    plan.out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plan.out_dir.glob(".part-*.tmp*"):
         stale.unlink()
-    tok = load_tokenizer(str(model_dir))
-    engine: Any = None
+    local = _LocalShards()
+    runner = run_shards or local
     totals = {"rows": 0, "prompt": 0, "completion": 0, "length": 0, "new": 0}
     written = reused = 0
     budget_hit = False
+    fresh: set[int] = set()
+    k = 0
     try:
-        for k, shard in enumerate(shards):
+        while k < len(plan.shards):
             if cfg.token_budget is not None and totals["prompt"] + totals["completion"] >= cfg.token_budget:
                 budget_hit = True
                 break
-            path = shard_path(out_dir, k)
-            if path.exists():
-                table = _check_shard(path, cfg_hash)
-                reused += 1
-            else:
-                if engine is None:
-                    eos, pad = special_ids(model_dir)
-                    engine = make_engine(cfg.engine, model_dir, eos_ids=eos, pad_id=pad, dtype=cfg.dtype,
-                                         batch_size=cfg.batch_size, max_model_len=context_window(model_dir),
-                                         kv_cache_gib=cfg.kv_cache_gib, seed=cfg.seed)
-                comps = engine.generate([req for _, _, req in shard], spec)
-                table = _shard_table(shard, comps, tok, meta)
-                atomic_write_table(table, path)
+            path = plan.path(k)
+            if not path.exists():
+                todo = [j for j in range(k, min(len(plan.shards), k + wave)) if not plan.path(j).exists()]
+                runner(plan, todo)
+                lost = [j for j in todo if not plan.path(j).exists()]
+                if lost:
+                    raise RuntimeError(f"shard runner returned without writing shard(s) {lost} in {plan.out_dir}")
+                fresh.update(todo)
+            table = _check_shard(path, plan.config_hash)
+            if k in fresh:
                 written += 1
-                totals["new"] += sum(len(c.token_ids) for c in comps)
+                totals["new"] += sum(table.column("completion_len").to_pylist())
                 if on_shard is not None:
                     on_shard(k, path)
+            else:
+                reused += 1
             totals["rows"] += table.num_rows
             totals["prompt"] += sum(table.column("prompt_len").to_pylist())
             totals["completion"] += sum(table.column("completion_len").to_pylist())
             totals["length"] += table.column("finish_reason").to_pylist().count("length")
+            k += 1
+        for j in sorted(fresh):  # written by a wave past the budget: not part of the result
+            if j >= k:
+                plan.path(j).unlink(missing_ok=True)
     finally:
-        if engine is not None:
-            engine.close()
+        local.close()
     wall = time.perf_counter() - t0
     return GenerateSummary(
-        out_dir=out_dir, n_shards=written + reused, shards_written=written, shards_reused=reused,
+        out_dir=plan.out_dir, n_shards=written + reused, shards_written=written, shards_reused=reused,
         n_rows=totals["rows"], prompt_tokens=totals["prompt"], completion_tokens=totals["completion"],
-        n_length_capped=totals["length"], budget_reached=budget_hit, engine=cfg.engine, sampling=spec.__dict__,
-        wall_s=wall, new_tokens_per_s=totals["new"] / wall if wall > 0 else 0.0,
+        n_length_capped=totals["length"], budget_reached=budget_hit, engine=cfg.engine,
+        sampling=plan.spec.__dict__, wall_s=wall, new_tokens_per_s=totals["new"] / wall if wall > 0 else 0.0,
     )
+
+
+class _LocalShards:
+    """The default shard runner: shards generated in this process by one lazily opened engine."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+        self.tok: Any = None
+
+    def __call__(self, plan: CotsPlan, ks: list[int]) -> None:
+        if self.engine is None:
+            self.tok = load_tokenizer(str(plan.model_dir))
+            self.engine = open_engine(plan.cfg, plan.model_dir)
+        for k in ks:
+            write_shard(plan, k, self.engine, self.tok)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def read_cots(out_dir: Path) -> pa.Table:

@@ -91,10 +91,15 @@ class StepRecord:
 
 
 class Checkpoints:
-    """The engine's folder of step checkpoints and boundary activations inside a work dir."""
+    """The engine's folder of step checkpoints and boundary activations inside a work dir.
 
-    def __init__(self, work_dir: Path) -> None:
+    `acts_dir` (default: the same folder) holds the activation stores: a data-parallel rank keeps its own
+    there (`rac.engine.distributed`), while the step files are shared.
+    """
+
+    def __init__(self, work_dir: Path, acts_dir: Path | None = None) -> None:
         self.root = Path(work_dir) / "engine"
+        self.acts_root = Path(acts_dir) if acts_dir is not None else self.root
 
     def weights_path(self, layer: int, group: int) -> Path:
         return self.root / f"step-{layer:05d}-{group}.safetensors"
@@ -104,7 +109,7 @@ class Checkpoints:
 
     def acts_path(self, layer: int) -> Path:
         """Activation store holding the inputs of decoder layer `layer`."""
-        return self.root / f"acts-{layer:05d}.bin"
+        return self.acts_root / f"acts-{layer:05d}.bin"
 
     def drop_acts(self, layer: int) -> None:
         """Delete the activation store entering `layer` (data, sidecar, temp file) if present."""

@@ -16,16 +16,12 @@ step not yet done) resumes from those checkpoints; `stop_after` ends a run early
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import math
-import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from pydantic import field_validator
@@ -36,6 +32,8 @@ from rac.engine.actstore import ActStore
 from rac.engine.calib import Calibration, load_calibration
 from rac.engine.checkpoint import Checkpoints, LinearRecord, StepRecord
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
+from rac.engine.memory import memory_hygiene as _memory_hygiene
+from rac.engine.memory import trim_heap as _trim_heap
 from rac.engine.output import build_provenance, check_out_dir, write_hf_folder
 from rac.error import reconstruction_loss
 from rac.models.adapters import (
@@ -52,12 +50,11 @@ from rac.pruners.base import PruneConfig
 from rac.segments import SEGMENT_IDS
 from rac.stats import HessianAccumulator
 
+if TYPE_CHECKING:
+    from rac.engine.distributed import DistContext
+
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 Step = tuple[int, int]
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc
-    _LIBC = None
 
 
 class CompressConfig(StageConfig):
@@ -121,6 +118,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     on_step: Callable[[StepRecord], None] | None
+    dist: DistContext | None = None  # data-parallel ranks (rac.engine.distributed), None: one process
 
 
 def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> Step | None:
@@ -130,16 +128,6 @@ def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> S
     if not (0 <= layer <= n_layers and 0 <= group < n_groups) or (layer == n_layers and group != 0):
         raise ValueError(f"{what}={step} out of range: layers 0..{n_layers - 1}, groups 0..{n_groups - 1}")
     return (int(layer), int(group))
-
-
-def _trim_heap(collect: bool = False) -> None:
-    """Hand freed heap pages back to the OS (glibc `malloc_trim`; no-op elsewhere), so fragmentation from
-    one step's transient buffers does not add to the next step's peak. With `collect`, first free the
-    reference cycles a step leaves (e.g. ctypes objects of `safetensors.torch.save_file`)."""
-    if collect:
-        gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
 
 
 def _energy(W: torch.Tensor, H: torch.Tensor, rows: int = 256) -> float:
@@ -185,6 +173,29 @@ def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module,
     return tensors, records
 
 
+def _reduced(run: _Run, accs: dict[int, HessianAccumulator]) -> dict[int, HessianAccumulator]:
+    """The accumulators summed over data-parallel ranks (in place; as they are in one process)."""
+    if run.dist is not None:
+        for g in sorted(accs):
+            run.dist.all_reduce(accs[g])
+    return accs
+
+
+def _save_step(run: _Run, record: StepRecord, tensors: dict[str, torch.Tensor],
+               extra: tuple[Path, ...]) -> StepRecord:
+    """Persist a step and report it. Data-parallel: once every rank has committed its activations, rank 0
+    writes the step files and reports; a second barrier keeps ranks from dropping stores before that."""
+    if run.dist is not None:
+        run.dist.barrier()
+    if run.dist is None or run.dist.is_main:
+        record = run.ckpt.save_step(record.layer, record.group, tensors, record, extra)
+        if run.on_step is not None:
+            run.on_step(record)
+    if run.dist is not None:
+        run.dist.barrier()
+    return record
+
+
 def _load_done_groups(run: _Run, layer: int, upto: int, module: torch.nn.Module) -> None:
     """Put the checkpointed pruned weights of groups < upto of `layer` into the module."""
     prefix = run.adapter.layer_prefix(layer)
@@ -203,7 +214,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     t_prev = time.perf_counter()  # step seconds run from the previous step's end (stats pass included)
     accs: dict[int, HessianAccumulator] = {}
     if run.cfg.sequential == "layer" and todo:  # dense statistics, before any pruned weight is loaded
-        accs = stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device, run.plan)
+        accs = _reduced(run, stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device,
+                                         run.plan))
         _trim_heap()
     _load_done_groups(run, layer, first_group, module)
     done: list[StepRecord] = []
@@ -212,10 +224,12 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
         records: list[LinearRecord] = []
         if g in todo:
             if run.cfg.sequential == "group":
-                accs = stats_pass(module, layer, {g: groups[g]}, run.calib, src, run.kwargs, run.dtype,
-                                  run.device, run.plan)
+                accs = _reduced(run, stats_pass(module, layer, {g: groups[g]}, run.calib, src, run.kwargs,
+                                                run.dtype, run.device, run.plan))
                 _trim_heap()
             tensors, records = _prune_group(run, layer, g, module, accs.pop(g))
+            if run.dist is not None:
+                run.dist.check_same(tensors, f"layer {layer} group {g}")
         extra: tuple[Path, ...] = ()
         if g == len(groups) - 1:
             dst = ActStore.create(run.ckpt.acts_path(layer + 1), run.calib.n_tokens, src.spec.hidden,
@@ -223,11 +237,9 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
             output_pass(module, layer, run.calib, src, dst, run.kwargs, run.dtype, run.device)
             dst.commit()
             extra = (dst.path, ActStore.sidecar(dst.path))
-        record = StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev)
-        record = run.ckpt.save_step(layer, g, tensors, record, extra)
+        record = _save_step(run, StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev),
+                            tensors, extra)
         done.append(record)
-        if run.on_step is not None:
-            run.on_step(record)
         if g == len(groups) - 1:
             run.ckpt.drop_acts(layer)  # only after the step is reported: a resume at (layer, last) still finds it
         _trim_heap(collect=True)
@@ -255,34 +267,6 @@ def _fingerprint(cfg: CompressConfig, files: WeightFiles, calib: Calibration) ->
             "rac_version": rac.__version__}
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 4 << 20
-
-
-@contextmanager
-def _memory_hygiene() -> Iterator[None]:
-    """Process settings that keep a long run's RSS at its working set (measured on a 1B model: peak
-    1.7 GiB -> 1.1 GiB):
-    - glibc's mmap threshold is fixed at 4 MiB (unless MALLOC_MMAP_THRESHOLD_ is set): by default it
-      grows to 32 MiB, so the many 4-32 MiB transient tensors come from the brk heap, which fragments and
-      keeps touching fresh pages (its free part stayed resident, +50 MiB per layer). Left set afterwards
-      (mallopt cannot restore the dynamic default); it only makes big allocations use mmap.
-    - the objects that exist now (imported libraries: ~0.4M objects, 0.2 s per full collection) are hidden
-      from the garbage collector (`gc.freeze`), so the per-step `gc.collect()` only walks what the run
-      allocates; undone at the end unless the caller had frozen already.
-    """
-    if _LIBC is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        _LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    if gc.get_freeze_count() > 0:
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def compress(
     model_dir: Path,
     calib_path: Path,
@@ -293,6 +277,7 @@ def compress(
     stop_after: Step | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     stage_configs: Mapping[str, StageConfig] | None = None,
+    dist: DistContext | None = None,
 ) -> CompressResult:
     """Prune `model_dir` on the calibration set at `calib_path` and write the HF folder `out_dir`.
 
@@ -300,15 +285,17 @@ def compress(
     `stop_after=(layer, group)` returns right after that step is persisted. `on_step` is called after
     each step's checkpoint is on disk. `stage_configs` (e.g. the calibration stage's config) are recorded
     in the provenance beside this config. Bad input raises ValueError before anything is written.
+    `dist`: run as one data-parallel rank (see `rac.engine.distributed`; only rank 0 writes `out_dir`, reports
+    steps and returns `out_dir`).
     """
     with _memory_hygiene():
         return _compress(Path(model_dir), Path(calib_path), Path(out_dir), cfg, Path(work_dir), start_at,
-                         stop_after, on_step, stage_configs or {})
+                         stop_after, on_step, stage_configs or {}, dist)
 
 
 def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressConfig, work_dir: Path,
               start_at: Step | None, stop_after: Step | None, on_step: Callable[[StepRecord], None] | None,
-              stage_configs: Mapping[str, StageConfig]) -> CompressResult:
+              stage_configs: Mapping[str, StageConfig], dist: DistContext | None) -> CompressResult:
     t_start = time.perf_counter()
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     check_out_dir(out_dir)
@@ -319,23 +306,27 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     stop = _check_step(stop_after, n_layers, n_groups, "stop_after")
     table = select_groups(adapter, n_layers, cfg.include, cfg.exclude)
     max_len = int(getattr(config, "max_position_embeddings", 0) or 2**31)
-    calib = load_calibration(Path(calib_path), int(config.vocab_size), max_len, cfg.batch_tokens)
+    full = load_calibration(Path(calib_path), int(config.vocab_size), max_len, cfg.batch_tokens)
+    calib = full if dist is None else dist.shard(full, cfg.batch_tokens)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     device, dtype = torch.device(cfg.device), DTYPES[cfg.compute_dtype]
-    present = [s for s, n in calib.segment_tokens().items() if n > 0]
+    present = [s for s, n in full.segment_tokens().items() if n > 0]  # the same plan on every rank
     plan = SegmentPlan.build(cfg.segment_weights, present, device)
     model = build_skeleton(config, cfg.trust_remote_code)
-    ckpt = Checkpoints(work_dir)
+    ckpt = Checkpoints(work_dir) if dist is None else dist.checkpoints(work_dir)
     fingerprint = _fingerprint(cfg, files, calib)
-    if start == (0, 0):
+    if start == (0, 0) and (dist is None or dist.is_main):
         ckpt.reset(fingerprint)
-    else:
+    if dist is not None:
+        dist.barrier()  # rank 0's reset wipes the folder before any rank writes its stores
+        ckpt.acts_root.mkdir(parents=True, exist_ok=True)
+    if start != (0, 0):
         ckpt.verify(fingerprint)
     if adapter.rotary is not None:
         get_submodule(model, adapter.rotary).to(device)  # real buffers (inv_freq), no weights
     run = _Run(cfg, files, adapter, model, calib, ckpt, table,
-               LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step)
+               LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step, dist)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
     steps: list[StepRecord] = []
@@ -345,7 +336,11 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         if stopped:
             last = steps[-1]
             nxt = (last.layer, last.group + 1) if last.group + 1 < n_groups else (last.layer + 1, 0)
-            return CompressResult(None, False, tuple(steps), nxt, calib.n_tokens, time.perf_counter() - t_start)
+            return CompressResult(None, False, tuple(steps), nxt, full.n_tokens, time.perf_counter() - t_start)
+    if dist is not None and not dist.is_main:
+        ckpt.drop_acts(n_layers)
+        dist.barrier()  # returns once rank 0 has written the output
+        return CompressResult(None, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start)
     every = [ckpt.load_record(layer, g) for layer in range(n_layers) for g in range(n_groups)]
     pruned = {lin.name + ".weight": (r.layer, r.group) for r in every for lin in r.linears}
     step_tensors: dict[Step, dict[str, torch.Tensor]] = {}
@@ -359,7 +354,9 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
             step_tensors[step] = ckpt.load_weights(*step)
         return step_tensors[step][name]
 
-    provenance = build_provenance(cfg, stage_configs, files, calib, every, time.perf_counter() - t_start)
+    provenance = build_provenance(cfg, stage_configs, files, full, every, time.perf_counter() - t_start)
     write_hf_folder(Path(model_dir), out_dir, files.specs, fetch, provenance)
     ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
-    return CompressResult(out_dir, True, tuple(steps), None, calib.n_tokens, time.perf_counter() - t_start)
+    if dist is not None:
+        dist.barrier()
+    return CompressResult(out_dir, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start)

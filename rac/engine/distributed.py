@@ -1,0 +1,175 @@
+"""Data-parallel statistics for `compress` over `torch.distributed` (gloo on CPU, NCCL on GPU; `torchrun`).
+
+Every rank runs the same sequential walk over (layer, group) steps on its own share of the calibration
+sequences (sequence i goes to rank i mod world): it keeps its own activation stores, runs the current
+layer on its share, and contributes its partial Hessian sums. Before a group is pruned the per-segment
+sums and token counts are all-reduced (a sum: H = sum over ranks of sum over their tokens x x^T), so every
+rank holds the same H; every rank then prunes identically (deterministic solvers), which is checked: the
+sha256 of each rank's pruned tensors must agree, else `RankMismatchError`. Each rank propagates its own
+activations through the pruned layer.
+
+Files under `work_dir`: the step checkpoints (`engine/step-*.{safetensors,json}`, `state.json`) are written
+once, by rank 0, after a barrier that follows every rank's commit of its activations; each rank's stores
+live in `engine/rank-RRR/`. A step is done when its record exists (as single-process), so resume is
+per rank: `resume_point` finds the first step without a record and checks that every rank still has the
+activations entering its layer (otherwise all ranks start over). The work dir must be on a filesystem
+all ranks share (one machine, or a shared mount).
+
+Launch: torchrun --nproc_per_node N -m rac.engine.distributed MODEL CALIB OUT --config cfg.json --work-dir W
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from rac.engine.calib import Calibration, plan_batches
+from rac.engine.checkpoint import Checkpoints
+from rac.stats import HessianAccumulator
+
+Step = tuple[int, int]
+
+
+class RankMismatchError(RuntimeError):
+    """Ranks pruned a group to different weights (their Hessians or solvers disagree)."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a data-parallel `compress`: rank, world size, and the process group."""
+
+    rank: int
+    world: int
+    group: object | None = None  # torch.distributed ProcessGroup (None: the default group)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"rank {self.rank} outside world of size {self.world}")
+
+    @classmethod
+    def from_env(cls, backend: str | None = None) -> DistContext:
+        """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment)."""
+        if not dist.is_initialized():
+            for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                if var not in os.environ:
+                    raise ValueError(f"${var} is not set: launch with torchrun (or set the torch.distributed env)")
+            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def checkpoints(self, work_dir: Path) -> Checkpoints:
+        """Shared step checkpoints, with this rank's activation stores in engine/rank-RRR/."""
+        return Checkpoints(work_dir, Path(work_dir) / "engine" / f"rank-{self.rank:03d}")
+
+    def shard(self, calib: Calibration, batch_tokens: int) -> Calibration:
+        """This rank's sequences (i mod world == rank) with their own batch plan; sha256 and meta unchanged."""
+        rows = list(range(self.rank, len(calib.input_ids), self.world))
+        if not rows:
+            raise ValueError(f"rank {self.rank} gets no sequences: the calibration has {len(calib.input_ids)} "
+                             f"sequences for {self.world} ranks")
+        ids = [calib.input_ids[r] for r in rows]
+        segs = [calib.segments[r] for r in rows]
+        _, batches = plan_batches([len(x) for x in ids], batch_tokens)
+        return replace(calib, input_ids=ids, segments=segs, batches=batches)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)  # type: ignore[arg-type]
+
+    def all_reduce(self, acc: HessianAccumulator) -> None:
+        """Sum every rank's per-segment sums and token counts into `acc`, in place."""
+        for t in acc.state().values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)  # type: ignore[arg-type]
+
+    def all_min(self, value: int) -> int:
+        """The smallest `value` over ranks."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)  # type: ignore[arg-type]
+        return int(t.item())
+
+    def check_same(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """RankMismatchError unless every rank holds bitwise the same `tensors`."""
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name].detach().cpu().contiguous()
+            h.update(name.encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digests: list[str | None] = [None] * self.world
+        dist.all_gather_object(digests, h.hexdigest(), group=self.group)  # type: ignore[arg-type]
+        if len(set(digests)) != 1:
+            raise RankMismatchError(f"{what}: ranks pruned to different weights (sha256 per rank: "
+                                    f"{[d[:12] if d else d for d in digests]})")
+
+
+def resume_point(ctx: DistContext, work_dir: Path, n_layers: int, n_groups: int) -> Step | None:
+    """The first step without a checkpoint record, if every rank still holds the activations entering its
+    layer (else None: start over). All ranks get the same answer."""
+    ckpt = ctx.checkpoints(work_dir)
+    if not (ckpt.root / "state.json").is_file():
+        return None
+    step: Step = (n_layers, 0)
+    for layer in range(n_layers):
+        missing = [g for g in range(n_groups) if not ckpt.record_path(layer, g).is_file()]
+        if missing:
+            step = (layer, missing[0])
+            break
+    if step == (0, 0):
+        return None
+    have = step[0] >= n_layers or ckpt.acts_path(step[0]).is_file()
+    return step if ctx.all_min(int(have)) == 1 else None
+
+
+def _parse_step(text: str | None) -> Step | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"a step is 'layer,group' (e.g. 3,1), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: data-parallel `compress` of MODEL on CALIB into OUT (resumes from --work-dir)."""
+    from rac.engine.sequential import CompressConfig, compress
+    from rac.models.streaming import load_config
+
+    ap = argparse.ArgumentParser(prog="python -m rac.engine.distributed", description=main.__doc__)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("calib", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--config", type=Path, required=True, help="CompressConfig as JSON or YAML")
+    ap.add_argument("--work-dir", type=Path, required=True)
+    ap.add_argument("--backend", choices=("gloo", "nccl"), default=None)
+    ap.add_argument("--stop-after", default=None, help="layer,group: stop after this step (tests, staging)")
+    ap.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work-dir and start over")
+    args = ap.parse_args(argv)
+    cfg = CompressConfig(**yaml.safe_load(args.config.read_text()))
+    ctx = DistContext.from_env(args.backend)
+    try:
+        config, adapter = load_config(args.model_dir, cfg.trust_remote_code)
+        start = None if args.fresh else resume_point(ctx, args.work_dir, int(config.num_hidden_layers),
+                                                      len(adapter.groups))
+        res = compress(args.model_dir, args.calib, args.out_dir, cfg, args.work_dir, start_at=start,
+                       stop_after=_parse_step(args.stop_after), dist=ctx)
+        if ctx.is_main:
+            print(json.dumps({"out_dir": str(res.out_dir) if res.out_dir else None, "complete": res.complete,
+                              "start_at": start, "steps": len(res.steps), "n_tokens": res.n_tokens,
+                              "seconds": round(res.seconds, 3), "world": ctx.world}))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
