@@ -125,20 +125,22 @@ def allreduce_seconds(sizes: list[int], world: int = 2, port: int = 29617) -> di
 
 def main(results_dir: Path) -> None:
     sizes = [896, 2048, 4096]
-    measured = {"gemm_fp32_gflops": gemm_gflops(), "threads": torch.get_num_threads(),
-                "allreduce_s": allreduce_seconds(sizes), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                "load_avg": os.getloadavg()}
+    allreduce = allreduce_seconds(sizes)
+    load = os.getloadavg()
+    measured: dict[str, Any] = {"gemm_fp32_gflops": gemm_gflops(), "threads": torch.get_num_threads(),
+                                "allreduce_s": allreduce, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                "load_avg": load}
     rows = [model_row(m, ranks=r, slots=s) for m in MODELS for r, s in ((1, 1), (8, 2))]
     for row in rows:
         row["shape"] = next(asdict(m) for m in MODELS if m.name == row["model"])
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "scaling.json").write_text(json.dumps({"measured": measured, "models": rows}, indent=1))
     lines = ["# Scaling model (bench/scaling.py)", "",
-             f"Measured here ({measured['machine']}, load average {measured['load_avg'][0]:.1f}: shared, noisy): "
+             f"Measured here ({measured['machine']}, load average {load[0]:.1f}: shared, noisy): "
              f"fp32 GEMM {measured['gemm_fp32_gflops']:.0f} GFLOP/s at {measured['threads']} threads; gloo all-reduce "
              "of a float32 [d, d] Hessian between 2 local ranks:", "",
              "| d | MB | seconds | GB/s (size / time) |", "|---|---|---|---|"]
-    for d, s in sorted(measured["allreduce_s"].items()):
+    for d, s in sorted(allreduce.items()):
         mb = 4 * d * d / 1e6
         lines.append(f"| {d} | {mb:.1f} | {s:.3f} | {mb / 1e3 / s:.2f} |")
     lines += ["", "Model at 1M calibration tokens (bf16 weights and activations, float32 Hessians; "
