@@ -83,6 +83,23 @@ def model_row(m: Shape, ranks: int = 1, slots: int = 1) -> dict[str, Any]:
     }
 
 
+H200 = {"hbm_GB": 141.0, "bw_TBps": 4.8, "bf16_TFLOPs": 790.0}  # bf16 rate as measured on the lent H200s
+
+
+def generation_row(m: Shape, gpus: int, cot_tokens: int = 8192, gpu: dict[str, float] = H200) -> dict[str, Any]:
+    """Roofline of vLLM decoding on `gpus` tensor-parallel GPUs: KV cache per token, sequences of
+    `cot_tokens` that fit beside the weights, and the decode rate bound min(memory, compute)."""
+    weights = 2.0 * m.params()
+    kv_per_token = 2 * m.layers * m.kv_dim * 2  # K and V, bf16
+    free = gpus * gpu["hbm_GB"] * GB * 0.9 - weights
+    seqs = int(free // (kv_per_token * cot_tokens)) if free > 0 else 0
+    mem_bound = seqs * gpus * gpu["bw_TBps"] * 1e12 / weights  # one weight read per decode step
+    compute_bound = gpus * gpu["bf16_TFLOPs"] * 1e12 / (2.0 * m.params())
+    rate = min(mem_bound, compute_bound)
+    return {"model": m.name, "gpus": gpus, "kv_MB_per_token": kv_per_token / 1e6, "seqs_at_8k": seqs,
+            "roof_tok_s": rate, "hours_per_1M_at_roof": TOKENS / rate / 3600 if rate else float("inf")}
+
+
 def gemm_gflops(n: int = 2048, reps: int = 3) -> float:
     """fp32 [n, n] x [n, n] rate of this CPU at torch's current thread count."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -134,7 +151,6 @@ def main(results_dir: Path) -> None:
     for row in rows:
         row["shape"] = next(asdict(m) for m in MODELS if m.name == row["model"])
     results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "scaling.json").write_text(json.dumps({"measured": measured, "models": rows}, indent=1))
     lines = ["# Scaling model (bench/scaling.py)", "",
              f"Measured here ({measured['machine']}, load average {load[0]:.1f}: shared, noisy): "
              f"fp32 GEMM {measured['gemm_fp32_gflops']:.0f} GFLOP/s at {measured['threads']} threads; gloo all-reduce "
@@ -153,6 +169,15 @@ def main(results_dir: Path) -> None:
                      f"{row['H_qkv_GB']:.3f} | {row['H_down_GB']:.2f} | {row['H_peak_GB']:.2f} | "
                      f"{row['allreduce_per_layer_GB']:.2f} | {row['stats_PFLOP']:.1f} | {row['forward_PFLOP']:.1f} | "
                      f"{row['prune_PFLOP']:.2f} |")
+    gens = [generation_row(m, g) for m, g in zip(MODELS, (1, 1, 2), strict=True)]
+    lines += ["", "Generation roofline on H200s (bf16 weights, 8k-token CoTs, 90% of HBM usable; an upper bound, "
+              "not a measurement):", "", "| model | GPUs (TP) | KV MB/token | CoTs in flight | roof tokens/s | "
+              "minutes per 1M tokens at roof |", "|---|---|---|---|---|---|"]
+    for g in gens:
+        lines.append(f"| {g['model']} | {g['gpus']} | {g['kv_MB_per_token']:.3f} | {g['seqs_at_8k']} | "
+                     f"{g['roof_tok_s']:.0f} | {60 * g['hours_per_1M_at_roof']:.1f} |")
+    (results_dir / "scaling.json").write_text(json.dumps({"measured": measured, "models": rows,
+                                                          "generation": gens}, indent=1))
     (results_dir / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
