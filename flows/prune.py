@@ -1,7 +1,7 @@
 """`rac_prune`: the whole DAG for one model.
 
 prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> eval prompts -> (dense eval) ->
-for each calibration x prune config: prune -> eval -> per-token error heatmap -> report.
+for each calibration x prune config: prune -> eval -> per-token error heatmap -> proxies -> report.
 All calibrations and sparsities of one run share the prompts and the CoTs. Stages run one after another
 (2 CPU cores do not profit from running two model-sized stages at once).
 
@@ -24,6 +24,7 @@ from tasks import (
     build_calibration_task,
     evaluate_task,
     generate_cots_task,
+    proxies_task,
     prune_task,
     report_task,
     sample_prompts_task,
@@ -73,21 +74,24 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
         done[eval_prompts.name] = eval_prompts
         template = prompts.summary.get("template", {}).get("hash")
         eval_cfg = cfg.eval_config(str(eval_prompts.output("prompts").path), template)
+    dense_eval = None
     if eval_cfg is not None and eval_prompts is not None and cfg.eval_dense:
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
-        out = _stored(env, evaluate_task)(env, "dense", eval_cfg, None, eval_prompts, meta)
-        done[out.name] = out
+        dense_eval = done["eval/dense"] = _stored(env, evaluate_task)(env, "dense", eval_cfg, None, eval_prompts, meta)
     for job in cfg.jobs:
         pruned = _stored(env, prune_task)(env, job, calibs[job.calibration])
         done[pruned.name] = pruned
+        meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
+                "sparsity": job.compress.prune.sparsity}
         if eval_cfg is not None and eval_prompts is not None:
-            meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
-                    "sparsity": job.compress.prune.sparsity}
             out = _stored(env, evaluate_task)(env, job.label, eval_cfg, pruned, eval_prompts, meta)
             done[out.name] = out
+        heat = None
         if cfg.report.heatmap:
-            heat = calibs[cfg.heatmap_calibration(job)]
-            out = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, heat)
+            calib = calibs[cfg.heatmap_calibration(job)]
+            heat = done[f"tokerror/{job.label}"] = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, calib)
+        if cfg.proxies is not None and dense_eval is not None:
+            out = _stored(env, proxies_task)(env, job.label, cfg.proxies, pruned, dense_eval, heat, meta)
             done[out.name] = out
     paths = report_task(env)
     return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,

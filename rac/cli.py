@@ -160,6 +160,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rac.compare import write_comparison
+
+    work = _work_dir(args)
+    out = Path(args.out) if args.out else work / "compare"
+    for p in write_comparison(work, out, treat=args.treat, bases=tuple(args.base or ("prompt", "generic"))):
+        console.print(str(p))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rac", description="Reasoning-Aware Compression pipeline")
     p.add_argument("--work-dir", help="work dir with rac.duckdb, stages/ and runs/ (default $RAC_WORK_DIR or ./work)")
@@ -175,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("query")
     rp = sub.add_parser("report", help="write a run's Markdown + PNG report")
     rp.add_argument("run")
+    cp = sub.add_parser("compare", help="compare calibrations over every evaluated model of the work dir")
+    cp.add_argument("--out", help="output folder (default <work dir>/compare)")
+    cp.add_argument("--treat", default="rac", help="calibration whose accuracy is compared (default rac)")
+    cp.add_argument("--base", action="append", help="calibration(s) compared against (default prompt, generic)")
     sv = sub.add_parser("serve", help="serve the flow on a cron schedule (Prefect deployment)")
     sv.add_argument("config")
     sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
@@ -189,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "resume":
             return cmd_run(args, resume=True)
-        handlers = {"status": cmd_status, "sql": cmd_sql, "report": cmd_report, "serve": cmd_serve}
+        handlers = {"status": cmd_status, "sql": cmd_sql, "report": cmd_report, "serve": cmd_serve,
+                    "compare": cmd_compare}
         return handlers[args.command](args)
     except RunLockedError as err:
         err_console.print(f"[red]error:[/] {err}")

@@ -6,7 +6,8 @@ connection, does its work (writes inside one transaction) and closes it; a busy 
 read-write connection to one file inside one process).
 
 Tables: runs, stages, artifacts (uri, kind, sha256, bytes, stage, layer, group, created), layers (run,
-stage, layer, group, linear, sparsity, error, loss, damping, retries, seconds), evals. Every read-only
+stage, layer, group, linear, sparsity, error, loss, damping, retries, seconds), evals, proxies (forward-pass
+quality proxies of each pruned model, and its relative reconstruction error on prompt vs decode tokens). Every read-only
 connection gets TEMP views over the stage Parquet files under the work dir (`read_parquet` globs):
 prompts, cots, calibration, eval_rows; each has a `stage_key` column naming the stage that wrote the file.
 """
@@ -52,6 +53,11 @@ CREATE TABLE IF NOT EXISTS evals (
   sparsity DOUBLE, n INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
   median_tokens DOUBLE, p90_tokens DOUBLE, runaway_share DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
   metrics JSON, created TIMESTAMP, PRIMARY KEY (run, label));
+CREATE TABLE IF NOT EXISTS proxies (
+  run VARCHAR, label VARCHAR, stage VARCHAR, calibration VARCHAR, method VARCHAR, sparsity DOUBLE,
+  dense_nll DOUBLE, pruned_nll DOUBLE, nll_gap DOUBLE, top1_agreement DOUBLE, kl DOUBLE,
+  n_positions INTEGER, recon_prompt DOUBLE, recon_decode DOUBLE, metrics JSON, created TIMESTAMP,
+  PRIMARY KEY (run, label));
 """
 
 # view name -> glob (relative to the work dir) of the Parquet files it reads
@@ -350,6 +356,21 @@ class Index:
 
     def evals(self, run_id: str) -> list[dict[str, Any]]:
         return self._fetch("SELECT * FROM evals WHERE run = ? ORDER BY created", [run_id])
+
+    def record_proxies(self, run_id: str, label: str, stage_key: str, row: dict[str, Any],
+                       recon: dict[str, Any]) -> None:
+        """Insert or replace the proxies of pruned model `label` in a run (recon: a token-error summary)."""
+        cols = ["calibration", "method", "sparsity", "dense_nll", "pruned_nll", "nll_gap", "top1_agreement",
+                "kl", "n_positions"]
+        values = [row.get(c) for c in cols] + [recon.get("prompt_mean"), recon.get("decode_mean")]
+        with self.transaction() as con:
+            con.execute(
+                f"INSERT OR REPLACE INTO proxies VALUES (?, ?, ?, {', '.join('?' * len(values))}, ?, ?)",
+                [run_id, label, stage_key, *values, json.dumps(row, default=str), _now()],
+            )
+
+    def proxies(self, run_id: str) -> list[dict[str, Any]]:
+        return self._fetch("SELECT * FROM proxies WHERE run = ? ORDER BY created", [run_id])
 
 
 def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage: str, layer: int | None,

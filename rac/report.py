@@ -1,7 +1,7 @@
 """A run's report: Markdown + PNGs from the index (evals, per-layer pruning records, stage timings).
 
 Files in `<work_dir>/runs/<run_id>/report/`:
-  report.md         the tables (evaluation of dense vs each calibration x sparsity, stages, layer errors)
+  report.md         the tables (evaluation of dense vs each calibration x sparsity, proxies, stages, layer errors)
   metrics.png       accuracy (95% CI), mean CoT tokens, runaway share, eval wall time per model
   layer_error.png   mean relative reconstruction error per decoder layer (rows: pruned models)
   tokerror-*.png    per-token reconstruction-error heatmaps, when the run computed them (copied in)
@@ -34,6 +34,20 @@ def eval_table(evals: list[dict[str, Any]]) -> str:
             f"| {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['mean_tokens'], 1)} "
             f"| {_fmt(r['median_tokens'], 1)} | {_fmt(r['p90_tokens'], 1)} | {_fmt(r['runaway_share'])} "
             f"| {_fmt(r['wall_s'], 1)} | {_fmt(r['tokens_per_s'], 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def proxies_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the forward-pass proxies of a run's pruned models."""
+    head = ("| model | NLL (dense) | NLL | NLL gap | top-1 agree | KL | positions | recon prompt | recon decode "
+            "|\n|" + "---|" * 9)
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {_fmt(r['dense_nll'], 4)} | {_fmt(r['pruned_nll'], 4)} | {_fmt(r['nll_gap'], 4)} "
+            f"| {_fmt(r['top1_agreement'], 4)} | {_fmt(r['kl'], 4)} | {r['n_positions']} "
+            f"| {_fmt(r['recon_prompt'], 4)} | {_fmt(r['recon_decode'], 4)} |"
         )
     return "\n".join(lines)
 
@@ -125,6 +139,11 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
     if evals:
         md += ["## Evaluation", "", eval_table(evals), "", "![metrics](metrics.png)", ""]
         written.append(plot_metrics(evals, out_dir / "metrics.png"))
+    proxies = index.proxies(run_id)
+    if proxies:
+        md += ["## Proxies on the dense model's held-out CoTs", "",
+               "Per CoT token, on the dense model's own evaluation CoTs; recon = relative reconstruction error "
+               "on the prompt vs decode tokens of the heatmap sequences.", "", proxies_table(proxies), ""]
     errors = layer_errors(index, stages)
     if errors:
         md += ["## Reconstruction error per layer", "", "| model | " + " | ".join(f"L{i}" for i in range(max(map(len, errors.values())))) + " |",

@@ -17,6 +17,10 @@
                                     # expect_template_hash, which the pipeline fills in at run time
     eval_dense: true                # also evaluate the dense model
     report:    {...}                # ReportConfig below
+    proxies:   {...}                # omitted: none. rac.eval.proxies ProxyConfig: NLL / top-1 agreement / KL
+                                    # of every pruned model on the dense model's eval CoTs (needs eval and
+                                    # eval_dense), joined in the `proxies` table with the reconstruction
+                                    # error by segment of the heatmap stage
 
 Validation collects every problem (unknown keys listed with the known ones, bad values named with their
 dotted path) into one RunConfigError (a ValueError). Nothing is resolved or written while parsing.
@@ -37,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from rac.config import StageConfig
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
-            "eval_dense", "report")
+            "eval_dense", "report", "proxies")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
 EVAL_RUNTIME_KEYS = ("prompts_path", "expect_template_hash")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
@@ -81,12 +85,14 @@ class RunConfig:
     eval_prompts: Any | None  # PromptsConfig of the eval set
     eval_dense: bool
     report: ReportConfig
+    proxies: Any | None = None  # ProxyConfig
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
         """Every stage config with defaults filled in (JSON-able); parse_run_config(canonical()) == self."""
         first = self.jobs[0].compress.canonical()
         first.pop("prune", None)
+        extra = {"proxies": self.proxies.canonical()} if self.proxies is not None else {}
         return {
             "name": self.name,
             "model": self.model,
@@ -98,6 +104,7 @@ class RunConfig:
             "eval": self._eval_canonical(),
             "eval_dense": self.eval_dense,
             "report": self.report.canonical(),
+            **extra,
         }
 
     def _eval_canonical(self) -> dict[str, Any] | None:
@@ -144,6 +151,7 @@ STAGE_CLASSES: dict[str, str] = {
     "prune": "rac.pruners.base:PruneConfig",
     "eval": "rac.eval.evaluate:EvalConfig",
     "report": "rac.runconfig:ReportConfig",
+    "proxies": "rac.eval.proxies:ProxyConfig",
 }
 
 
@@ -227,10 +235,17 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     if report is not None and report.heatmap_calibration not in (None, *calibs):
         problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
                         f"calibrations {sorted(calibs)}")
+    proxies = None
+    if data.get("proxies") is not None:
+        proxies = _build(stage_class("proxies"), data.get("proxies"), "proxies", problems)
+        if ev is None or not eval_dense:
+            problems.append("proxies: scored on the dense model's evaluation CoTs, so they need an `eval` "
+                            "section and eval_dense: true")
     if problems:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
-                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, raw=dict(data))
+                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, proxies=proxies,
+                     raw=dict(data))
 
 
 def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[str]) -> list[PruneJob]:

@@ -6,6 +6,7 @@ calib    -> rac.data.build_calibration     stages/calib/<key>/calib.parquet
 prune    -> rac.engine.compress            stages/prune/<key>/model/ (+ work/ while running; step resume)
 eval     -> rac.eval.evaluate              stages/eval/<key>/rows.parquet + summary.json
 tokerror -> rac.eval.token_error_heatmap   stages/tokerror/<key>/heatmap.png + summary.json
+proxies  -> rac.eval.cot_proxies           stages/proxies/<key>/summary.json
 
 Library modules are imported inside the functions: this module is the seam between the pipeline and
 the stage implementations.
@@ -201,6 +202,35 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
         row["ci_low"], row["ci_high"] = ci
     row["metrics"] = summary
     return row
+
+
+def proxies_key(env: RunEnv, cfg: Any, pruned: StageOutput, dense_eval: StageOutput) -> str:
+    return stage_key("proxies", cfg.canonical(), [*pruned.outputs, dense_eval.output("eval-rows")], env)
+
+
+def proxies_step(env: RunEnv, label: str, cfg: Any, pruned: StageOutput, dense_eval: StageOutput,
+                 tokerror: StageOutput | None, meta: dict[str, Any], log: LogFn = print) -> StageOutput:
+    """NLL / top-1 agreement / KL of a pruned model on the dense model's held-out eval CoTs; writes the
+    `proxies` row (with the reconstruction error by segment of `tokerror`, when there is one)."""
+    from rac.eval.evaluate import eval_cots_dir
+    from rac.eval.proxies import cot_proxies
+
+    rows = dense_eval.output("eval-rows")
+    cots = eval_cots_dir(rows.path)
+
+    def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
+        n_rows = pq.read_metadata(str(rows.path)).num_rows
+        res = cot_proxies(Path(env.model_dir), pruned.output("model").path, cots, cfg)
+        if res.n_sequences > n_rows:
+            raise ValueError(f"{cots} holds more CoTs ({res.n_sequences}) than the dense eval rows ({n_rows})")
+        summary = to_jsonable(res.as_dict())
+        atomic_write_json(folder / "summary.json", summary)
+        return [ArtifactRef.of(folder / "summary.json", "proxies-summary")], summary
+
+    out = run_stage(env, f"proxies/{label}", "proxies", cfg.canonical(), [*pruned.outputs, rows], compute, log)
+    recon = tokerror.summary if tokerror is not None else {}
+    Index(env.work_dir).record_proxies(env.run_id, label, out.key, {**out.summary, **meta}, recon)
+    return out
 
 
 def tokerror_step(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutput, calib: StageOutput,

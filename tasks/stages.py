@@ -94,6 +94,13 @@ def token_error_task(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOu
     return steps.tokerror_step(env, label, cfg, pruned, calib, log=log)
 
 
+@task(name="proxies", persist_result=True)
+def proxies_task(env: RunEnv, label: str, cfg: Any, pruned: StageOutput, dense_eval: StageOutput,
+                 tokerror: StageOutput | None, meta: dict[str, Any]) -> StageOutput:
+    """Forward-pass proxies of one pruned model on the dense model's eval CoTs."""
+    return steps.proxies_step(env, label, cfg, pruned, dense_eval, tokerror, meta, log=log)
+
+
 @task(name="report")
 def report_task(env: RunEnv) -> list[str]:
     """Write the run's Markdown + PNG report and publish the Markdown as a Prefect artifact."""

@@ -75,7 +75,7 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
     names = {s["name"]: s for s in idx.run_stages("ref")}
     jobs = ("prompt-sparsegpt-50pct", "rac-sparsegpt-50pct")
     assert set(names) == {"prompts", "cots", "calib/prompt", "calib/rac", "prompts/eval", "eval/dense",
-                          *(f"{stage}/{job}" for stage in ("prune", "eval", "tokerror") for job in jobs)}
+                          *(f"{stage}/{job}" for stage in ("prune", "eval", "tokerror", "proxies") for job in jobs)}
     assert all(s["status"] == "done" and not s["reused"] for s in names.values())
     evals = {e["label"]: e for e in idx.evals("ref")}
     assert set(evals) == {"dense", *jobs} and all(e["n"] == 2 for e in evals.values())
@@ -90,6 +90,48 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
     assert Path(result["report"]).name == "report.md" and Path(result["report"]).is_file()
     two = models_of(work, "ref")
     assert not same_models({"a": two["prune/prompt-sparsegpt-50pct"]}, {"a": two["prune/rac-sparsegpt-50pct"]})
+
+
+def test_proxies_rows_score_each_pruned_model_on_the_dense_eval_cots(reference: dict[str, Any]) -> None:
+    from rac.eval.evaluate import eval_cots_dir
+    from rac.eval.proxies import ProxyConfig, cot_proxies
+
+    work = reference["work"]
+    idx = Index(work)
+    names = {s["name"]: s for s in idx.run_stages("ref")}
+    dense_rows = work / "stages" / "eval" / names["eval/dense"]["key"] / "rows.parquet"
+    _, lens = idx.query(f"select sum(completion_len) from read_parquet('{dense_rows}')")
+    proxies = {r["label"]: r for r in idx.proxies("ref")}
+    assert set(proxies) == {"prompt-sparsegpt-50pct", "rac-sparsegpt-50pct"}
+    for label, row in proxies.items():
+        model = work / "stages" / "prune" / names[f"prune/{label}"]["key"] / "model"
+        direct = cot_proxies(Path(idx.get_run("ref")["fingerprint"]["model_dir"]), model,  # type: ignore[index]
+                             eval_cots_dir(dense_rows), ProxyConfig(n_sequences=2, batch_size=2))
+        assert row["n_positions"] == direct.n_positions == lens[0][0]  # every dense eval CoT token scored
+        assert row["pruned_nll"] == pytest.approx(direct.pruned_nll, rel=1e-6)
+        assert row["top1_agreement"] == pytest.approx(direct.top1_agreement)
+        assert row["dense_nll"] == pytest.approx(direct.dense_nll) and row["calibration"] == label.split("-")[0]
+        heat = idx.done_stages(names[f"tokerror/{label}"]["key"])[0]["summary"]
+        assert (row["recon_prompt"], row["recon_decode"]) == (heat["prompt_mean"], heat["decode_mean"])
+
+
+def test_compare_joins_evals_proxies_and_problems(reference: dict[str, Any], tmp_path: Path) -> None:
+    from rac.cli import main
+    from rac.compare import collect_cells
+
+    work = reference["work"]
+    cells = {c.label: c for c in collect_cells(work)}
+    assert set(cells) == {"dense", "prompt-sparsegpt-50pct", "rac-sparsegpt-50pct"}
+    _, rows = Index(work).query("select stage_key, prompt_id, correct from eval_rows")
+    for c in cells.values():
+        mine = {p: float(ok) for k, p, ok in rows if k == c.eval_key}
+        assert c.per_problem == mine and len(mine) == 2
+        assert c.get("accuracy") == pytest.approx(sum(mine.values()) / 2)
+    assert cells["dense"].setting == "dense" and cells["rac-sparsegpt-50pct"].setting == "50%"
+    assert cells["dense"].proxies is None and cells["rac-sparsegpt-50pct"].get("top1_agreement") is not None
+    assert main(["--work-dir", str(work), "compare", "--out", str(tmp_path / "cmp"), "--base", "prompt"]) == 0
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| sparsegpt | 50% | rac - prompt | 2 |" in md and (tmp_path / "cmp" / "vs_sparsity.png").stat().st_size > 0
 
 
 def test_flow_publishes_prefect_artifacts(reference: dict[str, Any]) -> None:
@@ -120,7 +162,7 @@ def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str
     cfg_path.write_text(yaml.safe_dump(data))
     third = rac_prune(config_path=str(cfg_path), run_id="wanda", work_dir=str(work))
     computed = sorted(k for k, v in third["stages"].items() if not v["reused"])
-    assert computed == [f"{stage}/{calib}-wanda-50pct" for stage in ("eval", "prune", "tokerror")
+    assert computed == [f"{stage}/{calib}-wanda-50pct" for stage in ("eval", "proxies", "prune", "tokerror")
                         for calib in ("prompt", "rac")]  # prompts, CoTs, calibrations, dense eval reused
 
 
@@ -164,6 +206,7 @@ def without_eval(tmp_path: Path) -> Path:
     """tiny.yaml without evaluation and heatmaps (the stages a crash test does not need)."""
     data = yaml.safe_load(TINY.read_text())
     data.pop("eval")
+    data.pop("proxies")
     data["report"] = {"heatmap": False}
     path = tmp_path / "tiny-no-eval.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -118,3 +118,18 @@ def test_yaml_files(tmp_path: Path) -> None:
 def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_run_config(path)
     assert cfg.jobs
+
+
+def test_proxies_section_needs_dense_eval() -> None:
+    from rac.eval.proxies import ProxyConfig
+
+    data = {**base(), "proxies": {"n_sequences": 8}}
+    assert "proxies: scored on the dense model's evaluation CoTs" in problems(data)
+    data["eval"] = {"prompts": {"source": "gsm8k", "holdout": "eval", "n": 2},
+                    "generation": {"max_new_tokens": 8, "token_budget": None}}
+    cfg = parse_run_config(data)
+    assert cfg.proxies == ProxyConfig(n_sequences=8)
+    assert parse_run_config(cfg.canonical()) == cfg
+    assert "proxies" not in parse_run_config(base()).canonical()  # absent stays absent (stable run fingerprints)
+    assert "proxies.n_sequences" in problems({**data, "proxies": {"n_sequences": 0}})
+    assert "eval_dense: true" in problems({**data, "eval_dense": False})

@@ -138,6 +138,12 @@ def summarise(rows: pa.Table, n_boot: int, seed: int) -> dict[str, float]:
             "cap_rate": rows.column("finish_reason").to_pylist().count("length") / len(correct)}
 
 
+def eval_cots_dir(rows_path: Path) -> Path:
+    """The folder of CoT shards (exact prompt + completion ids) behind an evaluation's rows Parquet."""
+    rows_path = Path(rows_path)
+    return rows_path.with_name(rows_path.stem + ".cots")
+
+
 def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path) -> EvalSummary:
     """Generate, grade and summarise `model_dir` on `cfg.prompts_path`; rows to `out_path`, summary JSON beside."""
     prompts_path = Path(cfg.prompts_path)
@@ -146,7 +152,7 @@ def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path) -> EvalSummary:
     prompts = pq.read_table(prompts_path, columns=["prompt_id", "answer"])
     gold = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist(), strict=True))
     out_path = Path(out_path)
-    gen = generate_cots(prompts_path, model_dir, cfg.generation, out_path.with_name(out_path.stem + ".cots"))
+    gen = generate_cots(prompts_path, model_dir, cfg.generation, eval_cots_dir(out_path))
     rows = score_rows(read_cots(gen.out_dir), gold, cfg.grade_threads)
     atomic_write_table(rows, out_path)
     summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed),  # type: ignore[arg-type]

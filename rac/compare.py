@@ -1,0 +1,192 @@
+"""Compare calibrations across the runs of one work dir: tables, paired intervals and plots (`rac compare`).
+
+A *cell* is one pruned model (calibration x method x sparsity/N:M) with its evaluation, its forward-pass
+proxies and its pruning time; the newest record of each label in the work dir wins, so a grid split over
+several configs (or resumed runs) reads as one. Accuracy differences between two calibrations at the same
+pruning setting are paired: the per-problem pass rates of both models on the same problems are resampled
+together (bootstrap over problems), which is much tighter than comparing two separate intervals.
+
+Files written to `out_dir`: compare.md (tables), vs_sparsity.png (metrics vs sparsity per calibration).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rac.artifacts import atomic_path, atomic_write_text
+from rac.index import Index
+
+PANELS = (("accuracy", "accuracy (pass@1, 95% CI)"), ("mean_tokens", "mean CoT tokens"),
+          ("runaway_share", "runaway share (hit the cap)"), ("nll_gap", "NLL gap on dense CoTs [nats/token]"),
+          ("top1_agreement", "top-1 agreement with dense"), ("recon_decode", "rel. recon. error, decode tokens"))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One model of the grid (dense: calibration None) with everything measured about it."""
+
+    label: str
+    eval_key: str
+    calibration: str | None
+    method: str | None
+    setting: str  # "50%", "2:4", "dense"
+    sparsity: float
+    eval: dict[str, Any]
+    proxies: dict[str, Any] | None
+    per_problem: dict[str, float]  # prompt_id -> pass rate over its samples
+    prune_s: float | None
+
+    def get(self, key: str) -> float | None:
+        """A metric by name from the eval row, then the proxies row."""
+        for src in (self.eval, self.proxies or {}):
+            if src.get(key) is not None:
+                return float(src[key])
+        return None
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """(mean(a - b), low, high): percentile bootstrap over problems of per-problem scores a[i], b[i]."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired scores need two equal non-empty 1-D arrays, got shapes {a.shape} and {b.shape}")
+    d = a - b  # [P]
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))  # [B, P]
+    means = d[idx].mean(axis=1)  # [B]
+    tail = (1.0 - level) / 2.0
+    return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+def _setting(row: dict[str, Any]) -> str:
+    if row["calibration"] is None:
+        return "dense"
+    nm = (row.get("prune_cfg") or {}).get("nm")
+    return f"{nm[0]}:{nm[1]}" if nm else f"{round(float(row['sparsity']) * 100)}%"
+
+
+def collect_cells(work_dir: Path | str) -> list[Cell]:
+    """The newest evaluated model of each label in the work dir, joined with its proxies and prune time."""
+    index = Index(work_dir)
+    _, evals = index.query("SELECT label, run, stage, calibration, method, sparsity, metrics FROM evals "
+                           "QUALIFY row_number() OVER (PARTITION BY label ORDER BY created DESC) = 1")
+    cols, prox = index.query("SELECT * FROM proxies "
+                             "QUALIFY row_number() OVER (PARTITION BY label ORDER BY created DESC) = 1")
+    proxies = {r[cols.index("label")]: dict(zip(cols, r, strict=True)) for r in prox}
+    _, stages = index.query("SELECT name, config, seconds FROM stages WHERE stage = 'prune' AND status = 'done' "
+                            "AND NOT reused")
+    prune_cfg = {n.split("/", 1)[1]: (json.loads(c) if isinstance(c, str) else c) for n, c, _ in stages}
+    prune_s = {n.split("/", 1)[1]: s for n, _, s in stages}
+    cells = []
+    for label, _run, key, calib, method, sparsity, metrics in evals:
+        m = json.loads(metrics) if isinstance(metrics, str) else dict(metrics or {})
+        _, rows = index.query("SELECT prompt_id, avg(correct::DOUBLE) FROM eval_rows WHERE stage_key = ? "
+                              "GROUP BY prompt_id", [key])
+        row = {"calibration": calib, "sparsity": sparsity or 0.0,
+               "prune_cfg": (prune_cfg.get(label) or {}).get("prune")}
+        cells.append(Cell(label, key, calib, method, _setting(row), float(sparsity or 0.0), m,
+                          proxies.get(label), {str(p): float(v) for p, v in rows}, prune_s.get(label)))
+    return sorted(cells, key=lambda c: (c.method or "", c.setting, c.calibration or ""))
+
+
+def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) -> list[dict[str, Any]]:
+    """Accuracy difference treat - base (paired over shared problems) at every setting both have."""
+    by = {(c.method, c.setting, c.calibration): c for c in cells}
+    out = []
+    for (method, setting, calib), t in sorted(by.items(), key=lambda kv: str(kv[0])):
+        b = by.get((method, setting, base))
+        if calib != treat or b is None:
+            continue
+        shared = sorted(set(t.per_problem) & set(b.per_problem))
+        if not shared:
+            continue
+        diff, lo, hi = paired_difference(np.array([t.per_problem[p] for p in shared]),
+                                         np.array([b.per_problem[p] for p in shared]), n_boot)
+        out.append({"method": method, "setting": setting, "treat": treat, "base": base, "n": len(shared),
+                    "diff": diff, "low": lo, "high": hi})
+    return out
+
+
+def _f(x: float | None, d: int = 3) -> str:
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def cells_table(cells: list[Cell]) -> str:
+    """Markdown: one row per model with accuracy, length, runaway, time and proxies."""
+    lines = ["| model | method | setting | calib | accuracy [95% CI] | mean tok | p90 tok | runaway | eval s "
+             "| prune s | NLL gap | top-1 agree | KL | recon prompt | recon decode |", "|" + "---|" * 15]
+    for c in cells:
+        e = c.eval
+        acc = f"{_f(c.get('accuracy'))} [{_f(e.get('ci_low'))}, {_f(e.get('ci_high'))}]"
+        lines.append(
+            f"| {c.label} | {c.method or '-'} | {c.setting} | {c.calibration or '-'} | {acc} "
+            f"| {_f(c.get('mean_tokens'), 1)} | {_f(c.get('p90_tokens'), 0)} | {_f(c.get('runaway_share'))} "
+            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)} "
+            f"| {_f(c.get('top1_agreement'), 4)} | {_f(c.get('kl'), 4)} | {_f(c.get('recon_prompt'), 4)} "
+            f"| {_f(c.get('recon_decode'), 4)} |")
+    return "\n".join(lines)
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: paired accuracy differences with their intervals."""
+    lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | outside 0? |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sig = "yes" if r["low"] > 0 or r["high"] < 0 else "no"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {r['n']} "
+                     f"| {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {sig} |")
+    return "\n".join(lines)
+
+
+def plot_vs_sparsity(cells: list[Cell], out: Path, method: str = "sparsegpt") -> Path:
+    """2x3 panels of PANELS vs unstructured sparsity, one line per calibration; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((c for c in cells if c.calibration is None), None)
+    calibs = sorted({c.calibration for c in cells if c.calibration is not None})
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, title) in zip(axes.flat, PANELS, strict=True):
+        for i, cal in enumerate(calibs):
+            pts = sorted((c for c in cells if c.calibration == cal and c.method == method
+                          and c.setting.endswith("%") and c.get(key) is not None), key=lambda c: c.sparsity)
+            if not pts:
+                continue
+            xs = [c.sparsity for c in pts]
+            ys = [float(c.get(key) or 0.0) for c in pts]
+            if key == "accuracy":
+                err = [[y - float(c.eval.get("ci_low") or y) for c, y in zip(pts, ys, strict=True)],
+                       [float(c.eval.get("ci_high") or y) - y for c, y in zip(pts, ys, strict=True)]]
+                ax.errorbar([x + 0.004 * (i - 1) for x in xs], ys, yerr=err, marker="o", capsize=3, label=cal)
+            else:
+                ax.plot(xs, ys, marker="o", label=cal)
+        if dense is not None and dense.get(key) is not None:
+            ax.axhline(float(dense.get(key) or 0.0), color="0.4", ls="--", label="dense")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"{method} sparsity")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "rac",
+                     bases: tuple[str, ...] = ("prompt", "generic")) -> list[Path]:
+    """compare.md + vs_sparsity.png for every evaluated model of a work dir; returns the written paths."""
+    cells = collect_cells(work_dir)
+    if not cells:
+        raise ValueError(f"no evaluated models in the index of {work_dir}: run a config with an `eval` section")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paired = [r for base in bases for r in paired_rows(cells, treat, base)]
+    md = ["## Every model", "", cells_table(cells), "", f"## Paired accuracy differences ({treat} vs others)", "",
+          paired_table(paired) if paired else "(no setting evaluated with both)", "", "![vs sparsity](vs_sparsity.png)", ""]
+    written = [atomic_write_text(out / "compare.md", "\n".join(md)), plot_vs_sparsity(cells, out / "vs_sparsity.png")]
+    return written
