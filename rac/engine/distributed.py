@@ -62,7 +62,10 @@ class DistContext:
             for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                 if var not in os.environ:
                     raise ValueError(f"${var} is not set: launch with torchrun (or set the torch.distributed env)")
-            dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":  # one GPU per rank: "cuda" then means this rank's device
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
