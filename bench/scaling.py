@@ -140,13 +140,59 @@ def allreduce_seconds(sizes: list[int], world: int = 2, port: int = 29617) -> di
         return {int(k): float(v) for k, v in out.items()}
 
 
+def dp_seconds(work: Path) -> dict[str, float]:
+    """`compress` seconds (startup excluded) of a small model, one process with 2 threads vs torchrun with
+    2 gloo ranks of 1 thread each, on the same 16k calibration tokens."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rac.engine import CompressConfig
+    from rac.models.assets import tiny_model
+    from rac.pruners import PruneConfig
+    from rac.segments import CALIB_SCHEMA
+
+    model = tiny_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
+    rng = np.random.default_rng(0)
+    rows = [{"seq_id": i, "source": "bench", "input_ids": rng.integers(0, 500, 512).tolist(),
+             "segment": [0] * 128 + [1] * 384} for i in range(32)]
+    calib = work / "calib.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CALIB_SCHEMA), str(calib))
+    cfg = CompressConfig(prune=PruneConfig(method="sparsegpt", sparsity=0.5), act_dtype="float32",
+                         compute_dtype="float32", batch_tokens=4096)
+    (work / "cfg.json").write_text(json.dumps(cfg.canonical()))
+    single = ("import json,sys; from pathlib import Path; from rac.engine import CompressConfig, compress; "
+              "cfg = CompressConfig(**json.loads(Path(sys.argv[4]).read_text())); "
+              "print(json.dumps({'seconds': compress(sys.argv[1], sys.argv[2], sys.argv[3], cfg, sys.argv[5]).seconds}))")
+    runs = {"1 process x 2 threads": ([sys.executable, "-c", single], "2"),
+            "torchrun 2 ranks x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                             "--master_port", "29641", "-m", "rac.engine.distributed"], "1")}
+    out = {}
+    for i, (label, (cmd, threads)) in enumerate(runs.items()):
+        args = [str(model), str(calib), str(work / f"out{i}")]
+        args += (["--config", str(work / "cfg.json"), "--work-dir", str(work / f"w{i}")] if "torch" in " ".join(cmd)
+                 else [str(work / "cfg.json"), str(work / f"w{i}")])
+        proc = subprocess.run([*cmd, *args], env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True,
+                              text=True, check=True)
+        out[label] = float(json.loads(proc.stdout.strip().splitlines()[-1])["seconds"])
+    return out
+
+
 def main(results_dir: Path) -> None:
     sizes = [896, 2048, 4096]
     allreduce = allreduce_seconds(sizes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dp = dp_seconds(Path(tmp))
     load = os.getloadavg()
     measured: dict[str, Any] = {"gemm_fp32_gflops": gemm_gflops(), "threads": torch.get_num_threads(),
                                 "allreduce_s": allreduce, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                "load_avg": load}
+                                "load_avg": load, "dp_compress_s": dp}
     rows = [model_row(m, ranks=r, slots=s) for m in MODELS for r, s in ((1, 1), (8, 2))]
     for row in rows:
         row["shape"] = next(asdict(m) for m in MODELS if m.name == row["model"])
@@ -159,6 +205,9 @@ def main(results_dir: Path) -> None:
     for d, s in sorted(allreduce.items()):
         mb = 4 * d * d / 1e6
         lines.append(f"| {d} | {mb:.1f} | {s:.3f} | {mb / 1e3 / s:.2f} |")
+    lines += ["", "`compress` of a 2-layer Llama (hidden 512, MLP 2048, SparseGPT 50%, fp32) on 32 x 512 tokens, "
+              "startup excluded (2 shared cores: ranks compete with each other and with other jobs):", "",
+              "| run | seconds |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in dp.items()]
     lines += ["", "Model at 1M calibration tokens (bf16 weights and activations, float32 Hessians; "
               "ranks = data-parallel ranks, slots = Hessians per group: 1 merged, 2 prompt+decode):", "",
               "| model | ranks | slots | layer weights GB | act stores/rank GB | H qkv GB | H down GB | "
