@@ -83,7 +83,7 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
         done[pruned.name] = pruned
         meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                 "sparsity": job.compress.prune.sparsity}
-        if eval_cfg is not None and eval_prompts is not None:
+        if eval_cfg is not None and eval_prompts is not None and cfg.evaluates(job):
             out = _stored(env, evaluate_task)(env, job.label, eval_cfg, pruned, eval_prompts, meta)
             done[out.name] = out
         heat = None

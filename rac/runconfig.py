@@ -16,6 +16,8 @@
       generation: {...}             # + every other rac.eval EvalConfig field except prompts_path and
                                     # expect_template_hash, which the pipeline fills in at run time
     eval_dense: true                # also evaluate the dense model
+    eval_pruned: true               # evaluate every pruned model (default), false: none, or a list of labels
+                                    # (e.g. [rac-sparsegpt-50pct]); the others still get heatmaps and proxies
     report:    {...}                # ReportConfig below
     proxies:   {...}                # omitted: none. rac.eval.proxies ProxyConfig: NLL / top-1 agreement / KL
                                     # of every pruned model on the dense model's eval CoTs (needs eval and
@@ -41,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from rac.config import StageConfig
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
-            "eval_dense", "report", "proxies")
+            "eval_dense", "eval_pruned", "report", "proxies")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
 EVAL_RUNTIME_KEYS = ("prompts_path", "expect_template_hash")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
@@ -86,13 +88,16 @@ class RunConfig:
     eval_dense: bool
     report: ReportConfig
     proxies: Any | None = None  # ProxyConfig
+    eval_pruned: bool | tuple[str, ...] = True  # True: every job, False: none, else these job labels
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
         """Every stage config with defaults filled in (JSON-able); parse_run_config(canonical()) == self."""
         first = self.jobs[0].compress.canonical()
         first.pop("prune", None)
-        extra = {"proxies": self.proxies.canonical()} if self.proxies is not None else {}
+        extra: dict[str, Any] = {"proxies": self.proxies.canonical()} if self.proxies is not None else {}
+        if self.eval_pruned is not True:
+            extra["eval_pruned"] = self.eval_pruned if self.eval_pruned is False else list(self.eval_pruned)
         return {
             "name": self.name,
             "model": self.model,
@@ -126,6 +131,12 @@ class RunConfig:
             return self.report.heatmap_calibration
         rac = [n for n, c in self.calibrations.items() if _calib_kind(c) == "rac"]
         return rac[0] if rac else job.calibration
+
+    def evaluates(self, job: PruneJob) -> bool:
+        """Whether the pruned model of `job` is evaluated (an `eval` section and eval_pruned selects it)."""
+        if self.eval is None or self.eval_pruned is False:
+            return False
+        return self.eval_pruned is True or job.label in self.eval_pruned
 
     def needs_cots(self) -> bool:
         return any(_calib_kind(c) == "rac" for c in self.calibrations.values())
@@ -235,6 +246,7 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     if report is not None and report.heatmap_calibration not in (None, *calibs):
         problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
                         f"calibrations {sorted(calibs)}")
+    eval_pruned = _parse_eval_pruned(data.get("eval_pruned", True), [j.label for j in jobs], problems)
     proxies = None
     if data.get("proxies") is not None:
         proxies = _build(stage_class("proxies"), data.get("proxies"), "proxies", problems)
@@ -245,7 +257,7 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
                      jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, proxies=proxies,
-                     raw=dict(data))
+                     eval_pruned=eval_pruned, raw=dict(data))
 
 
 def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[str]) -> list[PruneJob]:
@@ -277,6 +289,18 @@ def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[
     if dupes:
         problems.append(f"prune: duplicate entries {dupes}")
     return jobs
+
+
+def _parse_eval_pruned(value: Any, labels: list[str], problems: list[str]) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        problems.append(f"eval_pruned = {value!r}: expected true, false or a list of pruned-model labels")
+        return True
+    unknown = [v for v in value if v not in labels]
+    if unknown:
+        problems.append(f"eval_pruned: unknown label(s) {unknown}; the pruned models are {labels}")
+    return tuple(value)
 
 
 def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[Any, Any]:

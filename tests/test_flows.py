@@ -158,12 +158,13 @@ def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str
     assert same_models(models_of(work, "second"), models_of(work, "ref"))
     data = yaml.safe_load(TINY.read_text())
     data["prune"] = [{"method": "wanda", "sparsity": 0.5}]
+    data["eval_pruned"] = ["rac-wanda-50pct"]  # the other model still gets its heatmap and proxies
     cfg_path = tmp_path / "wanda.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     third = rac_prune(config_path=str(cfg_path), run_id="wanda", work_dir=str(work))
     computed = sorted(k for k, v in third["stages"].items() if not v["reused"])
-    assert computed == [f"{stage}/{calib}-wanda-50pct" for stage in ("eval", "proxies", "prune", "tokerror")
-                        for calib in ("prompt", "rac")]  # prompts, CoTs, calibrations, dense eval reused
+    assert computed == ["eval/rac-wanda-50pct", *(f"{stage}/{calib}-wanda-50pct" for stage in ("proxies", "prune", "tokerror")
+                        for calib in ("prompt", "rac"))]  # prompts, CoTs, calibrations, dense eval reused
 
 
 def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Path) -> None:

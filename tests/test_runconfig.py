@@ -133,3 +133,18 @@ def test_proxies_section_needs_dense_eval() -> None:
     assert "proxies" not in parse_run_config(base()).canonical()  # absent stays absent (stable run fingerprints)
     assert "proxies.n_sequences" in problems({**data, "proxies": {"n_sequences": 0}})
     assert "eval_dense: true" in problems({**data, "eval_dense": False})
+
+
+def test_eval_pruned_selects_models_by_label() -> None:
+    data = {**base(), "eval": {"prompts": {"source": "gsm8k", "holdout": "eval", "n": 2},
+                               "generation": {"max_new_tokens": 8, "token_budget": None}}}
+    every = parse_run_config(data)
+    assert all(every.evaluates(j) for j in every.jobs) and "eval_pruned" not in every.canonical()
+    some = parse_run_config({**data, "eval_pruned": ["rac-wanda-2of4"]})
+    assert [j.label for j in some.jobs if some.evaluates(j)] == ["rac-wanda-2of4"]
+    assert parse_run_config(some.canonical()) == some
+    none = parse_run_config({**data, "eval_pruned": False})
+    assert not any(none.evaluates(j) for j in none.jobs) and parse_run_config(none.canonical()) == none
+    assert not any(parse_run_config(base()).evaluates(j) for j in every.jobs)  # no eval section
+    assert "unknown label(s) ['rac-60pct']" in problems({**data, "eval_pruned": ["rac-60pct"]})
+    assert "eval_pruned = 'yes'" in problems({**data, "eval_pruned": "yes"})
