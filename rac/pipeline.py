@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,16 +129,3 @@ def _compute(env: RunEnv, index: Index, name: str, stage: str, key: str, config:
         raise
     index.stage_done(env.run_id, name, key, outputs, summary, time.perf_counter() - t0, reused=False)
     return StageOutput(name, stage, key, tuple(outputs), summary, reused=False)
-
-
-def clear_folder(folder: Path, keep: tuple[str, ...] = ()) -> None:
-    """Remove everything in `folder` except the top-level names in `keep`."""
-    if not folder.is_dir():
-        return
-    for child in folder.iterdir():
-        if child.name in keep:
-            continue
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from rac.artifacts import ArtifactRef, atomic_write_json
 from rac.config import StageConfig
 from rac.index import Index
-from rac.pipeline import ProgressFn, RunEnv, StageOutput, clear_folder, run_stage, stage_key
+from rac.pipeline import ProgressFn, RunEnv, StageOutput, run_stage, stage_key
 from rac.resume import CotsResume, PruneResume
 from rac.runconfig import PruneJob, ReportConfig
 
@@ -159,18 +159,26 @@ def prune_step(env: RunEnv, job: PruneJob, calib: StageOutput, progress: Progres
 
 
 def eval_step(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
-              meta: dict[str, Any], log: LogFn = print) -> StageOutput:
+              meta: dict[str, Any], log: LogFn = print, progress: ProgressFn = _noop) -> StageOutput:
     """Evaluate the dense model (model=None) or a pruned one on the eval prompts; write the `evals` row.
 
-    An interrupted evaluation starts over (its generation shards are not recorded, so not trusted).
+    An interrupted evaluation keeps its generation shards that the index recorded and still verify, and
+    generates only the rest (like the CoT stage).
     """
-    from rac.eval.evaluate import evaluate
+    from rac.eval.evaluate import eval_cots_dir, evaluate
+
+    key = eval_key(env, cfg, model, prompts)
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
-        clear_folder(folder)
         model_dir = model.output("model").path if model else Path(env.model_dir)
         rows = folder / "rows.parquet"
-        summary = to_jsonable(evaluate(model_dir, cfg, rows))
+        resume = CotsResume(Index(env.work_dir), env, key, eval_cots_dir(rows), log)
+        kept = resume.prepare()
+        if kept:
+            log(f"[eval/{label}] resuming after {kept} verified generation shard(s)")
+        n_prompts = pq.read_metadata(str(prompts.output("prompts").path)).num_rows
+        total = -(-n_prompts * cfg.generation.samples_per_prompt // cfg.generation.shard_size)
+        summary = to_jsonable(evaluate(model_dir, cfg, rows, on_shard=resume.on_shard(progress, total)))
         return [ArtifactRef.of(rows, "eval-rows"), ArtifactRef.of(rows.with_suffix(".json"), "eval-summary")], summary
 
     refs = [*(model.outputs if model else ()), *prompts.outputs]

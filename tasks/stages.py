@@ -78,7 +78,8 @@ def prune_task(env: RunEnv, job: PruneJob, calib: StageOutput) -> StageOutput:
 def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
                   meta: dict[str, Any]) -> StageOutput:
     """Generate + grade answers of one model on the eval prompts; a Markdown artifact with its metrics."""
-    out = steps.eval_step(env, label, cfg, model, prompts, meta, log=log)
+    with TaskProgress(f"evaluating {label}", f"{env.run_id}-evaluate-{label}") as progress:
+        out = steps.eval_step(env, label, cfg, model, prompts, meta, log=log, progress=progress)
     row = steps.metrics_row(out.summary)
     create_markdown_artifact(
         f"**{label}**: accuracy {row['accuracy']} (95% CI {row['ci_low']}..{row['ci_high']}), "

@@ -24,7 +24,7 @@ from safetensors.torch import load_file  # noqa: E402
 from rac.cli import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, main  # noqa: E402
 from rac.index import Index  # noqa: E402
 from rac.models.assets import tiny_model  # noqa: E402
-from rac.pipeline import RunEnv  # noqa: E402
+from rac.pipeline import RunEnv, StageOutput  # noqa: E402
 from rac.run import RunLockedError, model_revision  # noqa: E402
 from rac.runconfig import load_run_config  # noqa: E402
 
@@ -302,3 +302,44 @@ def test_prefect_yaml_deployments_point_at_flows() -> None:
                 assert (REPO / value).is_file()
     crons = [s["cron"] for d in spec["deployments"] for s in d.get("schedules", [])]
     assert crons == ["0 3 * * *"]
+
+
+def test_interrupted_evaluation_keeps_its_verified_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    import rac.resume
+    from rac import steps
+    from rac.eval.evaluate import eval_cots_dir
+
+    cfg = load_run_config(TINY)
+    model = tiny_model("llama")
+
+    def evaluate_in(work: Path) -> tuple[StageOutput, list[str]]:
+        env = RunEnv(str(work), "e", str(model), model_revision(model))
+        if Index(work).get_run("e") is None:
+            Index(work).create_run("e", "t", {}, {}, "", 1)
+        prompts = steps.prompts_step(env, cfg.eval_prompts, name="prompts/eval")
+        ecfg = cfg.eval_config(str(prompts.output("prompts").path), None)
+        ecfg = ecfg.model_copy(update={"generation": ecfg.generation.model_copy(update={"shard_size": 1})})
+        logs: list[str] = []
+        return steps.eval_step(env, "dense", ecfg, None, prompts, {}, log=logs.append), logs
+
+    whole, _ = evaluate_in(tmp_path / "whole")
+    real = rac.resume.crashpoint
+
+    def crash(name: str) -> None:
+        if name == "cots.shard:1":
+            raise RuntimeError("killed")
+        real(name)
+
+    monkeypatch.setattr(rac.resume, "crashpoint", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate_in(tmp_path / "cut")
+    first = next((tmp_path / "cut").rglob("rows.cots/part-00000.parquet"))
+    stamp = first.stat().st_mtime_ns
+    monkeypatch.setattr(rac.resume, "crashpoint", real)
+    resumed, logs = evaluate_in(tmp_path / "cut")
+    assert any("resuming after 1 verified generation shard(s)" in m for m in logs), logs
+    assert first.stat().st_mtime_ns == stamp  # shard 0 kept, not generated again
+    assert len(list(eval_cots_dir(resumed.output("eval-rows").path).glob("part-*.parquet"))) == 2
+    assert pq.read_table(resumed.output("eval-rows").path).equals(pq.read_table(whole.output("eval-rows").path))

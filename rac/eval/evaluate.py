@@ -14,6 +14,7 @@ the token cap (runaway CoTs); generation wall time and new tokens/s. Per-sample 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,15 +145,19 @@ def eval_cots_dir(rows_path: Path) -> Path:
     return rows_path.with_name(rows_path.stem + ".cots")
 
 
-def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path) -> EvalSummary:
-    """Generate, grade and summarise `model_dir` on `cfg.prompts_path`; rows to `out_path`, summary JSON beside."""
+def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path,
+             on_shard: Callable[[int, Path], None] | None = None) -> EvalSummary:
+    """Generate, grade and summarise `model_dir` on `cfg.prompts_path`; rows to `out_path`, summary JSON beside.
+
+    Generation shards already in `eval_cots_dir(out_path)` with the same config are kept (resume);
+    `on_shard(k, path)` is called after each new shard lands."""
     prompts_path = Path(cfg.prompts_path)
     meta = read_prompts_meta(prompts_path)
     info = _check_template(model_dir, meta, cfg.expect_template_hash)
     prompts = pq.read_table(prompts_path, columns=["prompt_id", "answer"])
     gold = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist(), strict=True))
     out_path = Path(out_path)
-    gen = generate_cots(prompts_path, model_dir, cfg.generation, eval_cots_dir(out_path))
+    gen = generate_cots(prompts_path, model_dir, cfg.generation, eval_cots_dir(out_path), on_shard=on_shard)
     rows = score_rows(read_cots(gen.out_dir), gold, cfg.grade_threads)
     atomic_write_table(rows, out_path)
     summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed),  # type: ignore[arg-type]
