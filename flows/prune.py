@@ -3,7 +3,8 @@
 prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> eval prompts -> (dense eval) ->
 for each calibration x prune config: prune -> eval -> per-token error heatmap -> proxies -> report.
 All calibrations and sparsities of one run share the prompts and the CoTs. Stages run one after another
-(2 CPU cores do not profit from running two model-sized stages at once).
+(2 CPU cores do not profit from running two model-sized stages at once); only the CoT shards fan out, over
+the task runner of the config's `runner:` section when there is one (flows/generation.py).
 
 Embedded (ephemeral) Prefect is used unless PREFECT_API_URL points at a server; both behave the same.
 """
@@ -16,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import flow
 from prefect.tasks import Task
 
+from flows.generation import generate_cots_stage
 from rac.pipeline import RunEnv, StageOutput
 from rac.run import new_run_id
 from rac.runconfig import RunConfig, load_run_config, parse_run_config
@@ -23,7 +25,6 @@ from rac.session import RunSession
 from tasks import (
     build_calibration_task,
     evaluate_task,
-    generate_cots_task,
     proxies_task,
     prune_task,
     report_task,
@@ -55,7 +56,7 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     done: dict[str, StageOutput] = {}
     prompts = _stored(env, sample_prompts_task)(env, cfg.prompts)
     done[prompts.name] = prompts
-    cots = _stored(env, generate_cots_task)(env, cfg.generate, prompts) if cfg.needs_cots() else None
+    cots = generate_cots_stage(env, cfg.generate, prompts, cfg.runner) if cfg.needs_cots() else None
     if cots is not None:
         done[cots.name] = cots
     calibs: dict[str, StageOutput] = {}

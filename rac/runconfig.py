@@ -23,6 +23,8 @@
                                     # of every pruned model on the dense model's eval CoTs (needs eval and
                                     # eval_dense), joined in the `proxies` table with the reconstruction
                                     # error by segment of the heatmap stage
+    runner:    {...}                # omitted: CoTs generated in-process. rac.runner RunnerConfig: shards fanned
+                                    # out over threads / Dask / Ray (docs/SCALING.md); not part of any key
 
 Validation collects every problem (unknown keys listed with the known ones, bad values named with their
 dotted path) into one RunConfigError (a ValueError). Nothing is resolved or written while parsing.
@@ -43,7 +45,7 @@ from pydantic import BaseModel, ValidationError
 from rac.config import StageConfig
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
-            "eval_dense", "eval_pruned", "report", "proxies")
+            "eval_dense", "eval_pruned", "report", "proxies", "runner")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
 EVAL_RUNTIME_KEYS = ("prompts_path", "expect_template_hash")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
@@ -89,6 +91,7 @@ class RunConfig:
     report: ReportConfig
     proxies: Any | None = None  # ProxyConfig
     eval_pruned: bool | tuple[str, ...] = True  # True: every job, False: none, else these job labels
+    runner: Any | None = None  # rac.runner.RunnerConfig of the generation fan-out (None: in-process)
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
@@ -98,6 +101,8 @@ class RunConfig:
         extra: dict[str, Any] = {"proxies": self.proxies.canonical()} if self.proxies is not None else {}
         if self.eval_pruned is not True:
             extra["eval_pruned"] = self.eval_pruned if self.eval_pruned is False else list(self.eval_pruned)
+        if self.runner is not None:
+            extra["runner"] = self.runner.canonical()
         return {
             "name": self.name,
             "model": self.model,
@@ -247,6 +252,11 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
         problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
                         f"calibrations {sorted(calibs)}")
     eval_pruned = _parse_eval_pruned(data.get("eval_pruned", True), [j.label for j in jobs], problems)
+    runner = None
+    if data.get("runner") is not None:
+        from rac.runner import RunnerConfig
+
+        runner = _build(RunnerConfig, data.get("runner"), "runner", problems)
     proxies = None
     if data.get("proxies") is not None:
         proxies = _build(stage_class("proxies"), data.get("proxies"), "proxies", problems)
@@ -257,7 +267,7 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
                      jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, proxies=proxies,
-                     eval_pruned=eval_pruned, raw=dict(data))
+                     eval_pruned=eval_pruned, runner=runner, raw=dict(data))
 
 
 def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[str]) -> list[PruneJob]:

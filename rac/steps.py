@@ -91,8 +91,11 @@ def prompts_step(env: RunEnv, cfg: Any, log: LogFn = print, name: str = "prompts
 
 
 def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn = _noop,
-              log: LogFn = print) -> StageOutput:
-    """Generate the on-policy CoTs shard by shard; a crash resumes at the first unverified shard."""
+              log: LogFn = print, run_shards: Any = None, wave: int = 1) -> StageOutput:
+    """Generate the on-policy CoTs shard by shard; a crash resumes at the first unverified shard.
+
+    `run_shards` / `wave`: hand missing shards to workers `wave` at a time (see `generate_cots`); the
+    stage key and its artifact do not depend on them."""
     from rac.data.generate import generate_cots
 
     key = cots_key(env, cfg, prompts)
@@ -103,7 +106,7 @@ def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn 
         n_prompts = pq.read_metadata(str(prompts.output("prompts").path)).num_rows
         total = -(-n_prompts // cfg.shard_size)
         summary = generate_cots(prompts.output("prompts").path, Path(env.model_dir), cfg, folder,
-                                on_shard=resume.on_shard(progress, total))
+                                on_shard=resume.on_shard(progress, total), run_shards=run_shards, wave=wave)
         return [resume.final_ref()], to_jsonable(summary)
 
     return run_stage(env, "cots", "cots", cfg.canonical(), list(prompts.outputs), compute, log)

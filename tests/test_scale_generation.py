@@ -133,3 +133,23 @@ def test_runner_config_and_parallel_sizes() -> None:
     assert GenerateConfig(tensor_parallel_size=2).stable_hash() != GenerateConfig().stable_hash()
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         open_engine(GenerateConfig(tensor_parallel_size=2), tiny_model("llama"))
+
+
+def test_run_config_runner_section() -> None:
+    from rac.runconfig import RunConfigError, parse_run_config
+
+    data: dict[str, Any] = {
+        "model": "tiny-llama", "prompts": {"source": "gsm8k", "n": 4}, "generate": {"max_new_tokens": 16},
+        "calibrations": {"rac": {"kind": "rac", "token_budget": 500}},
+        "prune": [{"method": "sparsegpt", "sparsity": 0.5}],
+    }
+    plain = parse_run_config(data)
+    assert plain.runner is None and "runner" not in plain.canonical()
+    cfg = parse_run_config({**data, "runner": {"kind": "dask", "n_workers": 3}})
+    assert cfg.runner == RunnerConfig(kind="dask", n_workers=3)
+    assert parse_run_config(cfg.canonical()).runner == cfg.runner
+    assert cfg.generate == plain.generate and cfg.generate.stable_hash() == plain.generate.stable_hash()
+    with pytest.raises(RunConfigError, match=r"unknown key 'runner.workers'.*n_workers"):
+        parse_run_config({**data, "runner": {"kind": "dask", "workers": 3}})
+    with pytest.raises(RunConfigError, match=r"runner.kind = 'slurm'"):
+        parse_run_config({**data, "runner": {"kind": "slurm"}})

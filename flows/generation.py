@@ -1,0 +1,33 @@
+"""The cots stage of `rac_prune`, on the task runner of the run config's `runner:` section.
+
+Without a `runner:` section the stage runs as before (one task, one engine, shards in order). With one,
+`rac-generate-cots` runs as a subflow whose task runner (threads, a Dask cluster, Ray) is built from the
+config: the cluster lives only while CoTs are generated, and every other stage stays in the flow process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from rac.data.generate import GenerateConfig
+from rac.pipeline import RunEnv, StageOutput
+from rac.runner import RunnerConfig
+from tasks import generate_cots_task
+from tasks.generation import build_task_runner, generate_cots_fanout_task
+
+
+@flow(name="rac-generate-cots", log_prints=True)
+def cots_flow(env: RunEnv, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig) -> StageOutput:
+    """Generate the CoTs with one mapped task per shard (the subflow's task runner runs them)."""
+    stored = generate_cots_fanout_task.with_options(result_storage=Path(env.prefect_dir))
+    return stored(env, cfg, prompts, runner)
+
+
+def generate_cots_stage(env: RunEnv, cfg: Any, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
+    """The cots stage: in-process without a runner, else fanned out by a subflow on the runner."""
+    if runner is None:
+        return generate_cots_task.with_options(result_storage=Path(env.prefect_dir))(env, cfg, prompts)
+    return cots_flow.with_options(task_runner=build_task_runner(runner))(env, cfg, prompts, runner)
