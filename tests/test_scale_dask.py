@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
+from prefect import flow  # noqa: E402
 
 from rac import steps  # noqa: E402
 from rac.data.generate import GenerateConfig, read_cots  # noqa: E402
@@ -54,7 +55,7 @@ def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tm
     from flows.generation import generate_cots_stage
 
     env_a, prompts_a = _prompts(tmp_path / "a")
-    default = generate_cots_stage(env_a, CFG, prompts_a, None)
+    default = _parent(env_a, prompts_a, None)
     env_b, prompts_b = _prompts(tmp_path / "b")
     assert prompts_b.output("prompts").sha256 == prompts_a.output("prompts").sha256
     before, after = tmp_path / "killed-before-write", tmp_path / "killed-after-write"
@@ -72,9 +73,16 @@ def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tm
     assert sorted(r.path.name for r in shards) == [f"part-0000{k}.parquet" for k in range(5)]
     assert all(r.check() is None for r in shards)
     assert fan.output("cots").check() is None
-    env_c, prompts_c = _prompts(tmp_path / "c")  # the thread runner: shards on threads sharing one engine
-    threads = generate_cots_stage(env_c, CFG, prompts_c, RunnerConfig(kind="thread", n_workers=2))
+    env_c, prompts_c = _prompts(tmp_path / "c")  # the thread runner, as a subflow of a parent flow
+    threads = _parent(env_c, prompts_c, RunnerConfig(kind="thread", n_workers=2))
     assert read_cots(threads.output("cots").path).to_pylist() == rows_a.to_pylist()
+
+
+@flow(name="test-parent")
+def _parent(env: RunEnv, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
+    from flows.generation import generate_cots_stage
+
+    return generate_cots_stage(env, CFG, prompts, runner)
 
 
 def test_runner_packages_are_imported_lazily_with_a_clear_error() -> None:
