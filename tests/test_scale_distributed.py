@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 
 from rac.engine import CompressConfig, compress
 from rac.engine.calib import load_calibration
-from rac.engine.distributed import DistContext
+from rac.engine.distributed import DistContext, resume_point
 from rac.models.assets import tiny_model
 from rac.pruners import PruneConfig
 
@@ -101,3 +102,37 @@ def test_ranks_split_sequences_and_keep_the_batch_invariants(tmp_path: Path) -> 
         DistContext(3, 4).shard(load_calibration(write_calib(tmp_path / "d.parquet", seqs[:3]), 500, 64, 30), 30)
     with pytest.raises(ValueError, match="rank 2 outside world of size 2"):
         DistContext(2, 2)
+
+
+@pytest.fixture()
+def world_of_one() -> Iterator[DistContext]:
+    """A one-process gloo group in this process (torn down after the test)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield DistContext(0, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_is_bitwise_the_single_process_engine(tmp_path: Path, world_of_one: DistContext) -> None:
+    model = tiny_model("llama")
+    calib = write_calib(tmp_path / "calib.parquet", random_sequences(5, 500, [10, 14], seed=4))
+    cfg = _cfg("wanda")
+    compress(model, calib, tmp_path / "single", cfg, tmp_path / "w1")
+    res = compress(model, calib, tmp_path / "dp", cfg, tmp_path / "w2", dist=world_of_one)
+    a, b = _weights(tmp_path / "single"), _weights(tmp_path / "dp")
+    assert res.complete and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "w2" / "engine" / "rank-000" / "acts-00002.bin").exists()  # final store freed
+
+
+def test_resume_point_needs_records_and_every_ranks_inputs(tmp_path: Path, world_of_one: DistContext) -> None:
+    model = tiny_model("llama")  # 2 layers x 4 groups
+    calib = write_calib(tmp_path / "calib.parquet", random_sequences(4, 500, [10], seed=5))
+    work = tmp_path / "w"
+    assert resume_point(world_of_one, work, 2, 4) is None  # nothing there
+    compress(model, calib, tmp_path / "out", _cfg("wanda"), work, stop_after=(1, 0), dist=world_of_one)
+    assert resume_point(world_of_one, work, 2, 4) == (1, 1)
+    (work / "engine" / "rank-000" / "acts-00001.bin").unlink()  # this rank lost its layer-1 inputs
+    assert resume_point(world_of_one, work, 2, 4) is None
