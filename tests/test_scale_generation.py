@@ -7,6 +7,7 @@ wave, and a runner that dies part-way leaves only whole shards that a second run
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -148,8 +149,29 @@ def test_run_config_runner_section() -> None:
     cfg = parse_run_config({**data, "runner": {"kind": "dask", "n_workers": 3}})
     assert cfg.runner == RunnerConfig(kind="dask", n_workers=3)
     assert parse_run_config(cfg.canonical()).runner == cfg.runner
-    assert cfg.generate == plain.generate and cfg.generate.stable_hash() == plain.generate.stable_hash()
+    assert cfg.generate is not None and plain.generate is not None
+    assert cfg.generate.stable_hash() == plain.generate.stable_hash()
     with pytest.raises(RunConfigError, match=r"unknown key 'runner.workers'.*n_workers"):
         parse_run_config({**data, "runner": {"kind": "dask", "workers": 3}})
     with pytest.raises(RunConfigError, match=r"runner.kind = 'slurm'"):
         parse_run_config({**data, "runner": {"kind": "slurm"}})
+
+
+@pytest.mark.slow
+def test_vllm_receives_parallel_sizes_only_above_one(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vllm = pytest.importorskip("vllm")
+    from rac.data.engines import make_engine
+
+    seen: list[dict[str, Any]] = []
+
+    class FakeLLM:  # records the engine arguments instead of starting vLLM
+        def __init__(self, **kw: Any) -> None:
+            seen.append(kw)
+
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.setenv(var, os.environ.get(var, "1" if var != "VLLM_CPU_OMP_THREADS_BIND" else "nobind"))
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    make_engine("vllm", tiny, eos_ids=[0], pad_id=0, tensor_parallel_size=2, data_parallel_size=3)
+    make_engine("vllm", tiny, eos_ids=[0], pad_id=0)
+    assert (seen[0]["tensor_parallel_size"], seen[0]["data_parallel_size"]) == (2, 3)
+    assert "tensor_parallel_size" not in seen[1] and "data_parallel_size" not in seen[1]
