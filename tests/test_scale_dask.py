@@ -52,6 +52,7 @@ def _prompts(work: Path) -> tuple[RunEnv, StageOutput]:
 @pytest.mark.slow
 def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("prefect_dask", reason="prefect-dask (and dask[distributed]) not installed")
     from flows.generation import generate_cots_stage
 
     env_a, prompts_a = _prompts(tmp_path / "a")
@@ -91,6 +92,10 @@ def test_runner_packages_are_imported_lazily_with_a_clear_error() -> None:
     from tasks.generation import RunnerUnavailableError, build_task_runner
 
     assert type(build_task_runner(RunnerConfig(n_workers=3))).__name__ == "ThreadPoolTaskRunner"
+    if importlib.util.find_spec("prefect_dask") is None:
+        with pytest.raises(RunnerUnavailableError, match="needs prefect-dask"):
+            build_task_runner(RunnerConfig(kind="dask"))
+        return
     dask: Any = build_task_runner(RunnerConfig(kind="dask", n_workers=3, threads_per_worker=2))
     assert dask.cluster_kwargs["n_workers"] == 3 and dask.cluster_kwargs["env"]["OMP_NUM_THREADS"] == "2"
     remote: Any = build_task_runner(RunnerConfig(kind="dask", address="tcp://127.0.0.1:8786"))
