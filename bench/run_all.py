@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_MODULES: tuple[str, ...] = ("solvers", "engine", "generation")
+BENCH_MODULES: tuple[str, ...] = ("solvers", "engine", "generation", "scaling")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
