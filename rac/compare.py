@@ -107,7 +107,33 @@ def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) 
         diff, lo, hi = paired_difference(np.array([t.per_problem[p] for p in shared]),
                                          np.array([b.per_problem[p] for p in shared]), n_boot)
         out.append({"method": method, "setting": setting, "treat": treat, "base": base, "n": len(shared),
-                    "diff": diff, "low": lo, "high": hi})
+                    "diff": diff, "low": lo, "high": hi, **paired_proxies(t, b, n_boot)})
+    return out
+
+
+def _per_sequence(c: Cell) -> tuple[list[str], dict[str, np.ndarray]] | None:
+    m = c.proxies.get("metrics") if c.proxies else None
+    m = json.loads(m) if isinstance(m, str) else m
+    if not m or not m.get("per_sequence"):
+        return None
+    return list(m["cot_ids"]), {k: np.asarray(v, dtype=np.float64) for k, v in m["per_sequence"].items()}
+
+
+def paired_proxies(t: Cell, b: Cell, n_boot: int = 10_000) -> dict[str, float]:
+    """NLL-gap and top-1 differences t - b on the same dense CoTs, with bootstrap intervals over sequences
+    (empty when either model lacks per-sequence proxies or they scored different CoTs)."""
+    from rac.eval.proxies import ratio_interval
+
+    pt, pb = _per_sequence(t), _per_sequence(b)
+    if pt is None or pb is None or pt[0] != pb[0] or not np.array_equal(pt[1]["n"], pb[1]["n"]):
+        return {}
+    n = pt[1]["n"]
+    keep = n > 0
+    out: dict[str, float] = {}
+    for name, key in (("nll_gap", "pruned_nll"), ("top1", "agree")):
+        d = pt[1][key] - pb[1][key]  # [S] (the dense NLL cancels in the gap difference)
+        lo, hi = ratio_interval(d[keep], n[keep], n_boot)
+        out.update({f"{name}_diff": float(d.sum() / n.sum()), f"{name}_low": lo, f"{name}_high": hi})
     return out
 
 
@@ -125,19 +151,35 @@ def cells_table(cells: list[Cell]) -> str:
         lines.append(
             f"| {c.label} | {c.method or '-'} | {c.setting} | {c.calibration or '-'} | {acc} "
             f"| {_f(c.get('mean_tokens'), 1)} | {_f(c.get('p90_tokens'), 0)} | {_f(c.get('runaway_share'))} "
-            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)} "
+            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)}{_ci(c, 'nll_gap_ci')} "
             f"| {_f(c.get('top1_agreement'), 4)} | {_f(c.get('kl'), 4)} | {_f(c.get('recon_prompt'), 4)} "
             f"| {_f(c.get('recon_decode'), 4)} |")
     return "\n".join(lines)
 
 
+def _diff(r: dict[str, Any], name: str, d: int = 3) -> str:
+    if f"{name}_diff" not in r and name != "":
+        return "-"
+    v, lo, hi = (r[f"{name}_diff"], r[f"{name}_low"], r[f"{name}_high"]) if name else (r["diff"], r["low"], r["high"])
+    mark = " *" if lo > 0 or hi < 0 else ""
+    return f"{v:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{mark}"
+
+
+def _ci(c: Cell, key: str) -> str:
+    m = c.proxies.get("metrics") if c.proxies else None
+    m = json.loads(m) if isinstance(m, str) else m
+    ci = (m or {}).get(key)
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci and None not in ci else ""
+
+
 def paired_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: paired accuracy differences with their intervals."""
-    lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | outside 0? |", "|---|---|---|---|---|---|"]
+    """Markdown: paired differences (accuracy over problems; NLL gap and top-1 over dense CoTs) with their
+    95% intervals; * marks an interval that excludes 0."""
+    lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | NLL gap diff [95% CI] "
+             "| top-1 diff [95% CI] |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        sig = "yes" if r["low"] > 0 or r["high"] < 0 else "no"
         lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {r['n']} "
-                     f"| {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {sig} |")
+                     f"| {_diff(r, '')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
     return "\n".join(lines)
 
 

@@ -117,7 +117,7 @@ def test_proxies_rows_score_each_pruned_model_on_the_dense_eval_cots(reference: 
 
 def test_compare_joins_evals_proxies_and_problems(reference: dict[str, Any], tmp_path: Path) -> None:
     from rac.cli import main
-    from rac.compare import collect_cells
+    from rac.compare import collect_cells, paired_rows
 
     work = reference["work"]
     cells = {c.label: c for c in collect_cells(work)}
@@ -129,6 +129,10 @@ def test_compare_joins_evals_proxies_and_problems(reference: dict[str, Any], tmp
         assert c.get("accuracy") == pytest.approx(sum(mine.values()) / 2)
     assert cells["dense"].setting == "dense" and cells["rac-sparsegpt-50pct"].setting == "50%"
     assert cells["dense"].proxies is None and cells["rac-sparsegpt-50pct"].get("top1_agreement") is not None
+    pair = paired_rows(list(cells.values()), "rac", "prompt")[0]
+    rac_q, prompt_q = (cells[f"{c}-sparsegpt-50pct"].get("pruned_nll") for c in ("rac", "prompt"))
+    assert pair["nll_gap_diff"] == pytest.approx(rac_q - prompt_q)  # type: ignore[operator]
+    assert pair["nll_gap_low"] <= pair["nll_gap_diff"] <= pair["nll_gap_high"]
     assert main(["--work-dir", str(work), "compare", "--out", str(tmp_path / "cmp"), "--base", "prompt"]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sparsegpt | 50% | rac - prompt | 2 |" in md and (tmp_path / "cmp" / "vs_sparsity.png").stat().st_size > 0

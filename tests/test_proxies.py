@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -21,6 +22,7 @@ from rac.eval.proxies import (
     cot_proxies,
     dense_position_stats,
     pruned_position_stats,
+    ratio_interval,
     reconstruction_error_by_segment,
     select_sequences,
 )
@@ -75,6 +77,7 @@ def reference(dense: Path, pruned: Path, rows: list[dict[str, Any]], max_tokens:
     p_model, q_model = (AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
                         for d in (dense, pruned))
     tot = {"dense": 0.0, "pruned": 0.0, "agree": 0.0, "kl": 0.0, "n": 0}
+    per: dict[str, list[float]] = {}
     for r in rows:
         ids = (r["prompt_ids"] + r["completion_ids"])[:max_tokens]
         n_p, n = len(r["prompt_ids"]), len(ids) - len(r["prompt_ids"])
@@ -92,7 +95,8 @@ def reference(dense: Path, pruned: Path, rows: list[dict[str, Any]], max_tokens:
         tot["agree"] += float((lp.argmax(-1) == lq.argmax(-1)).sum())
         tot["kl"] += float((lp.exp() * (lp - lq)).sum())
         tot["n"] += n
-    return {k: v / tot["n"] for k, v in tot.items() if k != "n"} | {"n": tot["n"]}
+        per[r["cot_id"]] = [n, float(p_out.loss) * n, float(q_out.loss) * n]
+    return {k: v / tot["n"] for k, v in tot.items() if k != "n"} | {"n": tot["n"], "per": per}
 
 
 def test_proxies_match_a_per_sequence_reference(dense: Path, perturbed: Path, cots: Path) -> None:
@@ -109,6 +113,11 @@ def test_proxies_match_a_per_sequence_reference(dense: Path, perturbed: Path, co
         assert s.nll_gap == pytest.approx(want["pruned"] - want["dense"], rel=1e-4, abs=1e-6)
         assert s.top1_agreement == pytest.approx(want["agree"], abs=1e-9)
         assert s.kl == pytest.approx(want["kl"], rel=1e-4)
+        got = {c: [s.per_sequence[k][i] for k in ("n", "dense_nll", "pruned_nll")] for i, c in enumerate(s.cot_ids)}
+        assert {c for c, v in got.items() if v[0] > 0} == want["per"].keys()  # the rest: no CoT token left
+        for c, (n, d, q) in want["per"].items():
+            assert got[c][0] == n and got[c][1:] == pytest.approx([d, q], rel=1e-5)
+        assert s.nll_gap_ci[0] <= s.nll_gap <= s.nll_gap_ci[1] and s.top1_ci[0] <= s.top1_agreement <= s.top1_ci[1]
     assert s.n_truncated == sum(len(r["prompt_ids"]) + len(r["completion_ids"]) > cut for r in rows)
     assert json.loads(json.dumps(s.as_dict())) == s.as_dict()
 
@@ -125,6 +134,16 @@ def test_identical_models_agree_exactly_also_in_bfloat16(dense: Path, cots: Path
 def test_a_perturbed_layer_is_worse(dense: Path, perturbed: Path, cots: Path) -> None:
     s = cot_proxies(dense, perturbed, cots, ProxyConfig(batch_size=2))
     assert s.top1_agreement < 1 and s.pruned_nll > s.dense_nll and s.kl > 0 and s.ppl_ratio > 1
+
+
+def test_ratio_interval_matches_exact_bootstrap() -> None:
+    import itertools
+
+    num, den = np.array([3.0, 1.0, 6.0, 2.0]), np.array([4.0, 2.0, 5.0, 3.0])
+    lo, hi = ratio_interval(num, den, n_boot=100_000, seed=2)
+    exact = np.array([num[list(ix)].sum() / den[list(ix)].sum() for ix in itertools.product(range(4), repeat=4)])
+    assert lo == pytest.approx(np.quantile(exact, 0.025), abs=0.01)
+    assert hi == pytest.approx(np.quantile(exact, 0.975), abs=0.01)
 
 
 def test_coarse_kl_is_a_lower_bound_that_grows_with_k() -> None:

@@ -46,6 +46,7 @@ class ProxyConfig(StageConfig):
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     kl_top_k: int = Field(default=64, ge=1)
+    bootstrap: int = Field(default=2000, ge=100)  # resamples of sequences for the 95% intervals
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,12 @@ class ProxySummary:
     cots_path: str
     wall_s: float
     cot_ids: list[str] = field(default_factory=list)
+    # [low, high] 95% bootstrap intervals over sequences (ratio of sums, as the point estimates)
+    nll_gap_ci: list[float] = field(default_factory=list)
+    top1_ci: list[float] = field(default_factory=list)
+    kl_ci: list[float] = field(default_factory=list)
+    # per sequence, in cot_ids order: n (scored positions) and sums of dense_nll, pruned_nll, agree, kl
+    per_sequence: dict[str, list[float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict of every field."""
@@ -165,14 +172,16 @@ class Batch:
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
+    seq_index: torch.Tensor  # [B] position of each row's sequence in the input list
 
 
 def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[Batch]:
     """Length-sorted batches of the sequences that have CoT tokens; position t predicts ids[t + 1]."""
-    todo = sorted((s for s in seqs if s.n_scored > 0), key=lambda s: -len(s.ids))
+    todo = sorted(((j, s) for j, s in enumerate(seqs) if s.n_scored > 0), key=lambda js: -len(js[1].ids))
     out = []
     for i in range(0, len(todo), batch_size):
-        group = todo[i: i + batch_size]
+        index = torch.tensor([j for j, _ in todo[i: i + batch_size]])  # [B]
+        group = [s for _, s in todo[i: i + batch_size]]
         width = len(group[0].ids)
         ids = torch.full((len(group), width), pad_id, dtype=torch.long)  # [B, T]
         mask = torch.zeros(len(group), width, dtype=torch.long)  # [B, T]
@@ -182,7 +191,7 @@ def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[Batch
             mask[r, : len(s.ids)] = 1
             scored[r, s.prompt_len - 1: len(s.ids) - 1] = True
         rows, cols = scored.nonzero(as_tuple=True)  # [N], [N]
-        out.append(Batch(ids, mask, rows, cols, ids[rows, cols + 1]))
+        out.append(Batch(ids, mask, rows, cols, ids[rows, cols + 1], index))
     return out
 
 
@@ -193,8 +202,9 @@ def load_model(model_dir: Path, dtype: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).eval()
 
 
-def scored_logprobs(model: Any, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """float32 next-token log-probs at the scored positions, chunk by chunk: (log_probs [n, V], targets [n])."""
+def scored_logprobs(model: Any, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """float32 next-token log-probs at the scored positions, chunk by chunk: (log_probs [n, V], targets [n],
+    sequence index [n])."""
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"model {type(model).__name__} has no output embeddings (lm_head)")
@@ -206,7 +216,7 @@ def scored_logprobs(model: Any, batch: Batch) -> Iterator[tuple[torch.Tensor, to
     for i in range(0, h.shape[0], step):
         with torch.inference_mode():
             lp = head(h[i: i + step]).float().log_softmax(-1)  # [n, V]
-        yield lp, batch.targets[i: i + step]
+        yield lp, batch.targets[i: i + step], batch.seq_index[batch.rows[i: i + step]]
 
 
 # ---------------------------------------------------------------- per-position math
@@ -252,27 +262,39 @@ def dense_pass(model_dir: Path, batches: list[Batch], cfg: ProxyConfig) -> list[
     """Dense statistics per chunk, in batch order; the model is freed (collected) before returning."""
     model = load_model(model_dir, cfg.dtype)
     try:
-        return [dense_position_stats(lp, tgt, cfg.kl_top_k) for b in batches for lp, tgt in scored_logprobs(model, b)]
+        return [dense_position_stats(lp, tgt, cfg.kl_top_k) | {"seq": seq}
+                for b in batches for lp, tgt, seq in scored_logprobs(model, b)]
     finally:
         del model
         gc.collect()
 
 
 def pruned_pass(model_dir: Path, batches: list[Batch], dense: list[dict[str, torch.Tensor]],
-                cfg: ProxyConfig) -> dict[str, float]:
-    """float64 sums over all scored positions of pruned NLL, agreement and KL."""
+                cfg: ProxyConfig, n_seqs: int) -> dict[str, torch.Tensor]:
+    """float64 per-sequence sums [n_seqs] of positions (n), dense and pruned NLL, agreement and KL."""
     model = load_model(model_dir, cfg.dtype)
-    sums = {"nll": 0.0, "agree": 0.0, "kl": 0.0}
+    sums = {k: torch.zeros(n_seqs, dtype=torch.float64) for k in ("n", "dense_nll", "pruned_nll", "agree", "kl")}
     chunks = iter(dense)
     try:
         for b in batches:
-            for lq, tgt in scored_logprobs(model, b):
-                stats = pruned_position_stats(lq, tgt, next(chunks))
-                for key in sums:
-                    sums[key] += float(stats[key].double().sum())
+            for lq, tgt, seq in scored_logprobs(model, b):
+                d = next(chunks)
+                stats = pruned_position_stats(lq, tgt, d)
+                for key, vals in (("n", torch.ones_like(d["nll"])), ("dense_nll", d["nll"]),
+                                  ("pruned_nll", stats["nll"]), ("agree", stats["agree"]), ("kl", stats["kl"])):
+                    sums[key].index_add_(0, seq, vals.double())
     finally:
         del model
     return sums
+
+
+def ratio_interval(num: np.ndarray, den: np.ndarray, n_boot: int, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of sum(num) / sum(den), resampling whole sequences."""
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))  # [B, S]
+    ratios = num[idx].sum(axis=1) / den[idx].sum(axis=1)  # [B]
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(ratios, tail)), float(np.quantile(ratios, 1.0 - tail))
 
 
 def cot_proxies(dense_dir: Path, pruned_dir: Path, cots_dir_or_path: Path, cfg: ProxyConfig) -> ProxySummary:
@@ -288,16 +310,23 @@ def cot_proxies(dense_dir: Path, pruned_dir: Path, cots_dir_or_path: Path, cfg: 
     pad = load_tokenizer(str(dense_dir)).pad_token_id
     batches = make_batches(seqs, cfg.batch_size, int(pad) if pad is not None else 0)
     dense = dense_pass(Path(dense_dir), batches, cfg)
-    dense_nll = sum(float(d["nll"].double().sum()) for d in dense) / n_pos
-    sums = pruned_pass(Path(pruned_dir), batches, dense, cfg)
-    pruned_nll = sums["nll"] / n_pos
+    per = {k: v.numpy() for k, v in pruned_pass(Path(pruned_dir), batches, dense, cfg, len(seqs)).items()}
+    tot = {k: float(v.sum()) for k, v in per.items()}
+    dense_nll, pruned_nll = tot["dense_nll"] / n_pos, tot["pruned_nll"] / n_pos
+    sc = {k: v[per["n"] > 0] for k, v in per.items()}  # [S'] only sequences with CoT tokens are resampled
+    gap = sc["pruned_nll"] - sc["dense_nll"]
     return ProxySummary(
         dense_nll=dense_nll, pruned_nll=pruned_nll, nll_gap=pruned_nll - dense_nll,
-        ppl_ratio=float(np.exp(pruned_nll - dense_nll)), top1_agreement=sums["agree"] / n_pos,
-        kl=sums["kl"] / n_pos, kl_top_k=min(cfg.kl_top_k, vocab), n_sequences=len(seqs),
+        ppl_ratio=float(np.exp(pruned_nll - dense_nll)), top1_agreement=tot["agree"] / n_pos,
+        nll_gap_ci=list(ratio_interval(gap, sc["n"], cfg.bootstrap, cfg.seed)),
+        top1_ci=list(ratio_interval(sc["agree"], sc["n"], cfg.bootstrap, cfg.seed)),
+        kl_ci=list(ratio_interval(sc["kl"], sc["n"], cfg.bootstrap, cfg.seed)),
+        per_sequence={k: v.tolist() for k, v in per.items()},
+        kl=tot["kl"] / n_pos, kl_top_k=min(cfg.kl_top_k, vocab), n_sequences=len(seqs),
         n_scored_sequences=sum(s.n_scored > 0 for s in seqs), n_truncated=n_cut, n_positions=n_pos,
         dtype=cfg.dtype, config_hash=cfg.stable_hash(), dense_dir=str(dense_dir), pruned_dir=str(pruned_dir),
-        cots_path=str(cots_dir_or_path), wall_s=time.perf_counter() - t0, cot_ids=[s.cot_id for s in seqs],
+        cots_path=str(cots_dir_or_path), wall_s=time.perf_counter() - t0,
+        cot_ids=[s.cot_id for s in seqs],
     )
 
 
