@@ -253,7 +253,7 @@ def tokerror_step(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutpu
         png = folder / "heatmap.png"
         res = token_error_heatmap(Path(env.model_dir), pruned.output("model").path,
                                   calib.output("calibration").path, png,
-                                  n_seqs=cfg.heatmap_sequences, max_tokens=cfg.heatmap_max_tokens)
+                                  n_seqs=cfg.heatmap_sequences, max_tokens=cfg.heatmap_max_tokens, title=label)
         summary = to_jsonable(res)
         atomic_write_json(folder / "summary.json", summary)
         return [ArtifactRef.of(png, "tokerror-png"), ArtifactRef.of(folder / "summary.json", "tokerror-summary")], summary

@@ -138,8 +138,10 @@ def plot_heatmap(mats: list[torch.Tensor], decode_starts: list[int | None], out_
 
 
 def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out_png: Path, n_seqs: int = 3,
-                        max_tokens: int = 512, prefer_decode: bool = True) -> TokenErrorSummary:
-    """Errors of `pruned_dir` vs `dense_dir` on a few calibration sequences, plotted to `out_png`."""
+                        max_tokens: int = 512, prefer_decode: bool = True,
+                        title: str | None = None) -> TokenErrorSummary:
+    """Errors of `pruned_dir` vs `dense_dir` on a few calibration sequences, plotted to `out_png`
+    (titled `title`, default the pruned folder's name)."""
     from transformers import AutoModelForCausalLM
 
     table = pq.read_table(calib_path)
@@ -162,7 +164,7 @@ def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out
         starts.append(int(dec[0]) if len(dec) else None)
         p_err.append(mat[:, seg == SEGMENT_IDS["prompt"]])
         d_err.append(mat[:, seg == SEGMENT_IDS["decode"]])
-    plot_heatmap(mats, starts, Path(out_png), f"per-token reconstruction error: {Path(pruned_dir).name}")
+    plot_heatmap(mats, starts, Path(out_png), f"per-token reconstruction error: {title or Path(pruned_dir).name}")
     pm, dm = torch.cat(p_err, 1), torch.cat(d_err, 1)  # [L, Tp], [L, Td]
 
     def mean(x: torch.Tensor) -> float:
