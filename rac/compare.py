@@ -151,7 +151,7 @@ def cells_table(cells: list[Cell]) -> str:
         lines.append(
             f"| {c.label} | {c.method or '-'} | {c.setting} | {c.calibration or '-'} | {acc} "
             f"| {_f(c.get('mean_tokens'), 1)} | {_f(c.get('p90_tokens'), 0)} | {_f(c.get('runaway_share'))} "
-            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)}{_ci(c, 'nll_gap_ci')} "
+            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)}{_ci(c, 'nll_gap')} "
             f"| {_f(c.get('top1_agreement'), 4)} | {_f(c.get('kl'), 4)} | {_f(c.get('recon_prompt'), 4)} "
             f"| {_f(c.get('recon_decode'), 4)} |")
     return "\n".join(lines)
@@ -166,10 +166,8 @@ def _diff(r: dict[str, Any], name: str, d: int = 3) -> str:
 
 
 def _ci(c: Cell, key: str) -> str:
-    m = c.proxies.get("metrics") if c.proxies else None
-    m = json.loads(m) if isinstance(m, str) else m
-    ci = (m or {}).get(key)
-    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci and None not in ci else ""
+    ci = interval(c, key)
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci is not None else ""
 
 
 def paired_table(rows: list[dict[str, Any]]) -> str:
@@ -183,8 +181,20 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def interval(c: Cell, key: str) -> tuple[float, float] | None:
+    """The 95% interval of metric `key` of a cell, when one was measured (accuracy, NLL gap, top-1)."""
+    if key == "accuracy":
+        lo, hi = c.eval.get("ci_low"), c.eval.get("ci_high")
+        return (float(lo), float(hi)) if lo is not None and hi is not None else None
+    m = c.proxies.get("metrics") if c.proxies else None
+    m = json.loads(m) if isinstance(m, str) else m
+    ci = (m or {}).get({"nll_gap": "nll_gap_ci", "top1_agreement": "top1_ci", "kl": "kl_ci"}.get(key, ""))
+    return (float(ci[0]), float(ci[1])) if ci and None not in ci else None
+
+
 def plot_vs_sparsity(cells: list[Cell], out: Path, method: str = "sparsegpt") -> Path:
-    """2x3 panels of PANELS vs unstructured sparsity, one line per calibration; dense as a dashed line."""
+    """2x3 panels of PANELS vs unstructured sparsity, one line per calibration (95% intervals where
+    measured); dense as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,9 +211,10 @@ def plot_vs_sparsity(cells: list[Cell], out: Path, method: str = "sparsegpt") ->
                 continue
             xs = [c.sparsity for c in pts]
             ys = [float(c.get(key) or 0.0) for c in pts]
-            if key == "accuracy":
-                err = [[y - float(c.eval.get("ci_low") or y) for c, y in zip(pts, ys, strict=True)],
-                       [float(c.eval.get("ci_high") or y) - y for c, y in zip(pts, ys, strict=True)]]
+            cis = [interval(c, key) for c in pts]
+            if all(ci is not None for ci in cis):
+                err = [[y - ci[0] for ci, y in zip(cis, ys, strict=True) if ci is not None],
+                       [ci[1] - y for ci, y in zip(cis, ys, strict=True) if ci is not None]]
                 ax.errorbar([x + 0.004 * (i - 1) for x in xs], ys, yerr=err, marker="o", capsize=3, label=cal)
             else:
                 ax.plot(xs, ys, marker="o", label=cal)
