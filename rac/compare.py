@@ -12,7 +12,7 @@ Files written to `out_dir`: compare.md (tables), vs_sparsity.png (metrics vs spa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class Cell:
     proxies: dict[str, Any] | None
     per_problem: dict[str, float]  # prompt_id -> pass rate over its samples
     prune_s: float | None
+    per_problem_runaway: dict[str, float] = field(default_factory=dict)  # prompt_id -> share hitting the cap
 
     def get(self, key: str) -> float | None:
         """A metric by name from the eval row, then the proxies row."""
@@ -84,12 +85,13 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
     cells = []
     for label, _run, key, calib, method, sparsity, metrics in evals:
         m = json.loads(metrics) if isinstance(metrics, str) else dict(metrics or {})
-        _, rows = index.query("SELECT prompt_id, avg(correct::DOUBLE) FROM eval_rows WHERE stage_key = ? "
-                              "GROUP BY prompt_id", [key])
+        _, rows = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
+                              "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [key])
         row = {"calibration": calib, "sparsity": sparsity or 0.0,
                "prune_cfg": (prune_cfg.get(label) or {}).get("prune")}
         cells.append(Cell(label, key, calib, method, _setting(row), float(sparsity or 0.0), m,
-                          proxies.get(label), {str(p): float(v) for p, v in rows}, prune_s.get(label)))
+                          proxies.get(label), {str(p): float(v) for p, v, _ in rows}, prune_s.get(label),
+                          {str(p): float(r) for p, _, r in rows}))
     return sorted(cells, key=lambda c: (c.method or "", c.setting, c.calibration or ""))
 
 
@@ -108,6 +110,9 @@ def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) 
                                          np.array([b.per_problem[p] for p in shared]), n_boot)
         out.append({"method": method, "setting": setting, "treat": treat, "base": base, "n": len(shared),
                     "diff": diff, "low": lo, "high": hi, **paired_proxies(t, b, n_boot)})
+        rd, rlo, rhi = paired_difference(np.array([t.per_problem_runaway[p] for p in shared]),
+                                         np.array([b.per_problem_runaway[p] for p in shared]), n_boot)
+        out[-1].update({"runaway_diff": rd, "runaway_low": rlo, "runaway_high": rhi})
     return out
 
 
@@ -171,13 +176,13 @@ def _ci(c: Cell, key: str) -> str:
 
 
 def paired_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: paired differences (accuracy over problems; NLL gap and top-1 over dense CoTs) with their
+    """Markdown: paired differences (accuracy and runaway share over problems; NLL gap and top-1 over dense CoTs) with their
     95% intervals; * marks an interval that excludes 0."""
-    lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | NLL gap diff [95% CI] "
-             "| top-1 diff [95% CI] |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | runaway diff [95% CI] "
+             "| NLL gap diff [95% CI] | top-1 diff [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {r['n']} "
-                     f"| {_diff(r, '')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
+                     f"| {_diff(r, '')} | {_diff(r, 'runaway')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
     return "\n".join(lines)
 
 
@@ -239,7 +244,7 @@ def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "ra
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paired = [r for base in bases for r in paired_rows(cells, treat, base)]
-    md = ["## Every model", "", cells_table(cells), "", f"## Paired accuracy differences ({treat} vs others)", "",
+    md = ["## Every model", "", cells_table(cells), "", f"## Paired differences ({treat} vs others)", "",
           paired_table(paired) if paired else "(no setting evaluated with both)", "", "![vs sparsity](vs_sparsity.png)", ""]
     written = [atomic_write_text(out / "compare.md", "\n".join(md)), plot_vs_sparsity(cells, out / "vs_sparsity.png")]
     return written

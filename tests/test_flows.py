@@ -133,6 +133,8 @@ def test_compare_joins_evals_proxies_and_problems(reference: dict[str, Any], tmp
     rac_q, prompt_q = (cells[f"{c}-sparsegpt-50pct"].get("pruned_nll") for c in ("rac", "prompt"))
     assert pair["nll_gap_diff"] == pytest.approx(rac_q - prompt_q)  # type: ignore[operator]
     assert pair["nll_gap_low"] <= pair["nll_gap_diff"] <= pair["nll_gap_high"]
+    runaway = {c: cells[f"{c}-sparsegpt-50pct"].get("runaway_share") for c in ("rac", "prompt")}
+    assert pair["runaway_diff"] == pytest.approx(runaway["rac"] - runaway["prompt"])  # type: ignore[operator]
     assert main(["--work-dir", str(work), "compare", "--out", str(tmp_path / "cmp"), "--base", "prompt"]) == 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| sparsegpt | 50% | rac - prompt | 2 |" in md and (tmp_path / "cmp" / "vs_sparsity.png").stat().st_size > 0
