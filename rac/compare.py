@@ -71,7 +71,8 @@ def _setting(row: dict[str, Any]) -> str:
 
 
 def collect_cells(work_dir: Path | str) -> list[Cell]:
-    """The newest evaluated model of each label in the work dir, joined with its proxies and prune time."""
+    """The newest record of each model label in the work dir (evaluated, or with proxies only), joined with
+    its proxies and prune time."""
     index = Index(work_dir)
     _, evals = index.query("SELECT label, run, stage, calibration, method, sparsity, metrics FROM evals "
                            "QUALIFY row_number() OVER (PARTITION BY label ORDER BY created DESC) = 1")
@@ -92,6 +93,13 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         cells.append(Cell(label, key, calib, method, _setting(row), float(sparsity or 0.0), m,
                           proxies.get(label), {str(p): float(v) for p, v, _ in rows}, prune_s.get(label),
                           {str(p): float(r) for p, _, r in rows}))
+    seen = {c.label for c in cells}
+    for label, pr in proxies.items():  # pruned models that were not evaluated
+        if label not in seen:
+            row = {"calibration": pr["calibration"], "sparsity": pr["sparsity"] or 0.0,
+                   "prune_cfg": (prune_cfg.get(label) or {}).get("prune")}
+            cells.append(Cell(label, "", pr["calibration"], pr["method"], _setting(row),
+                              float(pr["sparsity"] or 0.0), {}, pr, {}, prune_s.get(label)))
     return sorted(cells, key=lambda c: (c.method or "", c.setting, c.calibration or ""))
 
 
@@ -104,15 +112,15 @@ def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) 
         if calib != treat or b is None:
             continue
         shared = sorted(set(t.per_problem) & set(b.per_problem))
-        if not shared:
-            continue
-        diff, lo, hi = paired_difference(np.array([t.per_problem[p] for p in shared]),
-                                         np.array([b.per_problem[p] for p in shared]), n_boot)
-        out.append({"method": method, "setting": setting, "treat": treat, "base": base, "n": len(shared),
-                    "diff": diff, "low": lo, "high": hi, **paired_proxies(t, b, n_boot)})
-        rd, rlo, rhi = paired_difference(np.array([t.per_problem_runaway[p] for p in shared]),
-                                         np.array([b.per_problem_runaway[p] for p in shared]), n_boot)
-        out[-1].update({"runaway_diff": rd, "runaway_low": rlo, "runaway_high": rhi})
+        row: dict[str, Any] = {"method": method, "setting": setting, "treat": treat, "base": base,
+                               "n": len(shared), **paired_proxies(t, b, n_boot)}
+        for name, get in (("accuracy", lambda c, p: c.per_problem[p]), ("runaway", lambda c, p: c.per_problem_runaway[p])):
+            if shared:
+                d, lo, hi = paired_difference(np.array([get(t, p) for p in shared]),
+                                              np.array([get(b, p) for p in shared]), n_boot)
+                row.update({f"{name}_diff": d, f"{name}_low": lo, f"{name}_high": hi})
+        if len(row) > 5:  # something was measured on both
+            out.append(row)
     return out
 
 
@@ -152,7 +160,7 @@ def cells_table(cells: list[Cell]) -> str:
              "| prune s | NLL gap | top-1 agree | KL | recon prompt | recon decode |", "|" + "---|" * 15]
     for c in cells:
         e = c.eval
-        acc = f"{_f(c.get('accuracy'))} [{_f(e.get('ci_low'))}, {_f(e.get('ci_high'))}]"
+        acc = f"{_f(c.get('accuracy'))} [{_f(e.get('ci_low'))}, {_f(e.get('ci_high'))}]" if e else "not evaluated"
         lines.append(
             f"| {c.label} | {c.method or '-'} | {c.setting} | {c.calibration or '-'} | {acc} "
             f"| {_f(c.get('mean_tokens'), 1)} | {_f(c.get('p90_tokens'), 0)} | {_f(c.get('runaway_share'))} "
@@ -163,9 +171,9 @@ def cells_table(cells: list[Cell]) -> str:
 
 
 def _diff(r: dict[str, Any], name: str, d: int = 3) -> str:
-    if f"{name}_diff" not in r and name != "":
+    if f"{name}_diff" not in r:
         return "-"
-    v, lo, hi = (r[f"{name}_diff"], r[f"{name}_low"], r[f"{name}_high"]) if name else (r["diff"], r["low"], r["high"])
+    v, lo, hi = r[f"{name}_diff"], r[f"{name}_low"], r[f"{name}_high"]
     mark = " *" if lo > 0 or hi < 0 else ""
     return f"{v:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}]{mark}"
 
@@ -182,7 +190,7 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
              "| NLL gap diff [95% CI] | top-1 diff [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {r['n']} "
-                     f"| {_diff(r, '')} | {_diff(r, 'runaway')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
+                     f"| {_diff(r, 'accuracy')} | {_diff(r, 'runaway')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
     return "\n".join(lines)
 
 

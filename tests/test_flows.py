@@ -171,6 +171,12 @@ def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str
     computed = sorted(k for k, v in third["stages"].items() if not v["reused"])
     assert computed == ["eval/rac-wanda-50pct", *(f"{stage}/{calib}-wanda-50pct" for stage in ("proxies", "prune", "tokerror")
                         for calib in ("prompt", "rac"))]  # prompts, CoTs, calibrations, dense eval reused
+    from rac.compare import collect_cells, paired_rows
+
+    cells = {c.label: c for c in collect_cells(work)}
+    assert cells["prompt-wanda-50pct"].eval == {} and cells["prompt-wanda-50pct"].proxies is not None
+    wanda = [r for r in paired_rows(list(cells.values()), "rac", "prompt") if r["method"] == "wanda"]
+    assert len(wanda) == 1 and "nll_gap_diff" in wanda[0] and "accuracy_diff" not in wanda[0]
 
 
 def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Path) -> None:
