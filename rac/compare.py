@@ -42,6 +42,11 @@ class Cell:
     prune_s: float | None
     per_problem_runaway: dict[str, float] = field(default_factory=dict)  # prompt_id -> share hitting the cap
 
+    def proxy_metrics(self) -> dict[str, Any]:
+        """The full proxies summary (per-sequence sums, intervals), empty when there are no proxies."""
+        m = self.proxies.get("metrics") if self.proxies else None
+        return dict(json.loads(m) if isinstance(m, str) else m or {})
+
     def get(self, key: str) -> float | None:
         """A metric by name from the eval row, then the proxies row."""
         for src in (self.eval, self.proxies or {}):
@@ -125,9 +130,8 @@ def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) 
 
 
 def _per_sequence(c: Cell) -> tuple[list[str], dict[str, np.ndarray]] | None:
-    m = c.proxies.get("metrics") if c.proxies else None
-    m = json.loads(m) if isinstance(m, str) else m
-    if not m or not m.get("per_sequence"):
+    m = c.proxy_metrics()
+    if not m.get("per_sequence"):
         return None
     return list(m["cot_ids"]), {k: np.asarray(v, dtype=np.float64) for k, v in m["per_sequence"].items()}
 
@@ -199,9 +203,7 @@ def interval(c: Cell, key: str) -> tuple[float, float] | None:
     if key == "accuracy":
         lo, hi = c.eval.get("ci_low"), c.eval.get("ci_high")
         return (float(lo), float(hi)) if lo is not None and hi is not None else None
-    m = c.proxies.get("metrics") if c.proxies else None
-    m = json.loads(m) if isinstance(m, str) else m
-    ci = (m or {}).get({"nll_gap": "nll_gap_ci", "top1_agreement": "top1_ci", "kl": "kl_ci"}.get(key, ""))
+    ci = c.proxy_metrics().get({"nll_gap": "nll_gap_ci", "top1_agreement": "top1_ci", "kl": "kl_ci"}.get(key, ""))
     return (float(ci[0]), float(ci[1])) if ci and None not in ci else None
 
 
