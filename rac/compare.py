@@ -1,17 +1,23 @@
 """Compare calibrations across the runs of one work dir: tables, paired intervals and plots (`rac compare`).
 
 A *cell* is one pruned model (calibration x method x sparsity/N:M) with its evaluation, its forward-pass
-proxies and its pruning time; the newest record of each label in the work dir wins, so a grid split over
-several configs (or resumed runs) reads as one. Accuracy differences between two calibrations at the same
+proxies and its pruning time. Cells are grouped by base model and evaluation set (the run config's `model`
+and the result-defining part of its `eval` section); within a group the newest record of each label wins, so
+a grid split over several configs (or resumed runs) reads as one, while a second model or a second eval set
+in the same work dir gets its own tables. Accuracy differences between two calibrations at the same
 pruning setting are paired: the per-problem pass rates of both models on the same problems are resampled
 together (bootstrap over problems), which is much tighter than comparing two separate intervals.
 
-Files written to `out_dir`: compare.md (tables), vs_sparsity.png (metrics vs sparsity per calibration).
+Files written to `out_dir`: compare.md (tables, one section per group), vs_sparsity.png (metrics vs sparsity
+per calibration; vs_sparsity-<group>.png each when there are several groups).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +47,7 @@ class Cell:
     per_problem: dict[str, float]  # prompt_id -> pass rate over its samples
     prune_s: float | None
     per_problem_runaway: dict[str, float] = field(default_factory=dict)  # prompt_id -> share hitting the cap
+    group: str = ""  # base model and eval set, e.g. "qwen2.5-coder-0.5b, eval gsm8k (eval half), greedy, 512 tok"
 
     def proxy_metrics(self) -> dict[str, Any]:
         """The full proxies summary (per-sequence sums, intervals), empty when there are no proxies."""
@@ -75,37 +82,71 @@ def _setting(row: dict[str, Any]) -> str:
     return f"{nm[0]}:{nm[1]}" if nm else f"{round(float(row['sparsity']) * 100)}%"
 
 
+# eval settings that do not change what is measured (batching, grading threads, interval resamples)
+_NOT_RESULT = {"shard_size", "batch_size", "kv_cache_gib", "grade_threads", "bootstrap"}
+
+
+def _strip(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in _NOT_RESULT}
+    return d
+
+
+def eval_group(config: dict[str, Any]) -> tuple[str, str]:
+    """(model, eval-set title) of a run config: the base model and the result-defining eval settings."""
+    model = Path(str(config.get("model", "?"))).name
+    ev = _strip(config.get("eval") or {})
+    digest = hashlib.sha256(json.dumps(ev, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    pr, gen = ev.get("prompts") or {}, ev.get("generation") or {}
+    what = str(pr.get("source", "?")) + (f" ({pr['holdout']} half)" if pr.get("holdout") else "")
+    if int(pr.get("variants") or 1) > 1:
+        what += f" x{pr['variants']} variants" + (" + original" if pr.get("keep_original") else "")
+    temp = gen.get("temperature")
+    sampling = "greedy" if temp == 0 else f"T={temp}, {gen.get('samples_per_prompt', 1)} sample(s)/problem"
+    return model, f"eval {what}, {sampling}, {gen.get('max_new_tokens')} new tokens [{digest}]"
+
+
+def _newest(rows: Iterable[dict[str, Any]], groups: dict[str, tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The newest row of each (group title, label); rows of runs without a group are skipped."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["created"]):
+        if r["run"] in groups:
+            model, ev = groups[r["run"]]
+            out[(f"{model}, {ev}", r["label"])] = {**r, "model_name": model}
+    return out
+
+
 def collect_cells(work_dir: Path | str) -> list[Cell]:
-    """The newest record of each model label in the work dir (evaluated, or with proxies only), joined with
-    its proxies and prune time."""
+    """Every model of the work dir (evaluated, or with proxies only), the newest record of each label per
+    base model and eval set, joined with its proxies and prune time."""
     index = Index(work_dir)
-    _, evals = index.query("SELECT label, run, stage, calibration, method, sparsity, metrics FROM evals "
-                           "QUALIFY row_number() OVER (PARTITION BY label ORDER BY created DESC) = 1")
-    cols, prox = index.query("SELECT * FROM proxies "
-                             "QUALIFY row_number() OVER (PARTITION BY label ORDER BY created DESC) = 1")
-    proxies = {r[cols.index("label")]: dict(zip(cols, r, strict=True)) for r in prox}
-    _, stages = index.query("SELECT name, config, seconds FROM stages WHERE stage = 'prune' AND status = 'done' "
-                            "AND NOT reused")
-    prune_cfg = {n.split("/", 1)[1]: (json.loads(c) if isinstance(c, str) else c) for n, c, _ in stages}
-    prune_s = {n.split("/", 1)[1]: s for n, _, s in stages}
+    _, runs = index.query("SELECT run_id, config FROM runs")
+    groups = {run: eval_group(json.loads(c) if isinstance(c, str) else dict(c or {})) for run, c in runs}
+    cols, rows = index.query("SELECT * FROM evals")
+    evals = _newest((dict(zip(cols, r, strict=True)) for r in rows), groups)
+    cols, rows = index.query("SELECT * FROM proxies")
+    proxies = _newest((dict(zip(cols, r, strict=True)) for r in rows), groups)
+    _, stages = index.query("SELECT run_id, name, config, seconds FROM stages WHERE stage = 'prune' "
+                            "AND status = 'done' AND NOT reused")
+    prune: dict[tuple[str, str], tuple[dict[str, Any], float | None]] = {}  # (base model, label) -> (prune config, seconds)
+    for run, name, c, s in stages:
+        if run in groups:
+            prune[(groups[run][0], name.split("/", 1)[1])] = ((json.loads(c) if isinstance(c, str) else c), s)
     cells = []
-    for label, _run, key, calib, method, sparsity, metrics in evals:
-        m = json.loads(metrics) if isinstance(metrics, str) else dict(metrics or {})
-        _, rows = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
-                              "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [key])
-        row = {"calibration": calib, "sparsity": sparsity or 0.0,
-               "prune_cfg": (prune_cfg.get(label) or {}).get("prune")}
-        cells.append(Cell(label, key, calib, method, _setting(row), float(sparsity or 0.0), m,
-                          proxies.get(label), {str(p): float(v) for p, v, _ in rows}, prune_s.get(label),
-                          {str(p): float(r) for p, _, r in rows}))
-    seen = {c.label for c in cells}
-    for label, pr in proxies.items():  # pruned models that were not evaluated
-        if label not in seen:
-            row = {"calibration": pr["calibration"], "sparsity": pr["sparsity"] or 0.0,
-                   "prune_cfg": (prune_cfg.get(label) or {}).get("prune")}
-            cells.append(Cell(label, "", pr["calibration"], pr["method"], _setting(row),
-                              float(pr["sparsity"] or 0.0), {}, pr, {}, prune_s.get(label)))
-    return sorted(cells, key=lambda c: (c.method or "", c.setting, c.calibration or ""))
+    for group, label in sorted({*proxies, *evals}):  # evaluated, or proxies only
+        e, pr = evals.get((group, label)), proxies.get((group, label))
+        src: dict[str, Any] = e or pr or {}
+        cfg, secs = prune.get((src["model_name"], label), ({}, None))
+        row = {"calibration": src["calibration"], "sparsity": src["sparsity"] or 0.0, "prune_cfg": cfg.get("prune")}
+        per: list[tuple[Any, ...]] = []
+        if e is not None:
+            _, per = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
+                                 "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage"]])
+        m = (json.loads(e["metrics"]) if isinstance(e["metrics"], str) else dict(e["metrics"] or {})) if e else {}
+        cells.append(Cell(label, e["stage"] if e else "", src["calibration"], src["method"], _setting(row),
+                          float(src["sparsity"] or 0.0), m, pr, {str(p): float(v) for p, v, _ in per}, secs,
+                          {str(p): float(x) for p, _, x in per}, group))
+    return sorted(cells, key=lambda c: (c.group, c.method or "", c.setting, c.calibration or ""))
 
 
 def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) -> list[dict[str, Any]]:
@@ -237,7 +278,8 @@ def plot_vs_sparsity(cells: list[Cell], out: Path, method: str = "sparsegpt") ->
             ax.axhline(float(dense.get(key) or 0.0), color="0.4", ls="--", label="dense")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"{method} sparsity")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -253,8 +295,21 @@ def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "ra
         raise ValueError(f"no evaluated models in the index of {work_dir}: run a config with an `eval` section")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paired = [r for base in bases for r in paired_rows(cells, treat, base)]
-    md = ["## Every model", "", cells_table(cells), "", f"## Paired differences ({treat} vs others)", "",
-          paired_table(paired) if paired else "(no setting evaluated with both)", "", "![vs sparsity](vs_sparsity.png)", ""]
-    written = [atomic_write_text(out / "compare.md", "\n".join(md)), plot_vs_sparsity(cells, out / "vs_sparsity.png")]
-    return written
+    groups: dict[str, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault(c.group, []).append(c)
+    md, plots = [], []
+    for group, members in groups.items():
+        name = "vs_sparsity.png" if len(groups) == 1 else f"vs_sparsity-{_slug(group)}.png"
+        paired = [r for base in bases for r in paired_rows(members, treat, base)]
+        md += [f"# {group}", "", "## Every model", "", cells_table(members), "",
+               f"## Paired differences ({treat} vs others)", "",
+               paired_table(paired) if paired else "(no setting evaluated with both)", "", f"![vs sparsity]({name})", ""]
+        plots.append(plot_vs_sparsity(members, out / name))
+    return [atomic_write_text(out / "compare.md", "\n".join(md)), *plots]
+
+
+def _slug(group: str) -> str:
+    """A file-name part of a group title: model name plus the eval-set digest."""
+    digest = re.search(r"\[([0-9a-f]+)\]$", group)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", group.split(",")[0]) + (f"-{digest.group(1)}" if digest else "")

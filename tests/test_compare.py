@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from rac.compare import paired_difference
+from rac.compare import collect_cells, paired_difference, paired_rows, write_comparison
+from rac.index import Index
 
 
 def exact_bootstrap_quantiles(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -41,3 +45,37 @@ def test_paired_difference_rejects_bad_shapes() -> None:
         paired_difference(np.ones(3), np.ones(2))
     with pytest.raises(ValueError, match="non-empty"):
         paired_difference(np.ones(0), np.ones(0))
+
+
+def _run(idx: Index, work: Path, run: str, model: str, variants: int, label: str, correct: list[bool]) -> None:
+    """A run of `model` with one evaluated model `label` on `len(correct)` problems of an eval set."""
+    ev = {"prompts": {"source": "gsm8k", "holdout": "eval", "variants": variants},
+          "generation": {"temperature": 0.0, "max_new_tokens": 512, "batch_size": variants}}  # batch: no result
+    idx.create_run(run, run, {"model": model, "eval": ev}, {}, "", 1)
+    key = f"{run}-{label}"
+    folder = work / "stages" / "eval" / key
+    folder.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(len(correct))], "correct": correct,
+                             "finish_reason": ["stop"] * len(correct)}), folder / "rows.parquet")
+    calib = None if label == "dense" else label.split("-")[0]
+    idx.record_eval(run, label, key, {"calibration": calib, "method": calib and "sparsegpt",
+                                      "sparsity": calib and 0.5, "accuracy": float(np.mean(correct))})
+
+
+def test_cells_are_grouped_by_model_and_eval_set(tmp_path: Path) -> None:
+    idx = Index(tmp_path)
+    _run(idx, tmp_path, "a1", "qwen", 1, "rac-sparsegpt-50pct", [True, False])
+    _run(idx, tmp_path, "a2", "qwen", 1, "prompt-sparsegpt-50pct", [False, False])  # same group, second run
+    _run(idx, tmp_path, "b1", "/models/smol", 1, "rac-sparsegpt-50pct", [True, True, True])  # same label
+    _run(idx, tmp_path, "c1", "qwen", 2, "rac-sparsegpt-50pct", [False, True, True, True])  # second eval set
+    cells = collect_cells(tmp_path)
+    by = {(c.group.split(",")[0], len(c.per_problem), c.label): c.get("accuracy") for c in cells}
+    assert by == {("qwen", 2, "rac-sparsegpt-50pct"): 0.5, ("qwen", 2, "prompt-sparsegpt-50pct"): 0.0,
+                  ("smol", 3, "rac-sparsegpt-50pct"): 1.0, ("qwen", 4, "rac-sparsegpt-50pct"): 0.75}
+    assert len({c.group for c in cells}) == 3 and any("x2 variants" in c.group for c in cells)
+    rows = paired_rows([c for c in cells if c.group.startswith("qwen") and "variants" not in c.group], "rac", "prompt")
+    assert [(r["n"], r["accuracy_diff"]) for r in rows] == [(2, 0.5)]  # paired within its own group only
+    written = write_comparison(tmp_path, tmp_path / "cmp", bases=("prompt",))
+    md = written[0].read_text()
+    assert md.count("# qwen") == 2 and md.count("# smol") == 1 and len(written) == 4
+    assert all(p.name.startswith("vs_sparsity-") and p.stat().st_size > 0 for p in written[1:])
