@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from rac.artifacts import atomic_path, atomic_write_text
@@ -47,6 +48,7 @@ class Cell:
     per_problem: dict[str, float]  # prompt_id -> pass rate over its samples
     prune_s: float | None
     per_problem_runaway: dict[str, float] = field(default_factory=dict)  # prompt_id -> share hitting the cap
+    problem_group: dict[str, str] = field(default_factory=dict)  # prompt_id -> original problem (variants)
     group: str = ""  # base model and eval set, e.g. "qwen2.5-coder-0.5b, eval gsm8k (eval half), greedy, 512 tok"
 
     def proxy_metrics(self) -> dict[str, Any]:
@@ -63,14 +65,16 @@ class Cell:
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float, float]:
-    """(mean(a - b), low, high): percentile bootstrap over problems of per-problem scores a[i], b[i]."""
+                      level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float, float]:
+    """(mean(a - b), low, high): percentile bootstrap over problems of per-problem scores a[i], b[i] (over
+    clusters of problems, e.g. template variants of one GSM8K problem, when `groups` gives each one's id)."""
+    from rac.eval.evaluate import bootstrap_means
+
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired scores need two equal non-empty 1-D arrays, got shapes {a.shape} and {b.shape}")
     d = a - b  # [P]
-    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))  # [B, P]
-    means = d[idx].mean(axis=1)  # [B]
+    means = bootstrap_means(d, n_boot, seed, groups)  # [B]
     tail = (1.0 - level) / 2.0
     return float(d.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
 
@@ -116,6 +120,16 @@ def _newest(rows: Iterable[dict[str, Any]], groups: dict[str, tuple[str, str]]) 
     return out
 
 
+def problem_groups(index: Index, prompt_ids: list[str]) -> dict[str, str]:
+    """prompt id -> group id (the problem a template variant comes from) from the prompts of the work dir."""
+    try:
+        _, rows = index.query("SELECT DISTINCT prompt_id, group_id FROM prompts WHERE list_contains(?, prompt_id)",
+                              [prompt_ids])
+    except duckdb.CatalogException:  # no prompts Parquet in the work dir: every problem is its own group
+        return {}
+    return {str(p): str(g) for p, g in rows}
+
+
 def collect_cells(work_dir: Path | str) -> list[Cell]:
     """Every model of the work dir (evaluated, or with proxies only), the newest record of each label per
     base model and eval set, joined with its proxies and prune time."""
@@ -142,10 +156,11 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         if e is not None:
             _, per = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
                                  "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage"]])
+            pgroup = problem_groups(index, [str(p) for p, *_ in per])
         m = (json.loads(e["metrics"]) if isinstance(e["metrics"], str) else dict(e["metrics"] or {})) if e else {}
         cells.append(Cell(label, e["stage"] if e else "", src["calibration"], src["method"], _setting(row),
                           float(src["sparsity"] or 0.0), m, pr, {str(p): float(v) for p, v, _ in per}, secs,
-                          {str(p): float(x) for p, _, x in per}, group))
+                          {str(p): float(x) for p, _, x in per}, pgroup if e else {}, group))
     return sorted(cells, key=lambda c: (c.group, c.method or "", c.setting, c.calibration or ""))
 
 
@@ -160,12 +175,14 @@ def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) 
         shared = sorted(set(t.per_problem) & set(b.per_problem))
         row: dict[str, Any] = {"method": method, "setting": setting, "treat": treat, "base": base,
                                "n": len(shared), **paired_proxies(t, b, n_boot)}
+        groups = np.array([t.problem_group.get(p, p) for p in shared])  # [P] variants of a problem move together
+        row["groups"] = len(set(groups.tolist()))
         for name, get in (("accuracy", lambda c, p: c.per_problem[p]), ("runaway", lambda c, p: c.per_problem_runaway[p])):
             if shared:
                 d, lo, hi = paired_difference(np.array([get(t, p) for p in shared]),
-                                              np.array([get(b, p) for p in shared]), n_boot)
+                                              np.array([get(b, p) for p in shared]), n_boot, groups=groups)
                 row.update({f"{name}_diff": d, f"{name}_low": lo, f"{name}_high": hi})
-        if len(row) > 5:  # something was measured on both
+        if len(row) > 6:  # something was measured on both
             out.append(row)
     return out
 
@@ -234,9 +251,14 @@ def paired_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | setting | difference | problems | accuracy diff [95% CI] | runaway diff [95% CI] "
              "| NLL gap diff [95% CI] | top-1 diff [95% CI] |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {r['n']} "
+        lines.append(f"| {r['method']} | {r['setting']} | {r['treat']} - {r['base']} | {_n(r)} "
                      f"| {_diff(r, 'accuracy')} | {_diff(r, 'runaway')} | {_diff(r, 'nll_gap', 4)} | {_diff(r, 'top1', 4)} |")
     return "\n".join(lines)
+
+
+def _n(r: dict[str, Any]) -> str:
+    g = r.get("groups", r["n"])
+    return f"{r['n']} ({g} groups)" if g < r["n"] else str(r["n"])
 
 
 def interval(c: Cell, key: str) -> tuple[float, float] | None:

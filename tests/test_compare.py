@@ -55,8 +55,13 @@ def _run(idx: Index, work: Path, run: str, model: str, variants: int, label: str
     key = f"{run}-{label}"
     folder = work / "stages" / "eval" / key
     folder.mkdir(parents=True)
-    pq.write_table(pa.table({"prompt_id": [f"p{i}" for i in range(len(correct))], "correct": correct,
-                             "finish_reason": ["stop"] * len(correct)}), folder / "rows.parquet")
+    pids = [f"{model}-{variants}-p{i}" for i in range(len(correct))]
+    pq.write_table(pa.table({"prompt_id": pids, "correct": correct, "finish_reason": ["stop"] * len(correct)}),
+                   folder / "rows.parquet")
+    prompts = work / "stages" / "prompts" / key
+    prompts.mkdir(parents=True)  # variants of one problem share its group id
+    pq.write_table(pa.table({"prompt_id": pids, "group_id": [f"g{i // variants}" for i in range(len(pids))]}),
+                   prompts / "prompts.parquet")
     calib = None if label == "dense" else label.split("-")[0]
     idx.record_eval(run, label, key, {"calibration": calib, "method": calib and "sparsegpt",
                                       "sparsity": calib and 0.5, "accuracy": float(np.mean(correct))})
@@ -68,14 +73,21 @@ def test_cells_are_grouped_by_model_and_eval_set(tmp_path: Path) -> None:
     _run(idx, tmp_path, "a2", "qwen", 1, "prompt-sparsegpt-50pct", [False, False])  # same group, second run
     _run(idx, tmp_path, "b1", "/models/smol", 1, "rac-sparsegpt-50pct", [True, True, True])  # same label
     _run(idx, tmp_path, "c1", "qwen", 2, "rac-sparsegpt-50pct", [False, True, True, True])  # second eval set
+    _run(idx, tmp_path, "c2", "qwen", 2, "prompt-sparsegpt-50pct", [False, False, True, True])
     cells = collect_cells(tmp_path)
     by = {(c.group.split(",")[0], len(c.per_problem), c.label): c.get("accuracy") for c in cells}
     assert by == {("qwen", 2, "rac-sparsegpt-50pct"): 0.5, ("qwen", 2, "prompt-sparsegpt-50pct"): 0.0,
-                  ("smol", 3, "rac-sparsegpt-50pct"): 1.0, ("qwen", 4, "rac-sparsegpt-50pct"): 0.75}
+                  ("smol", 3, "rac-sparsegpt-50pct"): 1.0, ("qwen", 4, "rac-sparsegpt-50pct"): 0.75,
+                  ("qwen", 4, "prompt-sparsegpt-50pct"): 0.5}
     assert len({c.group for c in cells}) == 3 and any("x2 variants" in c.group for c in cells)
     rows = paired_rows([c for c in cells if c.group.startswith("qwen") and "variants" not in c.group], "rac", "prompt")
     assert [(r["n"], r["accuracy_diff"]) for r in rows] == [(2, 0.5)]  # paired within its own group only
+    variants = paired_rows([c for c in cells if "variants" in c.group], "rac", "prompt", n_boot=20_000)
+    # d = [0, 1 | 0, 0] in 2 clusters: resampled means are 0, 1/4 or 1/2 (per problem, 3/4 would reach 97.5%)
+    assert [(r["n"], r["groups"], r["accuracy_diff"], r["accuracy_low"], r["accuracy_high"]) for r in variants] \
+        == [(4, 2, 0.25, 0.0, 0.5)]
     written = write_comparison(tmp_path, tmp_path / "cmp", bases=("prompt",))
     md = written[0].read_text()
+    assert "| rac - prompt | 4 (2 groups) |" in md
     assert md.count("# qwen") == 2 and md.count("# smol") == 1 and len(written) == 4
     assert all(p.name.startswith("vs_sparsity-") and p.stat().st_size > 0 for p in written[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import statistics
@@ -15,7 +16,7 @@ import pytest
 from rac.data.generate import GenerateConfig
 from rac.data.prompts import PromptsConfig, read_prompts_meta, sample_prompts
 from rac.data.templates import TemplateError
-from rac.eval.evaluate import EvalConfig, bootstrap_interval, evaluate, score_rows, summarise
+from rac.eval.evaluate import EvalConfig, bootstrap_interval, bootstrap_means, evaluate, score_rows, summarise
 from rac.models.assets import tiny_model
 
 
@@ -34,6 +35,25 @@ def test_bootstrap_interval_matches_normal_approximation() -> None:
     assert bootstrap_interval(np.ones(10), 500, seed=0) == (1.0, 1.0)
 
 
+def test_cluster_bootstrap_matches_exact_enumeration() -> None:
+    """Resampling whole clusters (variants of one problem) against every one of the G^G cluster resamples."""
+    scores = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    groups = np.array(["a", "a", "a", "b", "c", "c", "d"])
+    sums, counts = {"a": 2.0, "b": 1.0, "c": 0.0, "d": 1.0}, {"a": 3, "b": 1, "c": 2, "d": 1}
+    keys = sorted(sums)
+    exact = [sum(sums[keys[i]] for i in ix) / sum(counts[keys[i]] for i in ix)
+             for ix in itertools.product(range(4), repeat=4)]
+    means = bootstrap_means(scores, 200_000, seed=3, groups=groups)
+    assert np.quantile(means, [0.025, 0.5, 0.975]) == pytest.approx(np.quantile(exact, [0.025, 0.5, 0.975]), abs=0.02)
+    assert np.mean(means) == pytest.approx(np.mean(exact), abs=0.003)
+    singles = bootstrap_means(scores, 500, seed=0)  # no groups: each problem is its own cluster
+    assert np.array_equal(singles, bootstrap_means(scores, 500, seed=0, groups=np.arange(7)))
+    assert bootstrap_interval(scores, 2000, 0, groups=groups)[1] - bootstrap_interval(scores, 2000, 0, groups=groups)[0] \
+        > bootstrap_interval(scores, 2000, 0)[1] - bootstrap_interval(scores, 2000, 0)[0]  # correlated: wider
+    with pytest.raises(ValueError, match="one id per score"):
+        bootstrap_means(scores, 10, 0, groups=groups[:3])
+
+
 def test_score_and_summarise_against_hand_counts() -> None:
     texts = ["\\boxed{2}", "\\boxed{3}", "\\boxed{1/2}", "no answer", "\\boxed{0.5}", "\\boxed{7}"]
     pids = ["a", "a", "b", "b", "c", "c"]
@@ -48,6 +68,8 @@ def test_score_and_summarise_against_hand_counts() -> None:
     assert s["n_problems"] == 3 and s["n_samples"] == 6 and s["cap_rate"] == pytest.approx(2 / 6)
     assert s["mean_tokens"] == pytest.approx(sum(lens) / 6) and s["median_tokens"] == statistics.median(lens)
     assert s["p90_tokens"] == pytest.approx(statistics.quantiles(lens, n=10, method="inclusive")[-1])
+    g = summarise(rows, 500, 0, groups={"a": "x", "b": "x", "c": "y"})
+    assert g["n_groups"] == 2 and s["n_groups"] == 3 and g["accuracy"] == s["accuracy"]
 
 
 def test_evaluate_end_to_end_on_tiny_model(tiny: Path, tmp_path: Path) -> None:

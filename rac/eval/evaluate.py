@@ -72,6 +72,7 @@ class EvalSummary:
 
     model: str
     n_problems: int
+    n_groups: int  # clusters the interval resamples (problems, or original problems of template variants)
     n_samples: int
     accuracy: float
     ci_low: float
@@ -89,11 +90,23 @@ class EvalSummary:
         return json.dumps(asdict(self), indent=2)
 
 
-def bootstrap_interval(per_problem: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of per-problem scores (resampling problems)."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_problem), size=(n_boot, len(per_problem)))  # [B, P]
-    means = per_problem[idx].mean(axis=1)  # [B]
+def bootstrap_means(scores: np.ndarray, n_boot: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """[n_boot] means of per-problem `scores` over bootstrap resamples of the problems or, with `groups` (one
+    cluster id per problem, e.g. the GSM8K problem a template variant comes from), of whole clusters."""
+    scores = np.asarray(scores, dtype=np.float64)  # [P]
+    _, g = np.unique(np.arange(scores.size) if groups is None else np.asarray(groups), return_inverse=True)
+    if g.shape != scores.shape:
+        raise ValueError(f"groups need one id per score: {g.shape} ids for {scores.shape} scores")
+    sums, counts = np.bincount(g, weights=scores), np.bincount(g)  # [G], [G]
+    idx = np.random.default_rng(seed).integers(0, sums.size, size=(n_boot, sums.size))  # [B, G]
+    return sums[idx].sum(axis=1) / counts[idx].sum(axis=1)  # [B]
+
+
+def bootstrap_interval(per_problem: np.ndarray, n_boot: int, seed: int, level: float = 0.95,
+                       groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-problem scores (resampling problems, or clusters of
+    problems when `groups` is given)."""
+    means = bootstrap_means(per_problem, n_boot, seed, groups)  # [B]
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
 
@@ -125,15 +138,18 @@ def score_rows(cots: pa.Table, gold: dict[str, str], threads: int) -> pa.Table:
     )
 
 
-def summarise(rows: pa.Table, n_boot: int, seed: int) -> dict[str, float]:
-    """Accuracy with interval, token statistics and cap rate of graded rows."""
+def summarise(rows: pa.Table, n_boot: int, seed: int, groups: dict[str, str] | None = None) -> dict[str, float]:
+    """Accuracy with interval, token statistics and cap rate of graded rows; `groups` (prompt id -> group id)
+    makes the interval resample groups of related problems (template variants) together."""
     pids = np.array(rows.column("prompt_id").to_pylist())
     correct = np.array(rows.column("correct").to_pylist(), dtype=np.float64)
     lens = np.array(rows.column("completion_len").to_pylist(), dtype=np.float64)
     uniq, inv = np.unique(pids, return_inverse=True)
     per_problem = np.bincount(inv, weights=correct) / np.bincount(inv)  # [P]
-    lo, hi = bootstrap_interval(per_problem, n_boot, seed)
-    return {"n_problems": len(uniq), "n_samples": len(correct), "accuracy": float(per_problem.mean()),
+    clusters = np.array([groups.get(str(p), str(p)) for p in uniq]) if groups else None  # [P]
+    lo, hi = bootstrap_interval(per_problem, n_boot, seed, groups=clusters)
+    return {"n_problems": len(uniq), "n_groups": len(set(clusters)) if clusters is not None else len(uniq),
+            "n_samples": len(correct), "accuracy": float(per_problem.mean()),
             "ci_low": lo, "ci_high": hi, "mean_tokens": float(lens.mean()),
             "median_tokens": float(np.median(lens)), "p90_tokens": float(np.percentile(lens, 90)),
             "cap_rate": rows.column("finish_reason").to_pylist().count("length") / len(correct)}
@@ -154,13 +170,15 @@ def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path,
     prompts_path = Path(cfg.prompts_path)
     meta = read_prompts_meta(prompts_path)
     info = _check_template(model_dir, meta, cfg.expect_template_hash)
-    prompts = pq.read_table(prompts_path, columns=["prompt_id", "answer"])
-    gold = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("answer").to_pylist(), strict=True))
+    prompts = pq.read_table(prompts_path, columns=["prompt_id", "group_id", "answer"])
+    pids = prompts.column("prompt_id").to_pylist()
+    gold = dict(zip(pids, prompts.column("answer").to_pylist(), strict=True))
+    groups = dict(zip(pids, prompts.column("group_id").to_pylist(), strict=True))
     out_path = Path(out_path)
     gen = generate_cots(prompts_path, model_dir, cfg.generation, eval_cots_dir(out_path), on_shard=on_shard)
     rows = score_rows(read_cots(gen.out_dir), gold, cfg.grade_threads)
     atomic_write_table(rows, out_path)
-    summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed),  # type: ignore[arg-type]
+    summary = EvalSummary(model=str(model_dir), **summarise(rows, cfg.bootstrap, cfg.seed, groups),  # type: ignore[arg-type]
                           wall_s=gen.wall_s, tokens_per_s=gen.new_tokens_per_s, template=info,
                           rows_path=str(out_path))
     atomic_write_text(out_path.with_suffix(".json"), summary.to_json())
