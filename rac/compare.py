@@ -153,6 +153,7 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         cfg, secs = prune.get((src["model_name"], label), ({}, None))
         row = {"calibration": src["calibration"], "sparsity": src["sparsity"] or 0.0, "prune_cfg": cfg.get("prune")}
         per: list[tuple[Any, ...]] = []
+        pgroup: dict[str, str] = {}
         if e is not None:
             _, per = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
                                  "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage"]])
@@ -160,7 +161,7 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         m = (json.loads(e["metrics"]) if isinstance(e["metrics"], str) else dict(e["metrics"] or {})) if e else {}
         cells.append(Cell(label, e["stage"] if e else "", src["calibration"], src["method"], _setting(row),
                           float(src["sparsity"] or 0.0), m, pr, {str(p): float(v) for p, v, _ in per}, secs,
-                          {str(p): float(x) for p, _, x in per}, pgroup if e else {}, group))
+                          {str(p): float(x) for p, _, x in per}, pgroup, group))
     return sorted(cells, key=lambda c: (c.group, c.method or "", c.setting, c.calibration or ""))
 
 
