@@ -50,6 +50,7 @@ class Cell:
     per_problem_runaway: dict[str, float] = field(default_factory=dict)  # prompt_id -> share hitting the cap
     problem_group: dict[str, str] = field(default_factory=dict)  # prompt_id -> original problem (variants)
     group: str = ""  # base model and eval set, e.g. "qwen2.5-coder-0.5b, eval gsm8k (eval half), greedy, 512 tok"
+    group_slug: str = ""  # the group in file names
 
     def proxy_metrics(self) -> dict[str, Any]:
         """The full proxies summary (per-sequence sums, intervals), empty when there are no proxies."""
@@ -96,8 +97,17 @@ def _strip(d: Any) -> Any:
     return d
 
 
-def eval_group(config: dict[str, Any]) -> tuple[str, str]:
-    """(model, eval-set title) of a run config: the base model and the result-defining eval settings."""
+@dataclass(frozen=True)
+class EvalGroup:
+    """A base model and an evaluation set: cells of one group are compared with each other."""
+
+    model: str
+    title: str  # "<model>, eval <set>, <sampling>, <cap> new tokens [<digest>]"
+    slug: str  # file-name part: "<model>-<digest>"
+
+
+def eval_group(config: dict[str, Any]) -> EvalGroup:
+    """The group of a run config: its base model and the result-defining settings of its eval section."""
     model = Path(str(config.get("model", "?"))).name
     ev = _strip(config.get("eval") or {})
     digest = hashlib.sha256(json.dumps(ev, sort_keys=True, default=str).encode()).hexdigest()[:6]
@@ -107,24 +117,23 @@ def eval_group(config: dict[str, Any]) -> tuple[str, str]:
         what += f" x{pr['variants']} variants" + (" + original" if pr.get("keep_original") else "")
     temp = gen.get("temperature")
     sampling = "greedy" if temp == 0 else f"T={temp}, {gen.get('samples_per_prompt', 1)} sample(s)/problem"
-    return model, f"eval {what}, {sampling}, {gen.get('max_new_tokens')} new tokens [{digest}]"
+    title = f"{model}, eval {what}, {sampling}, {gen.get('max_new_tokens')} new tokens [{digest}]"
+    return EvalGroup(model, title, re.sub(r"[^A-Za-z0-9._-]+", "-", model) + f"-{digest}")
 
 
-def _newest(rows: Iterable[dict[str, Any]], groups: dict[str, tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
-    """The newest row of each (group title, label); rows of runs without a group are skipped."""
-    out: dict[tuple[str, str], dict[str, Any]] = {}
+def _newest(rows: Iterable[dict[str, Any]], groups: dict[str, EvalGroup]) -> dict[tuple[EvalGroup, str], dict[str, Any]]:
+    """The newest row of each (group, label); rows of runs without a group are skipped."""
+    out: dict[tuple[EvalGroup, str], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["created"]):
         if r["run"] in groups:
-            model, ev = groups[r["run"]]
-            out[(f"{model}, {ev}", r["label"])] = {**r, "model_name": model}
+            out[(groups[r["run"]], r["label"])] = r
     return out
 
 
-def problem_groups(index: Index, prompt_ids: list[str]) -> dict[str, str]:
-    """prompt id -> group id (the problem a template variant comes from) from the prompts of the work dir."""
+def problem_groups(index: Index) -> dict[str, str]:
+    """prompt id -> group id (the problem a template variant comes from) over the prompts of the work dir."""
     try:
-        _, rows = index.query("SELECT DISTINCT prompt_id, group_id FROM prompts WHERE list_contains(?, prompt_id)",
-                              [prompt_ids])
+        _, rows = index.query("SELECT DISTINCT prompt_id, group_id FROM prompts")
     except duckdb.CatalogException:  # no prompts Parquet in the work dir: every problem is its own group
         return {}
     return {str(p): str(g) for p, g in rows}
@@ -145,23 +154,24 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
     prune: dict[tuple[str, str], tuple[dict[str, Any], float | None]] = {}  # (base model, label) -> (prune config, seconds)
     for run, name, c, s in stages:
         if run in groups:
-            prune[(groups[run][0], name.split("/", 1)[1])] = ((json.loads(c) if isinstance(c, str) else c), s)
+            prune[(groups[run].model, name.split("/", 1)[1])] = ((json.loads(c) if isinstance(c, str) else c), s)
     cells = []
-    for group, label in sorted({*proxies, *evals}):  # evaluated, or proxies only
+    problem_group = problem_groups(index)
+    for group, label in sorted({*proxies, *evals}, key=lambda k: (k[0].title, k[1])):  # evaluated, or proxies only
         e, pr = evals.get((group, label)), proxies.get((group, label))
         src: dict[str, Any] = e or pr or {}
-        cfg, secs = prune.get((src["model_name"], label), ({}, None))
+        cfg, secs = prune.get((group.model, label), ({}, None))
         row = {"calibration": src["calibration"], "sparsity": src["sparsity"] or 0.0, "prune_cfg": cfg.get("prune")}
         per: list[tuple[Any, ...]] = []
         pgroup: dict[str, str] = {}
         if e is not None:
             _, per = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
                                  "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage"]])
-            pgroup = problem_groups(index, [str(p) for p, *_ in per])
+            pgroup = {str(p): problem_group[str(p)] for p, *_ in per if str(p) in problem_group}
         m = (json.loads(e["metrics"]) if isinstance(e["metrics"], str) else dict(e["metrics"] or {})) if e else {}
         cells.append(Cell(label, e["stage"] if e else "", src["calibration"], src["method"], _setting(row),
                           float(src["sparsity"] or 0.0), m, pr, {str(p): float(v) for p, v, _ in per}, secs,
-                          {str(p): float(x) for p, _, x in per}, pgroup, group))
+                          {str(p): float(x) for p, _, x in per}, pgroup, group.title, group.slug))
     return sorted(cells, key=lambda c: (c.group, c.method or "", c.setting, c.calibration or ""))
 
 
@@ -323,16 +333,10 @@ def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "ra
         groups.setdefault(c.group, []).append(c)
     md, plots = [], []
     for group, members in groups.items():
-        name = "vs_sparsity.png" if len(groups) == 1 else f"vs_sparsity-{_slug(group)}.png"
+        name = "vs_sparsity.png" if len(groups) == 1 else f"vs_sparsity-{members[0].group_slug}.png"
         paired = [r for base in bases for r in paired_rows(members, treat, base)]
         md += [f"# {group}", "", "## Every model", "", cells_table(members), "",
                f"## Paired differences ({treat} vs others)", "",
                paired_table(paired) if paired else "(no setting evaluated with both)", "", f"![vs sparsity]({name})", ""]
         plots.append(plot_vs_sparsity(members, out / name))
     return [atomic_write_text(out / "compare.md", "\n".join(md)), *plots]
-
-
-def _slug(group: str) -> str:
-    """A file-name part of a group title: model name plus the eval-set digest."""
-    digest = re.search(r"\[([0-9a-f]+)\]$", group)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", group.split(",")[0]) + (f"-{digest.group(1)}" if digest else "")
