@@ -33,7 +33,11 @@ $(STAMP): pyproject.toml Makefile
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rac flows tasks tests bench
 
+# mypy sees the Prefect layer under its installed name (rac_prefect.flows / rac_prefect.tasks) via links
 typecheck: $(STAMP)
+	mkdir -p build/typecheck/rac_prefect
+	ln -sfn ../../../flows build/typecheck/rac_prefect/flows
+	ln -sfn ../../../tasks build/typecheck/rac_prefect/tasks
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 from transformers import LlamaConfig
 
+from rac.data.segments import CALIB_SCHEMA
 from rac.engine import CompressConfig, compress
 from rac.engine.actstore import ActStore
 from rac.engine.calib import load_calibration
@@ -38,7 +39,6 @@ from rac.engine.output import plan_shards, write_safetensors_stream
 from rac.models.adapters import get_adapter
 from rac.models.streaming import WeightFiles, build_skeleton, materialize, release
 from rac.pruners import PruneConfig
-from rac.segments import CALIB_SCHEMA
 
 GIB = 1024**3
 SHAPE: dict[str, Any] = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -214,7 +214,7 @@ def _markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-NOTE = ("The statistics pass accumulates H = sum x x^T in float32 (`rac.stats`): per token that is "
+NOTE = ("The statistics pass accumulates H = sum x x^T in float32 (`rac.pruners.stats`): per token that is "
         "sum over groups of d_in^2 multiply-adds, about as many as the layer's forward, but in float32. "
         "On this CPU torch has no bf16 x bf16 -> fp32 GEMM (`aten::mm.dtype` is CUDA-only), so against a "
         "bfloat16 (AMX) forward the float32 accumulation costs several forwards; against a float32 forward "

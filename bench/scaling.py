@@ -150,10 +150,10 @@ def dp_seconds(work: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from rac.data.segments import CALIB_SCHEMA
     from rac.engine import CompressConfig
     from rac.models.assets import tiny_model
     from rac.pruners import PruneConfig
-    from rac.segments import CALIB_SCHEMA
 
     model = tiny_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
                        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)
@@ -170,7 +170,7 @@ def dp_seconds(work: Path) -> dict[str, float]:
               "print(json.dumps({'seconds': compress(sys.argv[1], sys.argv[2], sys.argv[3], cfg, sys.argv[5]).seconds}))")
     runs = {"1 process x 2 threads": ([sys.executable, "-c", single], "2"),
             "torchrun 2 ranks x 1 thread": ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                             "--master_port", "29641", "-m", "rac.engine.distributed"], "1")}
+                                             "--master_port", "29641", "-m", "rac.engine.torchrun"], "1")}
     out = {}
     for i, (label, (cmd, threads)) in enumerate(runs.items()):
         args = [str(model), str(calib), str(work / f"out{i}")]

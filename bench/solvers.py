@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from bench.reference import reference_sparsegpt
-from rac.error import reconstruction_loss
 from rac.pruners import PruneConfig, prune
+from rac.pruners.error import reconstruction_loss
 
 SHAPES: tuple[tuple[int, int], ...] = ((896, 896), (4864, 896), (896, 4864), (4096, 4096), (11008, 4096))
 THREADS: tuple[int, ...] = (2, 1)

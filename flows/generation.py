@@ -8,25 +8,25 @@ config: the cluster lives only while CoTs are generated, and every other stage s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow
 
 from rac.data.generate import GenerateConfig
-from rac.pipeline import RunEnv, StageOutput
-from rac.runner import RunnerConfig
-from tasks import generate_cots_task
-from tasks.generation import build_task_runner, generate_cots_fanout_task
+from rac.runs.memo import StageOutput
+from rac.runs.run_config import RunnerConfig
+from rac.runs.workdir import RunRef
+from rac_prefect.tasks import generate_cots_task
+from rac_prefect.tasks.generation import build_task_runner, generate_cots_fanout_task
 
 
 @flow(name="rac-generate-cots", log_prints=True)
-def cots_flow(env: RunEnv, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig) -> StageOutput:
+def cots_flow(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig) -> StageOutput:
     """Generate the CoTs with one mapped task per shard (the subflow's task runner runs them)."""
     stored = generate_cots_fanout_task.with_options(result_storage=Path(env.prefect_dir))
     return stored(env, cfg, prompts, runner)
 
 
-def generate_cots_stage(env: RunEnv, cfg: Any, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
+def generate_cots_stage(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
     """The cots stage: in-process without a runner, else fanned out by a subflow on the runner."""
     if runner is None:
         return generate_cots_task.with_options(result_storage=Path(env.prefect_dir))(env, cfg, prompts)

@@ -7,6 +7,7 @@ All calibrations and sparsities of one run share the prompts and the CoTs. Stage
 the task runner of the config's `runner:` section when there is one (flows/generation.py).
 
 Embedded (ephemeral) Prefect is used unless PREFECT_API_URL points at a server; both behave the same.
+The config is parsed once: the CLI passes the typed `RunConfig`; a deployment passes `config_path`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import flow
 from prefect.tasks import Task
 
-from flows.generation import generate_cots_stage
-from rac.pipeline import RunEnv, StageOutput
-from rac.run import new_run_id
-from rac.runconfig import RunConfig, load_run_config, parse_run_config
-from rac.session import RunSession
-from tasks import (
+from rac.runs.memo import StageOutput
+from rac.runs.run_config import RunConfig, load_run_config
+from rac.runs.session import RunSession
+from rac.runs.workdir import RunRef, new_run_id
+from rac_prefect.flows.generation import generate_cots_stage
+from rac_prefect.tasks import (
     build_calibration_task,
     evaluate_task,
     proxies_task,
@@ -31,61 +32,62 @@ from tasks import (
     sample_prompts_task,
     token_error_task,
 )
-from tasks.progress import log
+from rac_prefect.tasks.progress import log
 
 
-def _load(config: dict[str, Any] | None, config_path: str | None) -> RunConfig:
+def _load(config: RunConfig | None, config_path: str | None) -> RunConfig:
     if config is not None:
-        return parse_run_config(config, source="flow parameter `config`")
+        return config
     if config_path:
         return load_run_config(config_path)
-    raise ValueError("rac_prune needs `config` (a run-config mapping) or `config_path` (a YAML file)")
+    raise ValueError("rac_prune needs `config` (a RunConfig) or `config_path` (a YAML run config)")
 
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _stored(env: RunEnv, t: Task[P, R]) -> Task[P, R]:
+def _stored(env: RunRef, t: Task[P, R]) -> Task[P, R]:
     return t.with_options(result_storage=Path(env.prefect_dir))
 
 
 def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     """Every stage of a run, in order; returns the stage outputs by name and the report paths."""
-    env = session.env
+    env = session.run
     done: dict[str, StageOutput] = {}
     prompts = _stored(env, sample_prompts_task)(env, cfg.prompts)
     done[prompts.name] = prompts
-    cots = generate_cots_stage(env, cfg.generate, prompts, cfg.runner) if cfg.needs_cots() else None
+    cots = None
+    if cfg.generate is not None and cfg.needs_cots():
+        cots = generate_cots_stage(env, cfg.generate, prompts, cfg.runner)
     if cots is not None:
         done[cots.name] = cots
     calibs: dict[str, StageOutput] = {}
     for name, ccfg in cfg.calibrations.items():
-        kind = str(getattr(ccfg, "kind", ""))
         calib = _stored(env, build_calibration_task)(
-            env, name, ccfg, prompts if kind in ("prompt", "rac") else None, cots if kind == "rac" else None
+            env, name, ccfg, prompts if ccfg.kind in ("prompt", "rac") else None, cots if ccfg.kind == "rac" else None
         )
         calibs[name] = done[calib.name] = calib
         note = session.note_calibration(name, calib.output("calibration").sha256)
         if note:
             log(note)
-    eval_cfg, eval_prompts = None, None
-    if cfg.eval is not None:
+    eval_cfg, eval_prompts = cfg.eval, None
+    template = prompts.summary.get("template", {}).get("hash")  # the eval prompts must carry it too
+    if cfg.eval_prompts is not None:
         eval_prompts = _stored(env, sample_prompts_task)(env, cfg.eval_prompts, name="prompts/eval")
         done[eval_prompts.name] = eval_prompts
-        template = prompts.summary.get("template", {}).get("hash")
-        eval_cfg = cfg.eval_config(str(eval_prompts.output("prompts").path), template)
     dense_eval = None
     if eval_cfg is not None and eval_prompts is not None and cfg.eval_dense:
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
-        dense_eval = done["eval/dense"] = _stored(env, evaluate_task)(env, "dense", eval_cfg, None, eval_prompts, meta)
+        dense_eval = done["eval/dense"] = _stored(env, evaluate_task)(env, "dense", eval_cfg, template, None,
+                                                                      eval_prompts, meta)
     for job in cfg.jobs:
         pruned = _stored(env, prune_task)(env, job, calibs[job.calibration])
         done[pruned.name] = pruned
         meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                 "sparsity": job.compress.prune.sparsity}
         if eval_cfg is not None and eval_prompts is not None and cfg.evaluates(job):
-            out = _stored(env, evaluate_task)(env, job.label, eval_cfg, pruned, eval_prompts, meta)
+            out = _stored(env, evaluate_task)(env, job.label, eval_cfg, template, pruned, eval_prompts, meta)
             done[out.name] = out
         heat = None
         if cfg.report.heatmap:
@@ -100,12 +102,13 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
                        for k, v in done.items()}}
 
 
-@flow(name="rac-prune", log_prints=True)
-def rac_prune(config: dict[str, Any] | None = None, config_path: str | None = None, run_id: str | None = None,
+@flow(name="rac-prune", log_prints=True, validate_parameters=False)
+def rac_prune(config: RunConfig | None = None, config_path: str | None = None, run_id: str | None = None,
               work_dir: str = "work") -> dict[str, Any]:
     """Run (or resume, for an existing run id) a whole rac run; a new run id is made when none is given."""
     cfg = _load(config, config_path)
-    session = RunSession.open(work_dir, run_id or new_run_id(cfg.name), cfg, config_path or "")
+    session = RunSession.open(work_dir, run_id or new_run_id(cfg.name), cfg.name, cfg.model, cfg.canonical(),
+                              config_path or "")
     try:
         result = run_dag(session, cfg)
     except BaseException as err:

@@ -9,6 +9,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 
+def canonical_json(obj: Any) -> str:
+    """The one canonical JSON text of plain data (sorted keys, no whitespace): what every hash is taken over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_json(obj: Any) -> str:
+    """Hex sha256 of `canonical_json(obj)`: the stable content hash of a config or a stage key."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
 class StageConfig(BaseModel):
     """Base of every stage config: immutable, unknown keys rejected, hashable by content."""
 
@@ -20,8 +30,7 @@ class StageConfig(BaseModel):
 
     def stable_hash(self, length: int = 12) -> str:
         """Hex sha256 of the canonical JSON (sorted keys, no whitespace), truncated to `length`."""
-        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:length]
+        return sha256_json(self.canonical())[:length]
 
     @classmethod
     def known_keys(cls) -> list[str]:

@@ -1,6 +1,6 @@
 """Thin Prefect tasks over the rac stage steps; they exchange artifact references, never tensors."""
 
-from tasks.stages import (
+from rac_prefect.tasks.stages import (
     build_calibration_task,
     evaluate_task,
     generate_cots_task,

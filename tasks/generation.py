@@ -24,14 +24,15 @@ import pyarrow.parquet as pq
 from prefect import task, unmapped
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from rac import steps
-from rac.artifacts import ArtifactRef
 from rac.data.generate import CotsPlan, GenerateConfig, open_engine, plan_cots, write_shard
 from rac.data.templates import load_tokenizer
-from rac.pipeline import RunEnv, StageOutput
-from rac.runner import RunnerConfig
-from tasks.progress import TaskProgress, log
-from tasks.stages import verified_cache_key
+from rac.runs import stages as steps
+from rac.runs.memo import StageOutput
+from rac.runs.run_config import RunnerConfig
+from rac.runs.workdir import RunRef
+from rac.store.artifacts import ArtifactRef
+from rac_prefect.tasks.progress import TaskProgress, log
+from rac_prefect.tasks.stages import verified_cache_key
 
 KILL_ONCE_ENV = "RAC_KILL_ONCE"  # test aid: "<point>@<marker file>,...": SIGKILL the first process reaching it
 
@@ -166,7 +167,7 @@ class PrefectShards:
 
 @task(name="generate-cots", persist_result=True,
       cache_key_fn=verified_cache_key("cots", lambda p: steps.cots_key(p["env"], p["cfg"], p["prompts"])))
-def generate_cots_fanout_task(env: RunEnv, cfg: GenerateConfig, prompts: StageOutput,
+def generate_cots_fanout_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput,
                               runner: RunnerConfig) -> StageOutput:
     """The cots stage with its shards fanned out over the flow's task runner (waves, see RunnerConfig)."""
     prompts_path = prompts.output("prompts").path

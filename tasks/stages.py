@@ -1,7 +1,7 @@
-"""The pipeline's Prefect tasks: thin wrappers over `rac.steps`, exchanging `StageOutput` references.
+"""The pipeline's Prefect tasks: thin wrappers over `rac.runs.stages`, exchanging `StageOutput` references.
 
 Caching: each task's `cache_key_fn` returns `rac-<stage>-<key>` (key = sha256 of stage config, input
-artifact hashes, model revision, rac version; see `rac.pipeline.stage_key`) only when the index holds a
+artifact hashes, model revision, rac version; see `rac.runs.memo.stage_key`) only when the index holds a
 completed stage with that key whose outputs still verify; otherwise None (no cache, the body runs and
 recomputes what is missing or corrupt). Results persist in the run folder (`runs/<id>/prefect/`, set by
 the flow through `with_options(result_storage=...)`). Across runs of one work dir the index does the
@@ -18,12 +18,18 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import TaskRunContext
 
-from rac import steps
-from rac.index import Index
-from rac.pipeline import RunEnv, StageOutput, find_done
-from rac.report import write_report
-from rac.runconfig import PruneJob, ReportConfig
-from tasks.progress import TaskProgress, artifact_key, log
+from rac.data.calib import CalibConfig
+from rac.data.generate import GenerateConfig
+from rac.data.prompts import PromptsConfig
+from rac.eval.evaluate import EvalConfig
+from rac.eval.proxies import ProxyConfig
+from rac.reporting.report import write_report
+from rac.runs import stages as steps
+from rac.runs.memo import StageOutput, find_done
+from rac.runs.run_config import PruneJob, ReportConfig
+from rac.runs.workdir import RunRef
+from rac.store.index import Index
+from rac_prefect.tasks.progress import TaskProgress, artifact_key, log
 
 KeyFn = Callable[[dict[str, Any]], str]
 
@@ -43,13 +49,13 @@ def verified_cache_key(stage: str, key_of: KeyFn) -> Callable[[TaskRunContext, d
 
 @task(name="sample-prompts", persist_result=True,
       cache_key_fn=verified_cache_key("prompts", lambda p: steps.prompts_key(p["env"], p["cfg"])))
-def sample_prompts_task(env: RunEnv, cfg: Any, name: str = "prompts") -> StageOutput:
+def sample_prompts_task(env: RunRef, cfg: PromptsConfig, name: str = "prompts") -> StageOutput:
     return steps.prompts_step(env, cfg, log=log, name=name)
 
 
 @task(name="generate-cots", persist_result=True,
       cache_key_fn=verified_cache_key("cots", lambda p: steps.cots_key(p["env"], p["cfg"], p["prompts"])))
-def generate_cots_task(env: RunEnv, cfg: Any, prompts: StageOutput) -> StageOutput:
+def generate_cots_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput) -> StageOutput:
     with TaskProgress("generation", f"{env.run_id}-generation") as progress:
         return steps.cots_step(env, cfg, prompts, progress=progress, log=log)
 
@@ -60,26 +66,27 @@ def _calib_inputs(p: dict[str, Any]) -> list[StageOutput]:
 
 @task(name="build-calibration", persist_result=True,
       cache_key_fn=verified_cache_key("calib", lambda p: steps.calib_key(p["env"], p["cfg"], _calib_inputs(p))))
-def build_calibration_task(env: RunEnv, name: str, cfg: Any, prompts: StageOutput | None,
+def build_calibration_task(env: RunRef, name: str, cfg: CalibConfig, prompts: StageOutput | None,
                            cots: StageOutput | None) -> StageOutput:
     return steps.calib_step(env, name, cfg, prompts, cots, log=log)
 
 
 @task(name="prune", persist_result=True,
       cache_key_fn=verified_cache_key("prune", lambda p: steps.prune_key(p["env"], p["job"], p["calib"])))
-def prune_task(env: RunEnv, job: PruneJob, calib: StageOutput) -> StageOutput:
+def prune_task(env: RunRef, job: PruneJob, calib: StageOutput) -> StageOutput:
     """Statistics + pruning, layer by layer; progress per (layer, group) step."""
     with TaskProgress(f"pruning {job.label}", f"{env.run_id}-prune-{job.label}") as progress:
         return steps.prune_step(env, job, calib, progress=progress, log=log)
 
 
 @task(name="evaluate", persist_result=True,
-      cache_key_fn=verified_cache_key("eval", lambda p: steps.eval_key(p["env"], p["cfg"], p["model"], p["prompts"])))
-def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
-                  meta: dict[str, Any]) -> StageOutput:
+      cache_key_fn=verified_cache_key("eval", lambda p: steps.eval_key(p["env"], p["cfg"], p["template_hash"],
+                                                                       p["model"], p["prompts"])))
+def evaluate_task(env: RunRef, label: str, cfg: EvalConfig, template_hash: str | None, model: StageOutput | None,
+                  prompts: StageOutput, meta: dict[str, Any]) -> StageOutput:
     """Generate + grade answers of one model on the eval prompts; a Markdown artifact with its metrics."""
     with TaskProgress(f"evaluating {label}", f"{env.run_id}-evaluate-{label}") as progress:
-        out = steps.eval_step(env, label, cfg, model, prompts, meta, log=log, progress=progress)
+        out = steps.eval_step(env, label, cfg, template_hash, model, prompts, meta, log=log, progress=progress)
     row = steps.metrics_row(out.summary)
     create_markdown_artifact(
         f"**{label}**: accuracy {row['accuracy']} (95% CI {row['ci_low']}..{row['ci_high']}), "
@@ -90,20 +97,20 @@ def evaluate_task(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, 
 
 
 @task(name="token-error", persist_result=True)
-def token_error_task(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutput,
+def token_error_task(env: RunRef, label: str, cfg: ReportConfig, pruned: StageOutput,
                      calib: StageOutput) -> StageOutput:
     return steps.tokerror_step(env, label, cfg, pruned, calib, log=log)
 
 
 @task(name="proxies", persist_result=True)
-def proxies_task(env: RunEnv, label: str, cfg: Any, pruned: StageOutput, dense_eval: StageOutput,
+def proxies_task(env: RunRef, label: str, cfg: ProxyConfig, pruned: StageOutput, dense_eval: StageOutput,
                  tokerror: StageOutput | None, meta: dict[str, Any]) -> StageOutput:
     """Forward-pass proxies of one pruned model on the dense model's eval CoTs."""
     return steps.proxies_step(env, label, cfg, pruned, dense_eval, tokerror, meta, log=log)
 
 
 @task(name="report")
-def report_task(env: RunEnv) -> list[str]:
+def report_task(env: RunRef) -> list[str]:
     """Write the run's Markdown + PNG report and publish the Markdown as a Prefect artifact."""
     paths = write_report(Path(env.work_dir), env.run_id)
     create_markdown_artifact(paths[0].read_text(), key=artifact_key(f"{env.run_id}-report"),

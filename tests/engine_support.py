@@ -2,7 +2,7 @@
 
 The reference holds the whole model in memory, runs each calibration sequence through the full model with
 forward hooks on the linears (one accumulator per linear), and calls the same pruner function. It shares
-no code with the streamed engine besides `rac.stats`, `rac.pruners` and the calibration file format.
+no code with the streamed engine besides `rac.pruners.stats`, `rac.pruners` and the calibration file format.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM
 
-from rac.error import relative_error
+from rac.data.segments import CALIB_SCHEMA
 from rac.pruners import PruneConfig, prune
-from rac.segments import CALIB_SCHEMA
-from rac.stats import HessianAccumulator
+from rac.pruners.error import relative_error
+from rac.pruners.stats import HessianAccumulator
 
 GROUPS = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -74,7 +74,7 @@ def _collect(model: torch.nn.Module, names: list[str], seqs: Sequence[Seq],
 def reference_prune(model_dir: Path, seqs: Sequence[Seq], prune_cfg: PruneConfig, sequential: str,
                     weights: dict[str, float]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Pruned weights {"model.layers.i.x.weight": W} of every decoder linear (float32), and their
-    `rac.error.relative_error` under the reference H."""
+    `rac.pruners.error.relative_error` under the reference H."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     names = {0: "prompt", 1: "decode", 2: "other"}
     segments = tuple(names[s] for s in sorted({x for _, seg in seqs for x in seg}))

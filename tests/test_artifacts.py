@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rac.artifacts import (
+from rac.store.artifacts import (
     TEMP_MARK,
     ArtifactError,
     ArtifactRef,
@@ -118,7 +118,7 @@ def test_killed_writer_leaves_only_temp_which_is_swept(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"old")
     code = (
         "import os, signal, sys\n"
-        "from rac.artifacts import atomic_path\n"
+        "from rac.store.artifacts import atomic_path\n"
         f"with atomic_path({str(target)!r}) as t:\n"
         "    t.write_bytes(b'partial')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"

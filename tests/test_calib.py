@@ -17,9 +17,9 @@ from rac.data.calib import (
 )
 from rac.data.generate import GenerateConfig, generate_cots, read_cots, special_ids
 from rac.data.prompts import PromptsConfig, sample_prompts
+from rac.data.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 from rac.data.templates import load_tokenizer
 from rac.models.assets import smollm2_135m, tiny_model
-from rac.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 
 P, D, OTH = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"], SEGMENT_IDS["other"]
 

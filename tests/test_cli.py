@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from rac.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from rac.index import Index, LayerRow
+from rac.store.index import Index, LayerRow
+from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_OK, main
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "configs" / "tiny.yaml"
 

@@ -1,4 +1,4 @@
-"""rac.compare: paired bootstrap intervals against exact enumeration of the resampling distribution."""
+"""rac.reporting.compare: paired bootstrap intervals against exact enumeration of the resampling distribution."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rac.compare import collect_cells, paired_difference, paired_rows, write_comparison
-from rac.index import Index
+from rac.reporting.compare import collect_cells, paired_difference, paired_rows, write_comparison
+from rac.store.index import Index
 
 
 def exact_bootstrap_quantiles(d: np.ndarray, level: float = 0.95) -> tuple[float, float]:

@@ -67,7 +67,7 @@ def test_streamed_equals_in_memory_reference(tmp_path: Path, arch: str, sequenti
         torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5, msg=name)
     reported = {lin.name + ".weight": lin.rel_error for r in records for lin in r.linears}
     assert reported.keys() == rel_errors.keys()
-    for name, err in rel_errors.items():  # provenance error == rac.error.relative_error on the reference H
+    for name, err in rel_errors.items():  # provenance error == rac.pruners.error.relative_error on the reference H
         assert reported[name] == pytest.approx(err, rel=1e-3), name
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rac.error import per_token_error, reconstruction_loss, relative_error
+from rac.pruners.error import per_token_error, reconstruction_loss, relative_error
 
 
 def _case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_score_and_summarise_against_hand_counts() -> None:
     assert rows.column("correct").to_pylist() == [True, False, True, False, False, True]
     s = summarise(rows, 500, 0)
     assert s["accuracy"] == pytest.approx((0.5 + 0.5 + 0.5) / 3)
-    assert s["n_problems"] == 3 and s["n_samples"] == 6 and s["cap_rate"] == pytest.approx(2 / 6)
+    assert s["n_problems"] == 3 and s["n_samples"] == 6 and s["runaway_share"] == pytest.approx(2 / 6)
     assert s["mean_tokens"] == pytest.approx(sum(lens) / 6) and s["median_tokens"] == statistics.median(lens)
     assert s["p90_tokens"] == pytest.approx(statistics.quantiles(lens, n=10, method="inclusive")[-1])
     g = summarise(rows, 500, 0, groups={"a": "x", "b": "x", "c": "y"})
@@ -77,12 +77,11 @@ def test_evaluate_end_to_end_on_tiny_model(tiny: Path, tmp_path: Path) -> None:
     sample_prompts(PromptsConfig(source="gsm8k", n=3, holdout="eval"), tiny, pp)
     thash = read_prompts_meta(pp)["template"]["hash"]
     gen = GenerateConfig(max_new_tokens=8, samples_per_prompt=2, token_budget=None, dtype="float32")
-    s = evaluate(tiny, EvalConfig(prompts_path=str(pp), expect_template_hash=thash, generation=gen),
-                 tmp_path / "dense.parquet")
+    s = evaluate(tiny, EvalConfig(generation=gen), pp, tmp_path / "dense.parquet", expect_template_hash=thash)
     rows = pq.read_table(tmp_path / "dense.parquet")
     assert rows.num_rows == 6 == s.n_samples and s.n_problems == 3
     assert s.template["hash"] == thash and 0.0 <= s.ci_low <= s.accuracy <= s.ci_high <= 1.0
-    assert s.cap_rate == pytest.approx(rows.column("finish_reason").to_pylist().count("length") / 6)
+    assert s.runaway_share == pytest.approx(rows.column("finish_reason").to_pylist().count("length") / 6)
     assert json.loads((tmp_path / "dense.json").read_text())["n_samples"] == 6
     assert s.wall_s > 0 and s.tokens_per_s > 0
 
@@ -90,9 +89,8 @@ def test_evaluate_end_to_end_on_tiny_model(tiny: Path, tmp_path: Path) -> None:
 def test_evaluate_refuses_a_different_template(tiny: Path, tmp_path: Path) -> None:
     pp = tmp_path / "p.parquet"
     sample_prompts(PromptsConfig(source="gsm8k", n=1), tiny, pp)
-    cfg = EvalConfig(prompts_path=str(pp), expect_template_hash="0" * 16)
     with pytest.raises(TemplateError, match="calibration used hash '0000000000000000'"):
-        evaluate(tiny, cfg, tmp_path / "x.parquet")
+        evaluate(tiny, EvalConfig(), pp, tmp_path / "x.parquet", expect_template_hash="0" * 16)
     other = tmp_path / "other_model"
     shutil.copytree(tiny, other)
     jinja = other / "chat_template.jinja"
@@ -103,10 +101,10 @@ def test_evaluate_refuses_a_different_template(tiny: Path, tmp_path: Path) -> No
         tc["chat_template"] = "SYSTEM " + tc["chat_template"]
         (other / "tokenizer_config.json").write_text(json.dumps(tc))
     with pytest.raises(TemplateError, match="renders template"):
-        evaluate(other, EvalConfig(prompts_path=str(pp)), tmp_path / "y.parquet")
+        evaluate(other, EvalConfig(), pp, tmp_path / "y.parquet")
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "y.parquet").exists()
 
 
 def test_eval_config_rejects_a_token_budget() -> None:
     with pytest.raises(ValueError, match="token_budget must be None"):
-        EvalConfig(prompts_path="p.parquet", generation=GenerateConfig(token_budget=1000))
+        EvalConfig(generation=GenerateConfig(token_budget=1000))

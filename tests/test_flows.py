@@ -21,12 +21,13 @@ import pytest  # noqa: E402
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from rac.cli import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, main  # noqa: E402
-from rac.index import Index  # noqa: E402
 from rac.models.assets import tiny_model  # noqa: E402
-from rac.pipeline import RunEnv, StageOutput  # noqa: E402
-from rac.run import RunLockedError, model_revision  # noqa: E402
-from rac.runconfig import load_run_config  # noqa: E402
+from rac.models.streaming import model_revision  # noqa: E402
+from rac.runs.memo import StageOutput  # noqa: E402
+from rac.runs.run_config import load_run_config  # noqa: E402
+from rac.runs.workdir import RunLockedError, RunRef  # noqa: E402
+from rac.store.index import Index  # noqa: E402
+from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_OK, main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "configs" / "tiny.yaml"
@@ -44,7 +45,7 @@ def api_url() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def reference(api_url: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One uninterrupted run of tiny.yaml through the flow; later tests compare against it."""
-    from flows.prune import rac_prune
+    from rac_prefect.flows.prune import rac_prune
 
     work = tmp_path_factory.mktemp("ref")
     result = rac_prune(config_path=str(TINY), run_id="ref", work_dir=str(work))
@@ -78,7 +79,7 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
                           *(f"{stage}/{job}" for stage in ("prune", "eval", "tokerror", "proxies") for job in jobs)}
     assert all(s["status"] == "done" and not s["reused"] for s in names.values())
     evals = {e["label"]: e for e in idx.evals("ref")}
-    assert set(evals) == {"dense", *jobs} and all(e["n"] == 2 for e in evals.values())
+    assert set(evals) == {"dense", *jobs} and all(e["n_problems"] == 2 for e in evals.values())
     assert evals["rac-sparsegpt-50pct"]["calibration"] == "rac" and evals["dense"]["sparsity"] == 0.0
     _, eval_rows = idx.query("select count(*) from eval_rows")
     assert eval_rows == [(6,)]  # 3 models x 2 eval prompts
@@ -116,8 +117,8 @@ def test_proxies_rows_score_each_pruned_model_on_the_dense_eval_cots(reference: 
 
 
 def test_compare_joins_evals_proxies_and_problems(reference: dict[str, Any], tmp_path: Path) -> None:
-    from rac.cli import main
-    from rac.compare import collect_cells, paired_rows
+    from rac.reporting.compare import collect_cells, paired_rows
+    from rac_prefect.flows.cli import main
 
     work = reference["work"]
     cells = {c.label: c for c in collect_cells(work)}
@@ -155,7 +156,7 @@ def test_flow_publishes_prefect_artifacts(reference: dict[str, Any]) -> None:
 
 
 def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str, Any], tmp_path: Path) -> None:
-    from flows.prune import rac_prune
+    from rac_prefect.flows.prune import rac_prune
 
     work = reference["work"]
     rac_prune(config_path=str(TINY), run_id="ref", work_dir=str(work))  # same run again: Prefect cache
@@ -171,7 +172,7 @@ def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str
     computed = sorted(k for k, v in third["stages"].items() if not v["reused"])
     assert computed == ["eval/rac-wanda-50pct", *(f"{stage}/{calib}-wanda-50pct" for stage in ("proxies", "prune", "tokerror")
                         for calib in ("prompt", "rac"))]  # prompts, CoTs, calibrations, dense eval reused
-    from rac.compare import collect_cells, paired_rows
+    from rac.reporting.compare import collect_cells, paired_rows
 
     cells = {c.label: c for c in collect_cells(work)}
     assert cells["prompt-wanda-50pct"].eval == {} and cells["prompt-wanda-50pct"].proxies is not None
@@ -180,11 +181,11 @@ def test_rerun_does_no_work_and_new_prune_config_reuses_cots(reference: dict[str
 
 
 def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Path) -> None:
-    from tasks import build_calibration_task, sample_prompts_task
+    from rac_prefect.tasks import build_calibration_task, sample_prompts_task
 
     cfg = load_run_config(TINY)
     model = tiny_model("llama")
-    env = RunEnv(str(tmp_path), "direct", str(model), model_revision(model))
+    env = RunRef(str(tmp_path), "direct", str(model), model_revision(model))
     Index(tmp_path).create_run("direct", "t", {}, {}, "", 1)
     prompts = sample_prompts_task.fn(env, cfg.prompts)
     ref_prompts = Index(reference["work"]).done_stages(prompts.key)
@@ -194,7 +195,7 @@ def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Pa
 
 
 def test_eval_flow_on_a_pruned_folder(reference: dict[str, Any]) -> None:
-    from flows.eval import rac_eval
+    from rac_prefect.flows.eval import rac_eval
 
     work = reference["work"]
     key = {s["name"]: s for s in Index(work).run_stages("ref")}["prune/rac-sparsegpt-50pct"]["key"]
@@ -205,13 +206,13 @@ def test_eval_flow_on_a_pruned_folder(reference: dict[str, Any]) -> None:
     row = Index(work).evals("ev1")[0]
     assert row["label"] == "rac-pruned" and row["mean_tokens"] == ref_row["mean_tokens"]  # same model, same seeds
     again = rac_eval(model=str(folder), eval_config=str(TINY), work_dir=str(work), label="rac-pruned", run_id="ev2")
-    assert again["stage"] == out["stage"]
+    assert again["stage_key"] == out["stage_key"]
     assert {s["name"]: s["reused"] for s in Index(work).run_stages("ev2")} == {"prompts/eval": True, "eval/rac-pruned": True}
 
 
 def _cli(args: list[str], api_url: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
     env = {**os.environ, "PREFECT_API_URL": api_url, **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "rac.cli", *args], env=env, cwd=str(REPO),
+    return subprocess.Popen([sys.executable, "-m", "rac_prefect.flows.cli", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -249,7 +250,7 @@ def test_killed_mid_generation_resumes_to_identical_models(reference: dict[str, 
 @pytest.mark.slow
 def test_second_run_on_same_id_refuses(reference: dict[str, Any], api_url: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.prune import rac_prune
+    from rac_prefect.flows.prune import rac_prune
 
     cfg = without_eval(tmp_path)
     proc = _cli(["--work-dir", str(tmp_path), "run", str(cfg), "--run-id", "busy"], api_url,
@@ -271,7 +272,7 @@ def test_second_run_on_same_id_refuses(reference: dict[str, Any], api_url: str, 
 
 
 def test_corrupted_shard_is_detected_and_recomputed(reference: dict[str, Any]) -> None:
-    from flows.prune import rac_prune
+    from rac_prefect.flows.prune import rac_prune
 
     work = reference["work"]
     idx = Index(work)
@@ -286,10 +287,11 @@ def test_corrupted_shard_is_detected_and_recomputed(reference: dict[str, Any]) -
 
 
 def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import flows.prune
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(type(flows.prune.rac_prune), "serve", lambda self, **kw: seen.update(kw))
+    import rac_prefect.flows.prune
+
+    monkeypatch.setattr(type(rac_prefect.flows.prune.rac_prune), "serve", lambda self, **kw: seen.update(kw))
     assert main(["--work-dir", str(tmp_path), "serve", str(TINY), "--cron", "15 4 * * 1"]) == EXIT_OK
     assert seen == {"name": "rac-scheduled", "cron": "15 4 * * 1",
                     "parameters": {"config_path": str(TINY), "work_dir": str(tmp_path)}}
@@ -301,8 +303,8 @@ def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_pa
 def test_prefect_yaml_deployments_point_at_flows() -> None:
     import inspect
 
-    from flows.eval import rac_eval
-    from flows.prune import rac_prune
+    from rac_prefect.flows.eval import rac_eval
+    from rac_prefect.flows.prune import rac_prune
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     flows_by_entry: dict[str, Any] = {"flows/prune.py:rac_prune": rac_prune, "flows/eval.py:rac_eval": rac_eval}
@@ -319,37 +321,37 @@ def test_prefect_yaml_deployments_point_at_flows() -> None:
 def test_interrupted_evaluation_keeps_its_verified_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.parquet as pq
 
-    import rac.resume
-    from rac import steps
+    import rac.runs.resume
     from rac.eval.evaluate import eval_cots_dir
+    from rac.runs import stages as steps
 
     cfg = load_run_config(TINY)
     model = tiny_model("llama")
 
     def evaluate_in(work: Path) -> tuple[StageOutput, list[str]]:
-        env = RunEnv(str(work), "e", str(model), model_revision(model))
+        env = RunRef(str(work), "e", str(model), model_revision(model))
         if Index(work).get_run("e") is None:
             Index(work).create_run("e", "t", {}, {}, "", 1)
         prompts = steps.prompts_step(env, cfg.eval_prompts, name="prompts/eval")
-        ecfg = cfg.eval_config(str(prompts.output("prompts").path), None)
-        ecfg = ecfg.model_copy(update={"generation": ecfg.generation.model_copy(update={"shard_size": 1})})
+        assert cfg.eval is not None
+        ecfg = cfg.eval.model_copy(update={"generation": cfg.eval.generation.model_copy(update={"shard_size": 1})})
         logs: list[str] = []
-        return steps.eval_step(env, "dense", ecfg, None, prompts, {}, log=logs.append), logs
+        return steps.eval_step(env, "dense", ecfg, None, None, prompts, {}, log=logs.append), logs
 
     whole, _ = evaluate_in(tmp_path / "whole")
-    real = rac.resume.crashpoint
+    real = rac.runs.resume.crashpoint
 
     def crash(name: str) -> None:
         if name == "cots.shard:1":
             raise RuntimeError("killed")
         real(name)
 
-    monkeypatch.setattr(rac.resume, "crashpoint", crash)
+    monkeypatch.setattr(rac.runs.resume, "crashpoint", crash)
     with pytest.raises(RuntimeError, match="killed"):
         evaluate_in(tmp_path / "cut")
     first = next((tmp_path / "cut").rglob("rows.cots/part-00000.parquet"))
     stamp = first.stat().st_mtime_ns
-    monkeypatch.setattr(rac.resume, "crashpoint", real)
+    monkeypatch.setattr(rac.runs.resume, "crashpoint", real)
     resumed, logs = evaluate_in(tmp_path / "cut")
     assert any("resuming after 1 verified generation shard(s)" in m for m in logs), logs
     assert first.stat().st_mtime_ns == stamp  # shard 0 kept, not generated again

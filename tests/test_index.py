@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rac.artifacts import ArtifactRef
-from rac.index import Index, LayerRow, ReadOnlyQueryError
+from rac.store.artifacts import ArtifactRef
+from rac.store.index import Index, LayerRow, ReadOnlyQueryError
 
 
 def _ref(path: Path, body: bytes, kind: str = "blob") -> ArtifactRef:

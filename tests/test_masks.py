@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rac.masks import all_finite, check_nm, make_mask, n_pruned, nm_mask, unstructured_mask
+from rac.pruners.masks import all_finite, check_nm, make_mask, n_pruned, nm_mask, unstructured_mask
 
 
 @pytest.mark.parametrize(

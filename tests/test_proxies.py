@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from rac.data.generate import COTS_SCHEMA, GenerateConfig, generate_cots, read_cots
 from rac.data.prompts import PromptsConfig, sample_prompts
+from rac.data.segments import CALIB_META_KEY, CALIB_SCHEMA
 from rac.eval.proxies import (
     ProxyConfig,
     cot_proxies,
@@ -26,9 +27,8 @@ from rac.eval.proxies import (
     reconstruction_error_by_segment,
     select_sequences,
 )
-from rac.eval.tokerror import relative_token_error
 from rac.models.assets import tiny_model
-from rac.segments import CALIB_META_KEY, CALIB_SCHEMA
+from rac.pruners.error import per_token_error
 
 FULL_K = 100_000  # >= vocabulary: the coarse KL is the full KL
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
@@ -255,7 +255,7 @@ def test_reconstruction_error_by_segment_against_the_layer_input(dense: Path, tm
         with torch.no_grad():
             h1 = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1]  # layer 1 input
             x = model.model.layers[1].input_layernorm(h1)[0]  # [T, hidden]
-            e = relative_token_error(model.model.layers[1].self_attn.q_proj.weight, w_hat, x)  # [T]
+            e = per_token_error(model.model.layers[1].self_attn.q_proj.weight, w_hat, x)  # [T]
         for s in (0, 1):
             err[s].append(e[seg_t == s])
     n_linears, n_layers = 7, 2  # only q_proj of layer 1 differs; every other linear's error is 0

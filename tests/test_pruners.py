@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rac.masks import n_pruned, prune_lowest
 from rac.pruners import PRUNERS, PruneConfig, get_pruner, magnitude, prune, sparsegpt, wanda
+from rac.pruners.masks import n_pruned, prune_lowest
 from rac.pruners.wanda import col_norms_from_hessian
 
 METHODS = sorted(PRUNERS)

@@ -12,17 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rac.run import (
-    FileLock,
-    FingerprintMismatchError,
-    RunLockedError,
-    check_fingerprint,
-    check_run_id,
-    config_diff,
-    fingerprint,
-    model_revision,
-    new_run_id,
-)
+from rac.models.streaming import model_revision
+from rac.runs.session import FingerprintMismatchError, check_fingerprint, config_diff, fingerprint
+from rac.runs.workdir import FileLock, RunLockedError, check_run_id, new_run_id
 
 
 def _model(folder: Path, hidden: int = 4) -> Path:
@@ -43,7 +35,7 @@ def test_run_ids() -> None:
 def test_lock_refuses_second_holder_in_other_process(tmp_path: Path) -> None:
     lock_file = tmp_path / "run.lock"
     code = (
-        "import sys, time\nfrom rac.run import FileLock\n"
+        "import sys, time\nfrom rac.runs.workdir import FileLock\n"
         f"l = FileLock(__import__('pathlib').Path({str(lock_file)!r}), 'run x').acquire()\n"
         "print('locked', flush=True); sys.stdin.readline()\n"
     )
@@ -63,7 +55,7 @@ def test_lock_refuses_second_holder_in_other_process(tmp_path: Path) -> None:
 def test_lock_is_released_when_holder_is_killed(tmp_path: Path) -> None:
     lock_file = tmp_path / "run.lock"
     code = (
-        "import os, signal\nfrom pathlib import Path\nfrom rac.run import FileLock\n"
+        "import os, signal\nfrom pathlib import Path\nfrom rac.runs.workdir import FileLock\n"
         f"FileLock(Path({str(lock_file)!r}), 'run x').acquire()\nos.kill(os.getpid(), signal.SIGKILL)\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
@@ -115,7 +107,7 @@ def _tiny_calibration(folder: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from rac.segments import CALIB_SCHEMA
+    from rac.data.segments import CALIB_SCHEMA
 
     rng = np.random.default_rng(0)
     rows = [{"seq_id": i, "source": "test", "input_ids": rng.integers(5, 500, 24).tolist(),
@@ -127,16 +119,17 @@ def _tiny_calibration(folder: Path) -> Path:
 
 
 def _prune_setup(work: Path) -> tuple[Any, Any, Any]:
-    from rac.artifacts import ArtifactRef
     from rac.engine import CompressConfig
-    from rac.index import Index
     from rac.models.assets import tiny_model
-    from rac.pipeline import RunEnv, StageOutput
     from rac.pruners.base import PruneConfig
-    from rac.runconfig import PruneJob
+    from rac.runs.memo import StageOutput
+    from rac.runs.run_config import PruneJob
+    from rac.runs.workdir import RunRef
+    from rac.store.artifacts import ArtifactRef
+    from rac.store.index import Index
 
     model = tiny_model("llama")
-    env = RunEnv(str(work), "r1", str(model), model_revision(model))
+    env = RunRef(str(work), "r1", str(model), model_revision(model))
     if Index(work).get_run("r1") is None:
         Index(work).create_run("r1", "test", {}, {}, "", 1)
     calib_path = work / "calib" / "calib.parquet"
@@ -204,13 +197,13 @@ def forkserver() -> Any:
     import multiprocessing as mp
 
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "rac.steps", "rac.engine", "test_resume"])
+    ctx.set_forkserver_preload(["torch", "transformers", "rac.runs.stages", "rac.engine", "test_resume"])
     return ctx
 
 
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from rac import steps
+    from rac.runs import stages as steps
 
     work = tmp_path_factory.mktemp("reference")
     env, job, calib = _prune_setup(work)
@@ -227,8 +220,8 @@ def _same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.mark.parametrize("scenario", sorted(CRASH_SCENARIOS))
 def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, forkserver: Any,
                                                 reference_model: dict[str, Any]) -> None:
-    from rac import steps
-    from rac.index import Index
+    from rac.runs import stages as steps
+    from rac.store.index import Index
 
     proc = forkserver.Process(target=_crash_child, args=(str(tmp_path), scenario))
     proc.start()
@@ -251,8 +244,8 @@ def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, 
 @pytest.mark.slow
 def test_corrupt_checkpoint_and_output_are_recomputed(tmp_path: Path, forkserver: Any,
                                                       reference_model: dict[str, Any]) -> None:
-    from rac import steps
-    from rac.index import Index
+    from rac.runs import stages as steps
+    from rac.store.index import Index
 
     proc = forkserver.Process(target=_crash_child, args=(str(tmp_path), "torn-shard"))
     proc.start()

@@ -11,7 +11,7 @@ import yaml
 from rac.data.calib import CalibConfig
 from rac.engine import CompressConfig
 from rac.pruners.base import PruneConfig
-from rac.runconfig import TOP_KEYS, RunConfigError, load_run_config, parse_run_config
+from rac.runs.run_config import TOP_KEYS, RunConfigError, load_run_config, parse_run_config
 
 
 def base() -> dict[str, Any]:

@@ -21,14 +21,15 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from prefect import flow  # noqa: E402
 
-from rac import steps  # noqa: E402
 from rac.data.generate import GenerateConfig, read_cots  # noqa: E402
 from rac.data.prompts import PromptsConfig  # noqa: E402
-from rac.index import Index  # noqa: E402
 from rac.models.assets import tiny_model  # noqa: E402
-from rac.pipeline import RunEnv, StageOutput  # noqa: E402
-from rac.run import model_revision  # noqa: E402
-from rac.runner import RunnerConfig  # noqa: E402
+from rac.models.streaming import model_revision  # noqa: E402
+from rac.runs import stages as steps  # noqa: E402
+from rac.runs.memo import StageOutput  # noqa: E402
+from rac.runs.run_config import RunnerConfig  # noqa: E402
+from rac.runs.workdir import RunRef  # noqa: E402
+from rac.store.index import Index  # noqa: E402
 
 CFG = GenerateConfig(max_new_tokens=12, shard_size=1, batch_size=1, dtype="float32", seed=3, token_budget=None)
 
@@ -42,9 +43,9 @@ def api_url() -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
-def _prompts(work: Path) -> tuple[RunEnv, StageOutput]:
+def _prompts(work: Path) -> tuple[RunRef, StageOutput]:
     model = tiny_model("llama")
-    env = RunEnv(str(work), "r1", str(model), model_revision(model))
+    env = RunRef(str(work), "r1", str(model), model_revision(model))
     Index(work).create_run("r1", "test", {}, {}, "", 1)
     return env, steps.prompts_step(env, PromptsConfig(source="gsm8k", n=5, seed=4), log=lambda m: None)
 
@@ -53,7 +54,7 @@ def _prompts(work: Path) -> tuple[RunEnv, StageOutput]:
 def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("prefect_dask", reason="prefect-dask (and dask[distributed]) not installed")
-    from flows.generation import generate_cots_stage
+    from rac_prefect.flows.generation import generate_cots_stage
 
     env_a, prompts_a = _prompts(tmp_path / "a")
     default = _parent(env_a, prompts_a, None)
@@ -80,8 +81,8 @@ def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tm
 
 
 @flow(name="test-parent")
-def _parent(env: RunEnv, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
-    from flows.generation import generate_cots_stage
+def _parent(env: RunRef, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
+    from rac_prefect.flows.generation import generate_cots_stage
 
     return generate_cots_stage(env, CFG, prompts, runner)
 
@@ -89,7 +90,7 @@ def _parent(env: RunEnv, prompts: StageOutput, runner: RunnerConfig | None) -> S
 def test_runner_packages_are_imported_lazily_with_a_clear_error() -> None:
     import importlib.util
 
-    from tasks.generation import RunnerUnavailableError, build_task_runner
+    from rac_prefect.tasks.generation import RunnerUnavailableError, build_task_runner
 
     assert type(build_task_runner(RunnerConfig(n_workers=3))).__name__ == "ThreadPoolTaskRunner"
     if importlib.util.find_spec("prefect_dask") is None:

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from rac.engine import CompressConfig, compress
 from rac.engine.calib import load_calibration
-from rac.engine.distributed import DistContext, resume_point
+from rac.engine.distributed import DistContext
+from rac.engine.torchrun import dist_resume_point as resume_point
 from rac.models.assets import tiny_model
 from rac.pruners import PruneConfig
 
@@ -52,7 +53,7 @@ def _torchrun(model: Path, calib: Path, out: Path, cfg: CompressConfig, work: Pa
     (work.parent / "cfg.json").write_text(json.dumps(cfg.canonical()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "rac.engine.distributed", str(model), str(calib), str(out),
+           "--master_port", str(_free_port()), "-m", "rac.engine.torchrun", str(model), str(calib), str(out),
            "--config", str(work.parent / "cfg.json"), "--work-dir", str(work), "--backend", "gloo", *extra]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,7 +19,7 @@ import pytest
 from rac.data.generate import CotsPlan, GenerateConfig, generate_cots, open_engine, read_cots, write_shard
 from rac.data.prompts import PromptsConfig, sample_prompts
 from rac.models.assets import tiny_model
-from rac.runner import RunnerConfig
+from rac.runs.run_config import RunnerConfig
 
 CFG = GenerateConfig(max_new_tokens=10, shard_size=1, batch_size=1, dtype="float32", seed=5, token_budget=None)
 
@@ -137,7 +137,7 @@ def test_runner_config_and_parallel_sizes() -> None:
 
 
 def test_run_config_runner_section() -> None:
-    from rac.runconfig import RunConfigError, parse_run_config
+    from rac.runs.run_config import RunConfigError, parse_run_config
 
     data: dict[str, Any] = {
         "model": "tiny-llama", "prompts": {"source": "gsm8k", "n": 4}, "generate": {"max_new_tokens": 16},

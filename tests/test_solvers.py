@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from bench.reference import reference_sparsegpt
-from rac.error import reconstruction_loss
 from rac.pruners import FactorizationError, PruneConfig, alps, prune, sparsegpt
+from rac.pruners.error import reconstruction_loss
 from rac.pruners.sparsegpt import reverse_cholesky
 
 

@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rac.segments import SEGMENT_IDS
-from rac.stats import HessianAccumulator
+from rac.data.segments import SEGMENT_IDS
+from rac.pruners.stats import HessianAccumulator
 
 D = 12
 

@@ -1,4 +1,4 @@
-"""Calibration sets: token-id sequences with a per-token segment label (`rac.segments.CALIB_SCHEMA`).
+"""Calibration sets: token-id sequences with a per-token segment label (`rac.data.segments.CALIB_SCHEMA`).
 
 Kinds and their labels:
   generic  plain English news text shipped in the `gensim` wheel (Lee corpus, 350 ABC news articles; an
@@ -36,8 +36,8 @@ from rac.data.engines import Request, make_engine
 from rac.data.generate import GenerateConfig, read_cots, resolve_sampling, sample_seed, special_ids
 from rac.data.io import atomic_write_table, read_table_meta
 from rac.data.prompts import PROMPTS_META_KEY
+from rac.data.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 from rac.data.templates import load_tokenizer
-from rac.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 
 GENERIC_FILES = {"gensim/test/test_data/lee_background.cor": "utf-8", "gensim/test/test_data/lee.cor": "cp1252"}
 P, D, OTHER = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"], SEGMENT_IDS["other"]

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
+from rac.dtypes import dtype_name, torch_dtype
+
 ENGINES = ("transformers", "vllm")
 
 
@@ -132,7 +134,7 @@ class TransformersEngine:
                  batch_size: int = 8) -> None:
         from transformers import AutoModelForCausalLM, GenerationConfig
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype)).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype, ("bfloat16", "float32"))).eval()
         # an empty default, so generate() merges none of the model's own sampling/penalty settings
         self.model.generation_config = GenerationConfig()
         self.eos, self.pad_id, self.batch_size = list(eos_ids), pad_id, batch_size
@@ -231,13 +233,6 @@ class VLLMEngine:
         torch.set_num_threads(self._threads)
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; known: {sorted(table)}")
-    return table[name]
-
-
 def make_engine(name: str, model_dir: Path, *, eos_ids: Sequence[int], pad_id: int, dtype: str = "bfloat16",
                 batch_size: int = 8, max_model_len: int = 4096, kv_cache_gib: int = 1, seed: int = 0,
                 tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> Any:
@@ -252,7 +247,7 @@ def make_engine(name: str, model_dir: Path, *, eos_ids: Sequence[int], pad_id: i
                              f"{tensor_parallel_size}, data_parallel_size={data_parallel_size} need engine 'vllm'")
         return TransformersEngine(model_dir, eos_ids, pad_id, dtype, batch_size)
     if name == "vllm":
-        return VLLMEngine(model_dir, eos_ids, "bfloat16" if dtype in ("bf16", "bfloat16") else "float32",
+        return VLLMEngine(model_dir, eos_ids, dtype_name(torch_dtype(dtype, ("bfloat16", "float32"))),
                           batch_size, max_model_len, kv_cache_gib, seed, tensor_parallel_size=tensor_parallel_size,
                           data_parallel_size=data_parallel_size)
     raise UnknownEngineError(f"unknown engine {name!r}; known engines: {list(ENGINES)}")

@@ -1,4 +1,4 @@
-"""Atomic Parquet writes and schema-metadata reads shared by the data stages (on `rac.artifacts`)."""
+"""Atomic Parquet writes and schema-metadata reads shared by the data stages (on `rac.store.artifacts`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rac.artifacts import atomic_path
+from rac.store.artifacts import atomic_path
 
 __all__ = ["atomic_write_table", "read_table_meta"]
 

@@ -9,8 +9,9 @@ Size on disk is n_tokens x hidden x bytes(dtype): e.g. 1M calibration tokens of 
 (hidden 8192) in bfloat16 take 1e6 x 8192 x 2 B = 16 GiB per store, and the engine keeps two (layer input
 and layer output), i.e. 32 GiB of disk - never RAM.
 
-A store is first written to ``<name>.tmp`` and only `commit()` fsyncs it and renames it into place, so a
-committed store is always complete.
+A store is first written to a temp sibling (the `.tmp-` marker of `rac.store.artifacts`, so a killed
+writer's leftovers are swept) and only `commit()` fsyncs it and renames it into place, so a committed store
+is always complete.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from rac.artifacts import fsync_dir, fsync_file
+from rac.dtypes import torch_dtype
+from rac.store.artifacts import atomic_write_json, fsync_dir, fsync_file, temp_sibling
 
-ACT_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ACT_DTYPES = ("bfloat16", "float32")
 _NP_STORAGE: dict[str, type[np.generic]] = {"bfloat16": np.uint16, "float32": np.float32}
 
 
@@ -51,7 +53,8 @@ class ActStore:
         self.spec = spec
         self.writable = writable
         self._np_dtype = np.dtype(_NP_STORAGE[spec.dtype])
-        self._torch_dtype = ACT_DTYPES[spec.dtype]
+        self._torch_dtype = torch_dtype(spec.dtype, ACT_DTYPES)
+        self._tmp = temp_sibling(self.path)  # where a writable store's data lives until `commit`
         self._row_bytes = spec.hidden * self._np_dtype.itemsize
 
     @staticmethod
@@ -61,15 +64,14 @@ class ActStore:
 
     @classmethod
     def create(cls, path: Path, n_tokens: int, hidden: int, dtype: str) -> ActStore:
-        """A new zero-filled store written at ``path.tmp`` (sparse file); `commit()` publishes it at `path`."""
+        """A new zero-filled store written at a temp sibling (sparse file); `commit()` publishes it at `path`."""
         if dtype not in ACT_DTYPES:
             raise ValueError(f"act dtype {dtype!r} not supported; known: {sorted(ACT_DTYPES)}")
         if n_tokens < 1 or hidden < 1:
             raise ValueError(f"store shape must be positive, got n_tokens={n_tokens}, hidden={hidden}")
         spec = StoreSpec(n_tokens, hidden, dtype)
         store = cls(path, spec, writable=True)
-        tmp = store._tmp_path()
-        with open(tmp, "wb") as f:
+        with open(store._tmp, "wb") as f:
             f.truncate(spec.nbytes())
         return store
 
@@ -86,13 +88,10 @@ class ActStore:
             raise ValueError(f"activation store {path} has {path.stat().st_size} bytes, expected {spec.nbytes()}")
         return cls(path, spec, writable=False)
 
-    def _tmp_path(self) -> Path:
-        return Path(str(self.path) + ".tmp")
-
     def _window(self, start: int, rows: int, mode: Literal["r", "r+"]) -> np.memmap:
         if start < 0 or rows < 1 or start + rows > self.spec.n_tokens:
             raise ValueError(f"rows [{start}, {start + rows}) outside store of {self.spec.n_tokens} tokens")
-        path = self._tmp_path() if self.writable else self.path
+        path = self._tmp if self.writable else self.path
         return np.memmap(
             path, dtype=self._np_dtype, mode=mode, offset=start * self._row_bytes, shape=(rows, self.spec.hidden)
         )
@@ -122,21 +121,14 @@ class ActStore:
         """fsync the data, write the sidecar atomically, and rename the data file into place."""
         if not self.writable:
             raise ValueError(f"activation store {self.path} is already committed")
-        tmp = self._tmp_path()
-        fsync_file(tmp)
-        side = self.sidecar(self.path)
-        side_tmp = Path(str(side) + ".tmp")
+        fsync_file(self._tmp)
         meta = {"n_tokens": self.spec.n_tokens, "hidden": self.spec.hidden, "dtype": self.spec.dtype}
-        with open(side_tmp, "w") as f:
-            json.dump(meta, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(side_tmp, side)
-        os.replace(tmp, self.path)
+        atomic_write_json(self.sidecar(self.path), meta)
+        os.replace(self._tmp, self.path)
         fsync_dir(self.path.parent)
         self.writable = False
 
     def delete(self) -> None:
         """Remove the data file, its sidecar and any temp file."""
-        for p in (self.path, self.sidecar(self.path), self._tmp_path()):
+        for p in (self.path, self.sidecar(self.path), self._tmp):
             p.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""Read and validate a calibration Parquet (`rac.segments.CALIB_SCHEMA`) and plan its forward batches.
+"""Read and validate a calibration Parquet (`rac.data.segments.CALIB_SCHEMA`) and plan its forward batches.
 
 Packing: sequences are stored in the activation store back to back with no padding, ordered by length
 (stable, so equal lengths keep calibration order). A batch is a run of consecutive sequences whose padded
@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from rac.artifacts import sha256_file
-from rac.segments import CALIB_META_KEY, SEGMENT_NAMES
+from rac.data.segments import CALIB_META_KEY, SEGMENT_NAMES
+from rac.store.artifacts import sha256_file
 
 
 class CalibrationError(ValueError):

@@ -6,14 +6,15 @@ Files (each written to a temp file in the same folder, fsynced and renamed):
   step-LLLLL-G.json                the `StepRecord` of that step (with the sha256 of the files above)
   acts-LLLLL.bin (+ .json)         activations entering layer L (see `rac.engine.actstore`)
 A step (L, G) is done when its .json exists. Resuming refuses a work dir whose fingerprint differs.
+`resume_point` is the one rule for where an interrupted compression continues (used by the pipeline,
+which trusts what its index verified, and by the torchrun entry point, which trusts the step records).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rac.artifacts import fsync_dir, fsync_file, sha256_file
+from rac.store.artifacts import atomic_path, atomic_write_text, sha256_file, sweep_temp
+
+Step = tuple[int, int]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, fsync, rename over `path`, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def resume_point(done: Callable[[int, int], bool], has_acts: Callable[[int], bool], n_layers: int,
+                 n_groups: int) -> Step | None:
+    """Where an interrupted compression continues: the first (layer, group) step that `done` does not vouch
+    for, walking in order; (n_layers, 0) when every step is done (only the output is left to write).
+
+    That step needs the activations entering its layer (`has_acts(layer)`); None means start over (nothing
+    done yet, or those activations are gone).
+    """
+    step: Step = (n_layers, 0)
+    for layer in range(n_layers):
+        missing = [g for g in range(n_groups) if not done(layer, g)]
+        if missing:
+            step = (layer, missing[0])
+            break
+    if step == (0, 0) or (step[0] < n_layers and not has_acts(step[0])):
+        return None
+    return step
 
 
 @dataclass(frozen=True)
@@ -112,10 +123,12 @@ class Checkpoints:
         return self.acts_root / f"acts-{layer:05d}.bin"
 
     def drop_acts(self, layer: int) -> None:
-        """Delete the activation store entering `layer` (data, sidecar, temp file) if present."""
+        """Delete the activation store entering `layer` (data, sidecar, temp files) if present."""
         data = self.acts_path(layer)
-        for p in (data, Path(str(data) + ".json"), Path(str(data) + ".tmp")):
+        for p in (data, Path(str(data) + ".json")):
             p.unlink(missing_ok=True)
+        for tmp in data.parent.glob(f".{data.name}.tmp-*"):
+            tmp.unlink(missing_ok=True)
 
     def reset(self, fingerprint: Mapping[str, Any]) -> None:
         """Start afresh: wipe the folder and record the run's fingerprint."""
@@ -123,6 +136,10 @@ class Checkpoints:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
         atomic_write_text(self.root / "state.json", json.dumps(dict(fingerprint), sort_keys=True, indent=1))
+
+    def sweep(self) -> None:
+        """Remove temp files a killed writer left (before resuming)."""
+        sweep_temp(self.root)
 
     def verify(self, fingerprint: Mapping[str, Any]) -> None:
         """ValueError naming every fingerprint key that differs from the recorded run (or if none exists)."""
@@ -138,12 +155,9 @@ class Checkpoints:
                   record: StepRecord, extra_files: tuple[Path, ...] = ()) -> StepRecord:
         """Persist the group's pruned weights, then its record (with file hashes); returns the full record."""
         path = self.weights_path(layer, group)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"layer": str(layer), "group": str(group)})
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(self.root)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={"layer": str(layer), "group": str(group)})
         files = tuple(CheckpointFile.of(p) for p in (path, *extra_files))
         full = StepRecord(record.layer, record.group, record.linears, files, record.seconds)
         atomic_write_text(self.record_path(layer, group), json.dumps(full.to_json(), indent=1))

@@ -10,33 +10,27 @@ activations through the pruned layer.
 
 Files under `work_dir`: the step checkpoints (`engine/step-*.{safetensors,json}`, `state.json`) are written
 once, by rank 0, after a barrier that follows every rank's commit of its activations; each rank's stores
-live in `engine/rank-RRR/`. A step is done when its record exists (as single-process), so resume is
-per rank: `resume_point` finds the first step without a record and checks that every rank still has the
-activations entering its layer (otherwise all ranks start over). The work dir must be on a filesystem
-all ranks share (one machine, or a shared mount).
+live in `engine/rank-RRR/`. A step is done when its record exists (as single-process); every rank must
+still hold the activations entering the resume step's layer, else all ranks start over. The work dir must
+be on a filesystem all ranks share (one machine, or a shared mount).
 
-Launch: torchrun --nproc_per_node N -m rac.engine.distributed MODEL CALIB OUT --config cfg.json --work-dir W
+This module holds the rank context only; the launcher is `rac.engine.torchrun`:
+    torchrun --nproc_per_node N -m rac.engine.torchrun MODEL CALIB OUT --config cfg.json --work-dir W
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from rac.engine.calib import Calibration, plan_batches
 from rac.engine.checkpoint import Checkpoints
-from rac.stats import HessianAccumulator
-
-Step = tuple[int, int]
+from rac.pruners.stats import HessianAccumulator
 
 
 class RankMismatchError(RuntimeError):
@@ -113,66 +107,3 @@ class DistContext:
         if len(set(digests)) != 1:
             raise RankMismatchError(f"{what}: ranks pruned to different weights (sha256 per rank: "
                                     f"{[d[:12] if d else d for d in digests]})")
-
-
-def resume_point(ctx: DistContext, work_dir: Path, n_layers: int, n_groups: int) -> Step | None:
-    """The first step without a checkpoint record, if every rank still holds the activations entering its
-    layer (else None: start over). All ranks get the same answer."""
-    ckpt = ctx.checkpoints(work_dir)
-    if not (ckpt.root / "state.json").is_file():
-        return None
-    step: Step = (n_layers, 0)
-    for layer in range(n_layers):
-        missing = [g for g in range(n_groups) if not ckpt.record_path(layer, g).is_file()]
-        if missing:
-            step = (layer, missing[0])
-            break
-    if step == (0, 0):
-        return None
-    have = step[0] >= n_layers or ckpt.acts_path(step[0]).is_file()
-    return step if ctx.all_min(int(have)) == 1 else None
-
-
-def _parse_step(text: str | None) -> Step | None:
-    if text is None:
-        return None
-    parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
-        raise ValueError(f"a step is 'layer,group' (e.g. 3,1), got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry: data-parallel `compress` of MODEL on CALIB into OUT (resumes from --work-dir)."""
-    from rac.engine.sequential import CompressConfig, compress
-    from rac.models.streaming import load_config
-
-    ap = argparse.ArgumentParser(prog="python -m rac.engine.distributed", description=main.__doc__)
-    ap.add_argument("model_dir", type=Path)
-    ap.add_argument("calib", type=Path)
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--config", type=Path, required=True, help="CompressConfig as JSON or YAML")
-    ap.add_argument("--work-dir", type=Path, required=True)
-    ap.add_argument("--backend", choices=("gloo", "nccl"), default=None)
-    ap.add_argument("--stop-after", default=None, help="layer,group: stop after this step (tests, staging)")
-    ap.add_argument("--fresh", action="store_true", help="ignore checkpoints in --work-dir and start over")
-    args = ap.parse_args(argv)
-    cfg = CompressConfig(**yaml.safe_load(args.config.read_text()))
-    ctx = DistContext.from_env(args.backend)
-    try:
-        config, adapter = load_config(args.model_dir, cfg.trust_remote_code)
-        start = None if args.fresh else resume_point(ctx, args.work_dir, int(config.num_hidden_layers),
-                                                      len(adapter.groups))
-        res = compress(args.model_dir, args.calib, args.out_dir, cfg, args.work_dir, start_at=start,
-                       stop_after=_parse_step(args.stop_after), dist=ctx)
-        if ctx.is_main:
-            print(json.dumps({"out_dir": str(res.out_dir) if res.out_dir else None, "complete": res.complete,
-                              "start_at": start, "steps": len(res.steps), "n_tokens": res.n_tokens,
-                              "seconds": round(res.seconds, 3), "world": ctx.world}))
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

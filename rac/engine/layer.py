@@ -20,11 +20,11 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from rac.data.segments import SEGMENT_IDS
 from rac.engine.actstore import ActStore
 from rac.engine.calib import Batch, Calibration
 from rac.models.adapters import Adapter, capture_layer_call, get_submodule
-from rac.segments import SEGMENT_IDS
-from rac.stats import HessianAccumulator
+from rac.pruners.stats import HessianAccumulator
 
 
 def _tensor_bytes(value: Any) -> int:

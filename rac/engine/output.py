@@ -26,32 +26,27 @@ from typing import Any
 import torch
 
 import rac
-from rac.artifacts import fsync_dir, fsync_file
 from rac.config import StageConfig
+from rac.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from rac.engine.calib import Calibration
 from rac.engine.checkpoint import StepRecord
 from rac.models.streaming import INDEX_NAME, SINGLE_NAME, WeightFiles
+from rac.store.artifacts import fsync_dir, fsync_file
 
 PROVENANCE_NAME = "rac_provenance.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def nbytes(dtype: str, shape: Sequence[int]) -> int:
     """Byte size of a tensor given its safetensors dtype string and shape."""
-    if dtype not in ST_DTYPES:
-        raise ValueError(f"unsupported safetensors dtype {dtype!r}; known: {sorted(ST_DTYPES)}")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"unsupported safetensors dtype {dtype!r}; known: {sorted(SAFETENSORS_DTYPES)}")
     n = 1
     for s in shape:
         n *= int(s)
-    return n * torch.empty((), dtype=ST_DTYPES[dtype]).element_size()
+    return n * torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size()
 
 
 def write_safetensors_stream(
@@ -77,7 +72,7 @@ def write_safetensors_stream(
         f.write(blob)
         for name, dtype, shape in specs:
             t = fetch(name)
-            if _ST_NAMES.get(t.dtype) != dtype or list(t.shape) != list(shape):
+            if SAFETENSORS_CODES.get(t.dtype) != dtype or list(t.shape) != list(shape):
                 raise ValueError(f"tensor {name!r}: got {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         f.flush()

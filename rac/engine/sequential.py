@@ -28,14 +28,15 @@ from pydantic import field_validator
 
 import rac
 from rac.config import StageConfig
+from rac.data.segments import SEGMENT_IDS
+from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
 from rac.engine.calib import Calibration, load_calibration
-from rac.engine.checkpoint import Checkpoints, LinearRecord, StepRecord
+from rac.engine.checkpoint import Checkpoints, LinearRecord, Step, StepRecord
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import memory_hygiene as _memory_hygiene
 from rac.engine.memory import trim_heap as _trim_heap
 from rac.engine.output import build_provenance, check_out_dir, write_hf_folder
-from rac.error import reconstruction_loss
 from rac.models.adapters import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
@@ -47,14 +48,12 @@ from rac.models.adapters import (
 from rac.models.streaming import WeightFiles, build_skeleton, load_config, materialize, release
 from rac.pruners import prune
 from rac.pruners.base import PruneConfig
-from rac.segments import SEGMENT_IDS
-from rac.stats import HessianAccumulator
+from rac.pruners.error import reconstruction_loss
+from rac.pruners.stats import HessianAccumulator
 
 if TYPE_CHECKING:
     from rac.engine.distributed import DistContext
 
-DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-Step = tuple[int, int]
 
 
 class CompressConfig(StageConfig):
@@ -310,7 +309,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     calib = full if dist is None else dist.shard(full, cfg.batch_tokens)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
-    device, dtype = torch.device(cfg.device), DTYPES[cfg.compute_dtype]
+    device, dtype = torch.device(cfg.device), torch_dtype(cfg.compute_dtype)
     present = [s for s, n in full.segment_tokens().items() if n > 0]  # the same plan on every rank
     plan = SegmentPlan.build(cfg.segment_weights, present, device)
     model = build_skeleton(config, cfg.trust_remote_code)

@@ -1,7 +1,7 @@
 """Evaluation stage: a dense or pruned model answers an eval prompts file; answers are graded and summarised.
 
 The prompts file is templated once (rac.data.prompts) with the calibration template; evaluation refuses a
-prompts file whose template hash differs from `expect_template_hash`, and re-renders the template with the
+prompts file whose template hash differs from the calibration's (`expect_template_hash`, an argument), and re-renders the template with the
 evaluated model's tokenizer to check it still produces the same fingerprint. Generation reuses
 `generate_cots` (same engines, seeds and shard resume) into `<out_path stem>.cots/`.
 
@@ -25,13 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from rac.artifacts import atomic_write_text
 from rac.config import StageConfig
 from rac.data.generate import GenerateConfig, generate_cots, read_cots
 from rac.data.io import atomic_write_table
 from rac.data.prompts import read_prompts_meta
 from rac.data.templates import TemplateConfig, TemplateError, load_tokenizer, template_info
 from rac.eval.grade import grade
+from rac.store.artifacts import atomic_write_text
 
 ROWS_SCHEMA = pa.schema(
     [
@@ -48,10 +48,10 @@ ROWS_SCHEMA = pa.schema(
 
 
 class EvalConfig(StageConfig):
-    """Eval prompts, the template they must carry, generation settings, and the interval's bootstrap."""
+    """How a model is evaluated: generation settings, the interval's bootstrap, grading threads.
 
-    prompts_path: str
-    expect_template_hash: str | None = None
+    What is evaluated (the prompts file, the template hash it must carry) are arguments of `evaluate`."""
+
     generation: GenerateConfig = GenerateConfig(max_new_tokens=2048, token_budget=None)
     bootstrap: int = Field(default=2000, ge=100)
     seed: int = 0
@@ -80,7 +80,7 @@ class EvalSummary:
     mean_tokens: float
     median_tokens: float
     p90_tokens: float
-    cap_rate: float
+    runaway_share: float  # share of samples that hit the token cap
     wall_s: float
     tokens_per_s: float
     template: dict[str, str]
@@ -139,7 +139,7 @@ def score_rows(cots: pa.Table, gold: dict[str, str], threads: int) -> pa.Table:
 
 
 def summarise(rows: pa.Table, n_boot: int, seed: int, groups: dict[str, str] | None = None) -> dict[str, float]:
-    """Accuracy with interval, token statistics and cap rate of graded rows; `groups` (prompt id -> group id)
+    """Accuracy with interval, token statistics and runaway share (samples that hit the cap) of graded rows; `groups` (prompt id -> group id)
     makes the interval resample groups of related problems (template variants) together."""
     pids = np.array(rows.column("prompt_id").to_pylist())
     correct = np.array(rows.column("correct").to_pylist(), dtype=np.float64)
@@ -152,7 +152,7 @@ def summarise(rows: pa.Table, n_boot: int, seed: int, groups: dict[str, str] | N
             "n_samples": len(correct), "accuracy": float(per_problem.mean()),
             "ci_low": lo, "ci_high": hi, "mean_tokens": float(lens.mean()),
             "median_tokens": float(np.median(lens)), "p90_tokens": float(np.percentile(lens, 90)),
-            "cap_rate": rows.column("finish_reason").to_pylist().count("length") / len(correct)}
+            "runaway_share": rows.column("finish_reason").to_pylist().count("length") / len(correct)}
 
 
 def eval_cots_dir(rows_path: Path) -> Path:
@@ -161,15 +161,17 @@ def eval_cots_dir(rows_path: Path) -> Path:
     return rows_path.with_name(rows_path.stem + ".cots")
 
 
-def evaluate(model_dir: Path, cfg: EvalConfig, out_path: Path,
+def evaluate(model_dir: Path, cfg: EvalConfig, prompts_path: Path, out_path: Path,
+             expect_template_hash: str | None = None,
              on_shard: Callable[[int, Path], None] | None = None) -> EvalSummary:
-    """Generate, grade and summarise `model_dir` on `cfg.prompts_path`; rows to `out_path`, summary JSON beside.
+    """Generate, grade and summarise `model_dir` on `prompts_path`; rows to `out_path`, summary JSON beside.
 
+    `expect_template_hash`: the calibration prompts' template hash the eval prompts must carry (None: any).
     Generation shards already in `eval_cots_dir(out_path)` with the same config are kept (resume);
     `on_shard(k, path)` is called after each new shard lands."""
-    prompts_path = Path(cfg.prompts_path)
+    prompts_path = Path(prompts_path)
     meta = read_prompts_meta(prompts_path)
-    info = _check_template(model_dir, meta, cfg.expect_template_hash)
+    info = _check_template(model_dir, meta, expect_template_hash)
     prompts = pq.read_table(prompts_path, columns=["prompt_id", "group_id", "answer"])
     pids = prompts.column("prompt_id").to_pylist()
     gold = dict(zip(pids, prompts.column("answer").to_pylist(), strict=True))

@@ -30,6 +30,7 @@ from pydantic import Field
 from rac.config import StageConfig
 from rac.data.generate import read_cots
 from rac.data.templates import load_tokenizer
+from rac.dtypes import torch_dtype
 from rac.eval.tokerror import token_error_heatmap
 
 COT_COLUMNS = ("cot_id", "prompt_ids", "completion_ids")
@@ -198,8 +199,7 @@ def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[Batch
 def load_model(model_dir: Path, dtype: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype)).eval()
 
 
 def scored_logprobs(model: Any, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

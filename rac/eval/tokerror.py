@@ -10,7 +10,6 @@ the paper's figure; the prompt and decode mean errors are returned.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,62 +18,26 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from rac.segments import SEGMENT_IDS
+from rac.data.segments import SEGMENT_IDS
+from rac.models.streaming import WeightFiles
+from rac.pruners.error import per_token_error
+from rac.store.artifacts import atomic_path
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def relative_token_error(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """||(W - W_hat) x_t||^2 / ||W x_t||^2 for each row x_t of x, in float32.
-
-    w, w_hat: [out, in]; x: [T, in]; returns [T].
-    """
-    if w.shape != w_hat.shape or x.shape[-1] != w.shape[1]:
-        raise ValueError(f"shape mismatch: W {tuple(w.shape)}, W_hat {tuple(w_hat.shape)}, x {tuple(x.shape)}")
-    w, w_hat, x = w.float(), w_hat.float(), x.float()
-    num = (x @ (w - w_hat).T).pow(2).sum(-1)  # [T]
-    den = (x @ w.T).pow(2).sum(-1)  # [T]
-    return num / den.clamp_min(torch.finfo(torch.float32).tiny)
-
-
-class SafetensorsWeights:
-    """Read tensors by name from a HF folder's (possibly sharded) safetensors."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            files = {}
-            for f in sorted(folder.glob("*.safetensors")):
-                with safe_open(str(f), "pt") as h:
-                    files.update({k: f for k in h.keys()})  # noqa: SIM118
-        if not files:
-            raise ValueError(f"no safetensors weights in {folder}")
-        self.folder, self.files = folder, files
-
-    def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if name not in self.files:
-            raise KeyError(f"tensor {name!r} not in {self.folder}")
-        with safe_open(str(self.files[name]), "pt") as h:
-            return h.get_tensor(name)
-
-
-def sequence_errors(model: Any, pruned: SafetensorsWeights, input_ids: list[int]) -> dict[str, torch.Tensor]:
-    """Per-linear per-token relative error for one sequence: {linear name: [T]}."""
+def sequence_errors(model: Any, pruned: WeightFiles, input_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Per-linear per-token relative error for one sequence: {linear name: [T]} (`per_token_error`; a token
+    whose dense output is 0 counts as error 0)."""
     out: dict[str, torch.Tensor] = {}
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and LAYER_RE.search(name):
             def hook(m: torch.nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])  # [T, in]
-                out[name] = relative_token_error(m.weight,  # type: ignore[arg-type]
-                                                 pruned.get(f"{name}.weight"), x)
+                key = f"{name}.weight"
+                err = per_token_error(m.weight, pruned.load([key])[key], x)  # type: ignore[arg-type]
+                out[name] = err.nan_to_num(nan=0.0)
             handles.append(mod.register_forward_pre_hook(hook))
     try:
         with torch.inference_mode():
@@ -131,10 +94,9 @@ def plot_heatmap(mats: list[torch.Tensor], decode_starts: list[int | None], out_
     fig.suptitle(title)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
 
 
 def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out_png: Path, n_seqs: int = 3,
@@ -153,7 +115,7 @@ def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out
     if not chosen:
         raise ValueError(f"calibration set {calib_path} has no sequences")
     model = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
-    pruned = SafetensorsWeights(Path(pruned_dir))
+    pruned = WeightFiles(Path(pruned_dir))
     mats, starts, p_err, d_err = [], [], [], []
     for i in chosen:
         ids = table.column("input_ids")[i].as_py()[:max_tokens]

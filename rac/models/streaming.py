@@ -37,11 +37,36 @@ class ShardError(ValueError):
     """A weight shard is missing, truncated, corrupt, or lacks a tensor its index names."""
 
 
-def _read_header(path: Path) -> bytes:
-    """Raw JSON header bytes of a safetensors file (used for fingerprints)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n)
+def safetensors_header(path: Path) -> bytes:
+    """The 8-byte length prefix plus the JSON header of a safetensors file (names, dtypes, shapes, offsets)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ShardError(f"safetensors file {str(path)!r} is truncated (no header)")
+        (n,) = struct.unpack("<Q", raw)
+        header = fh.read(n)
+        if len(header) != n:
+            raise ShardError(f"safetensors file {str(path)!r} is truncated (header of {n} bytes, {len(header)} read)")
+        return raw + header
+
+
+def model_revision(model_dir: Path) -> str:
+    """The model fingerprint: sha256 over config.json, the weights index and every shard's name, size and
+    header (not the values: cheap for any model size, and it changes with any re-export)."""
+    root = Path(model_dir)
+    config = root / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"model folder {str(root)!r} has no config.json")
+    digest = hashlib.sha256(b"config\0" + config.read_bytes())
+    index = root / INDEX_NAME
+    if index.is_file():
+        digest.update(b"index\0" + index.read_bytes())
+    shards = sorted(root.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"model folder {str(root)!r} has no *.safetensors weights")
+    for shard in shards:
+        digest.update(f"{shard.name}\0{shard.stat().st_size}\0".encode() + safetensors_header(shard))
+    return digest.hexdigest()
 
 
 class WeightFiles:
@@ -114,15 +139,8 @@ class WeightFiles:
         return {n[len(prefix) :]: t for n, t in self.load(names).items()}
 
     def fingerprint(self) -> str:
-        """sha256 over config.json, the tensor map and every shard's header and size (not the values)."""
-        h = hashlib.sha256()
-        config = self.model_dir / "config.json"
-        h.update(config.read_bytes() if config.is_file() else b"")
-        h.update(json.dumps(self.weight_map, sort_keys=True).encode())
-        for fname in sorted(set(self.weight_map.values())):
-            path = self.model_dir / fname
-            h.update(fname.encode() + str(path.stat().st_size).encode() + _read_header(path))
-        return h.hexdigest()
+        """This folder's `model_revision`."""
+        return model_revision(self.model_dir)
 
 
 def load_config(model_dir: Path, trust_remote_code: bool = False) -> tuple[PretrainedConfig, Adapter]:

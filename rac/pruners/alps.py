@@ -28,7 +28,6 @@ import time
 import torch
 from torch import Tensor
 
-from rac.masks import make_mask
 from rac.pruners.base import (
     FactorizationError,
     PruneConfig,
@@ -38,6 +37,7 @@ from rac.pruners.base import (
     factor_with_damping,
     make_result,
 )
+from rac.pruners.masks import make_mask
 
 RHO_MAX = 1e6
 SWITCH_ITER = 30

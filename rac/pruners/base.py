@@ -1,7 +1,7 @@
 """Pruner configuration, result record, input validation and the damping-retry loop shared by pruners.
 
 Sparsity rule: give either `sparsity` (unstructured, fraction pruned in [0, 1)) or `nm = (N, M)`
-(keep N of every M consecutive input columns, see `rac.masks`). With `nm`, the sparsity is implied
+(keep N of every M consecutive input columns, see `rac.pruners.masks`). With `nm`, the sparsity is implied
 as 1 - N/M: leave `sparsity` unset (it is filled in) or set it to exactly that value.
 
 Damping: Hessian-based pruners factor H + λI with λ = damp * mean(diag H). When the factorization
@@ -22,8 +22,8 @@ from pydantic import field_validator, model_validator
 from torch import Tensor
 
 from rac.config import StageConfig
-from rac.error import reconstruction_loss
-from rac.masks import all_finite, check_nm, check_sparsity
+from rac.pruners.error import reconstruction_loss
+from rac.pruners.masks import all_finite, check_nm, check_sparsity
 
 T = TypeVar("T")
 SYMMETRY_RTOL = 1e-4  # tolerated |H - H^T| relative to max |H| (float32 X^T X is symmetric up to rounding)

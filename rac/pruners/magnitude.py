@@ -6,8 +6,8 @@ import time
 
 from torch import Tensor
 
-from rac.masks import make_mask
 from rac.pruners.base import PruneConfig, PruneResult, check_layer, make_result
+from rac.pruners.masks import make_mask
 
 
 def magnitude(W: Tensor, cfg: PruneConfig, H: Tensor | None = None) -> PruneResult:

@@ -3,7 +3,7 @@
 Paper notation: W [rows, cols], H = X X^T + λI, H^{-1} = U^T U with U upper triangular, d_j = U_jj.
 Columns are processed left to right in blocks of B (`cfg.blocksize`). In each block the mask is
 chosen once from the saliency w_ij^2 / d_j^2 (unstructured; exactly the per-block share of the
-row's pruned count, see `rac.masks`) or every M columns from the current weights (N:M). Then, column
+row's pruned count, see `rac.pruners.masks`) or every M columns from the current weights (N:M). Then, column
 by column, the pruned weights are zeroed and their error e_j = (w_j - q_j) / d_j is compensated on
 the later columns of the block through row j of U (OBS update); the block's errors update the rest of
 the matrix with one matmul (lazy batch update). Dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0,
@@ -29,7 +29,6 @@ import time
 import torch
 from torch import Tensor
 
-from rac.masks import n_pruned, prune_lowest
 from rac.pruners.base import (
     FactorizationError,
     PruneConfig,
@@ -39,6 +38,7 @@ from rac.pruners.base import (
     factor_with_damping,
     make_result,
 )
+from rac.pruners.masks import n_pruned, prune_lowest
 
 MICRO = 16  # columns per micro-block of the in-block sweep
 CHOL_BLOCK = 256  # columns per block of the blocked reverse Cholesky

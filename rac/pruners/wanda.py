@@ -11,8 +11,8 @@ import time
 import torch
 from torch import Tensor
 
-from rac.masks import make_mask
 from rac.pruners.base import PruneConfig, PruneResult, check_col_norms, check_layer, make_result
+from rac.pruners.masks import make_mask
 
 
 def col_norms_from_hessian(H: Tensor) -> Tensor:

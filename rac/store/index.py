@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rac.artifacts import ArtifactRef
+from rac.store.artifacts import ArtifactRef
 
 INDEX_NAME = "rac.duckdb"
 _PROCESS_LOCK = threading.RLock()
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS layers (
   PRIMARY KEY (stage, layer, "group", linear));
 CREATE TABLE IF NOT EXISTS evals (
   run VARCHAR, label VARCHAR, stage VARCHAR, model VARCHAR, calibration VARCHAR, method VARCHAR,
-  sparsity DOUBLE, n INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
+  sparsity DOUBLE, n_problems INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
   median_tokens DOUBLE, p90_tokens DOUBLE, runaway_share DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
   metrics JSON, created TIMESTAMP, PRIMARY KEY (run, label));
 CREATE TABLE IF NOT EXISTS proxies (
@@ -345,7 +345,7 @@ class Index:
     # ---------------------------------------------------------------- evals
     def record_eval(self, run_id: str, label: str, stage_key: str, row: dict[str, Any]) -> None:
         """Insert or replace the evaluation summary of model `label` in a run."""
-        cols = ["model", "calibration", "method", "sparsity", "n", "accuracy", "ci_low", "ci_high",
+        cols = ["model", "calibration", "method", "sparsity", "n_problems", "accuracy", "ci_low", "ci_high",
                 "mean_tokens", "median_tokens", "p90_tokens", "runaway_share", "wall_s", "tokens_per_s"]
         values = [row.get(c) for c in cols]
         with self.transaction() as con:

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rac.artifacts import ArtifactRef
-from rac.engine.checkpoint import Checkpoints
-from rac.index import Index, LayerRow
-from rac.pipeline import ProgressFn, RunEnv
-from rac.run import crashpoint
+from rac.engine.checkpoint import Checkpoints, resume_point
+from rac.runs.memo import ProgressFn
+from rac.runs.workdir import RunRef, crashpoint
+from rac.store.artifacts import ArtifactRef
+from rac.store.index import Index, LayerRow
 
 _ACTS_RE = re.compile(r"acts-(\d+)")
 _SHARD_RE = re.compile(r"part-(\d+)\.parquet$")
@@ -41,7 +41,7 @@ def shard_files(folder: Path) -> list[Path]:
 class CotsResume:
     """Verifies recorded CoT shards before generation and records new ones as they land."""
 
-    def __init__(self, index: Index, env: RunEnv, key: str, folder: Path, log: Callable[[str], None]) -> None:
+    def __init__(self, index: Index, env: RunRef, key: str, folder: Path, log: Callable[[str], None]) -> None:
         self.index, self.env, self.key, self.folder, self.log = index, env, key, folder, log
 
     def prepare(self) -> int:
@@ -85,46 +85,37 @@ class CotsResume:
 class PruneResume:
     """Plans the engine's `start_at` from verified index steps and records new steps as they land."""
 
-    def __init__(self, index: Index, env: RunEnv, key: str, folder: Path, log: Callable[[str], None],
+    def __init__(self, index: Index, env: RunRef, key: str, folder: Path, log: Callable[[str], None],
                  n_layers: int, n_groups: int) -> None:
         self.index, self.env, self.key, self.folder, self.log = index, env, key, folder, log
         self.n_layers, self.n_groups = n_layers, n_groups
         self.out_dir = folder / "model"
         self.work_dir = folder / "work"
 
-    def next_step(self, layer: int, group: int) -> tuple[int, int]:
-        return (layer, group + 1) if group + 1 < self.n_groups else (layer + 1, 0)
-
-    def _acts_ok(self, layer: int, steps: list[tuple[int, int, list[ArtifactRef]]]) -> bool:
-        """Whether the recorded activations entering `layer` (written by its previous step) verify."""
-        if layer >= self.n_layers:
-            return True  # only the output is left to assemble
-        for _, _, refs in steps:
-            for ref in refs:
-                m = _ACTS_RE.search(ref.path.name)
-                if m and int(m.group(1)) == layer and ref.check() is not None:
-                    return False
-        return any(_ACTS_RE.search(r.path.name) and int(_ACTS_RE.search(r.path.name).group(1)) == layer  # type: ignore[union-attr]
-                   for _, _, refs in steps for r in refs)
-
     def plan(self) -> tuple[int, int] | None:
-        """The first (layer, group) to compute, or None to start over; drops index rows from there on."""
-        steps = self.index.steps(self.key)
-        start: tuple[int, int] | None = (0, 0)
-        for layer, group, refs in steps:
-            if (layer, group) != start:
-                break  # a gap in the record: continue from the gap
-            weights = [r for r in refs if not _ACTS_RE.search(r.path.name)]
+        """The first (layer, group) to compute, or None to start over; drops index rows from there on.
+
+        A step counts as done when the index recorded it and its checkpoint files still verify
+        (`rac.engine.checkpoint.resume_point` walks the steps; the activations entering the resume layer,
+        recorded with the step before it, must verify too)."""
+        steps = {(layer, group): refs for layer, group, refs in self.index.steps(self.key)}
+
+        def done(layer: int, group: int) -> bool:
+            weights = [r for r in steps.get((layer, group), []) if not _ACTS_RE.search(r.path.name)]
             bad = [p for p in (r.check() for r in weights) if p is not None]
-            if bad or not weights:
+            if (layer, group) in steps and (bad or not weights):
                 self.log(f"[prune] step ({layer}, {group}) not trusted: {bad or 'no checkpoint files'}")
-                break
-            start = self.next_step(layer, group)
-        assert start is not None
-        if not self._acts_ok(start[0], steps):
-            if start != (0, 0):
-                self.log(f"[prune] no verified activations entering layer {start[0]}: starting over")
-            start = None
+            return bool(weights) and not bad
+
+        def has_acts(layer: int) -> bool:
+            acts = [r for refs in steps.values() for r in refs
+                    if (m := _ACTS_RE.search(r.path.name)) and int(m.group(1)) == layer]
+            ok = bool(acts) and all(r.check() is None for r in acts)
+            if not ok:
+                self.log(f"[prune] no verified activations entering layer {layer}: starting over")
+            return ok
+
+        start = resume_point(done, has_acts, self.n_layers, self.n_groups)
         if start is None:
             self.index.forget_steps(self.key)
             shutil.rmtree(self.work_dir, ignore_errors=True)

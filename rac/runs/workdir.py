@@ -1,7 +1,7 @@
-"""Prefect-free run plumbing: work-dir layout, run ids, per-run and per-stage locks, fingerprints, crash points.
+"""The work dir: its layout, run ids, the run a task works on (`RunRef`), per-run and per-stage locks, crash points.
 
 Work-dir layout:
-    <work_dir>/rac.duckdb                     the index (see rac.index)
+    <work_dir>/rac.duckdb                     the index (see rac.store.index)
     <work_dir>/stages/<stage>/<key>/...       stage outputs, content-addressed by the stage cache key,
                                               shared by every run of the work dir (CoTs reused across runs)
     <work_dir>/stages/<stage>/<key>.lock      held while a process computes that stage
@@ -14,20 +14,16 @@ Work-dir layout:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
 import secrets
 import signal
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
-
-import rac
+from typing import IO
 
 CRASH_ENV = "RAC_CRASH_AT"
 PAUSE_ENV = "RAC_PAUSE_AT"
@@ -38,39 +34,53 @@ class RunLockedError(RuntimeError):
     """Another process holds the run (or stage) lock."""
 
 
-class FingerprintMismatchError(ValueError):
-    """Resuming a run with a different model, config or rac version than it was started with."""
-
-
 @dataclass(frozen=True)
-class RunHandle:
-    """What tasks get to find a run: the work dir and the run id (plain strings, cheap to pass)."""
+class RunRef:
+    """What stages and tasks get to find a run: the work dir, the run id and the resolved dense model
+    (plain strings, cheap to pass between processes). The model fields are empty where no model is needed
+    (a report, a lock probe)."""
 
     work_dir: str
     run_id: str
+    model_dir: str = ""
+    model_revision: str = ""
 
     @property
-    def root(self) -> Path:
-        return Path(self.work_dir)
+    def layout(self) -> WorkDir:
+        return WorkDir(Path(self.work_dir))
 
     @property
     def run_dir(self) -> Path:
-        return self.root / "runs" / self.run_id
-
-    @property
-    def lock_file(self) -> Path:
-        return self.run_dir / "run.lock"
-
-    @property
-    def report_dir(self) -> Path:
-        return self.run_dir / "report"
+        return self.layout.run_dir(self.run_id)
 
     @property
     def prefect_dir(self) -> Path:
-        return self.run_dir / "prefect"
+        return self.layout.prefect_dir(self.run_id)
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.layout.stage_dir(stage, key)
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """Paths of a work dir (see the module docstring); nothing is created here."""
+
+    root: Path
 
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.root / "stages" / stage / key
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def lock_file(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "run.lock"
+
+    def report_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "report"
+
+    def prefect_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "prefect"
 
 
 def check_run_id(run_id: str) -> str:
@@ -150,87 +160,6 @@ class FileLock:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
-
-
-def _safetensors_header(path: Path) -> bytes:
-    """The 8-byte length prefix plus the JSON header of a safetensors file (names, dtypes, shapes, offsets)."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"safetensors file {str(path)!r} is truncated (no header)")
-        (n,) = struct.unpack("<Q", raw)
-        return raw + fh.read(n)
-
-
-def model_revision(model_dir: Path) -> str:
-    """sha256 naming a model folder's revision: config.json + weights index (or safetensors headers + sizes)."""
-    root = Path(model_dir)
-    config = root / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"model folder {str(root)!r} has no config.json")
-    digest = hashlib.sha256(b"config\0" + config.read_bytes())
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        digest.update(b"index\0" + index.read_bytes())
-    shards = sorted(root.glob("*.safetensors"))
-    if not shards:
-        raise FileNotFoundError(f"model folder {str(root)!r} has no *.safetensors weights")
-    for shard in shards:
-        digest.update(f"{shard.name}\0{shard.stat().st_size}\0".encode() + _safetensors_header(shard))
-    return digest.hexdigest()
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """sha256 of a canonical JSON config (sorted keys, no whitespace)."""
-    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def fingerprint(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """What a run is bound to: model revision, canonical config (hash) and rac version."""
-    return {
-        "model_dir": str(Path(model_dir).resolve()),
-        "model_revision": model_revision(model_dir),
-        "config_hash": config_hash(config),
-        "rac_version": rac.__version__,
-        "calibrations": {},
-    }
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: d}
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human lines `key: old -> new` for every dotted key whose value differs."""
-    a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
-
-
-def check_fingerprint(run_id: str, stored: dict[str, Any], stored_config: dict[str, Any],
-                      current: dict[str, Any], current_config: dict[str, Any]) -> None:
-    """Raise FingerprintMismatchError listing what differs between a run's stored and current binding."""
-    problems = []
-    if stored["model_revision"] != current["model_revision"]:
-        problems.append(
-            f"model revision differs: {stored['model_revision'][:12]} ({stored['model_dir']}) -> "
-            f"{current['model_revision'][:12]} ({current['model_dir']})"
-        )
-    if stored["rac_version"] != current["rac_version"]:
-        problems.append(f"rac version differs: {stored['rac_version']} -> {current['rac_version']}")
-    if stored["config_hash"] != current["config_hash"]:
-        lines = config_diff(stored_config, current_config)
-        problems.append("config differs: " + "; ".join(lines) if lines else "config differs")
-    if problems:
-        raise FingerprintMismatchError(
-            f"refusing to resume run {run_id!r}: " + " | ".join(problems)
-            + " (start a new run id to use the new model/config)"
-        )
 
 
 def crashpoint(name: str) -> None:

@@ -3,7 +3,8 @@
 Exit codes: 0 done; 1 the run failed in a stage; 2 bad input (config, model, run id, fingerprint
 mismatch, a write statement given to `rac sql`), nothing written; 3 the run is held by another process.
 The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work.
-Prefect is imported lazily inside the commands that start flows (rac/ itself never imports Prefect).
+The CLI belongs to the Prefect layer (it starts flows); Prefect itself is imported only by the commands
+that start one, so `rac status` and `rac sql` stay fast.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import duckdb
 from rich.console import Console
 from rich.table import Table
 
-from rac.index import Index, IndexBusyError, ReadOnlyQueryError
-from rac.run import FileLock, RunHandle, RunLockedError, new_run_id
-from rac.runconfig import RunConfigError, load_run_config
-from rac.session import precheck, stored_config
+from rac.reporting.report import fmt
+from rac.runs.run_config import RunConfigError, load_run_config, parse_run_config
+from rac.runs.session import precheck, stored_run
+from rac.runs.workdir import FileLock, RunLockedError, WorkDir, new_run_id
+from rac.store.index import Index, IndexBusyError, ReadOnlyQueryError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
 BAD_INPUT = (RunConfigError, FileNotFoundError, ValueError)
@@ -47,20 +48,21 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     """Validate (nothing written on bad input), then run the rac_prune flow for a new or existing run."""
     work = _work_dir(args)
     if resume:
-        cfg, config_path = stored_config(work, args.run)
+        stored, config_path = stored_run(work, args.run)
+        cfg = parse_run_config(stored, source=f"run {args.run}")
         run_id = args.run
     else:
         cfg = load_run_config(args.config)
         config_path = str(Path(args.config).resolve())
         run_id = args.run_id or new_run_id(cfg.name)
-    prepared = precheck(work, run_id, cfg, config_path, resume_only=resume)
+    prepared = precheck(work, run_id, cfg.name, cfg.model, cfg.canonical(), config_path, resume_only=resume)
     verb = "resuming" if prepared.existing else "starting"
-    err_console.print(f"[bold]{verb} run {run_id}[/] (model {prepared.env.model_dir}, work dir {work})")
+    err_console.print(f"[bold]{verb} run {run_id}[/] (model {prepared.run.model_dir}, work dir {work})")
     _prefect_env()
-    from flows.prune import rac_prune  # Prefect only from here on
+    from rac_prefect.flows.prune import rac_prune  # Prefect only from here on
 
     try:
-        result = rac_prune(config=cfg.canonical(), run_id=run_id, work_dir=str(work), config_path=config_path)
+        result = rac_prune(config=cfg, run_id=run_id, work_dir=str(work), config_path=config_path)
     except RunLockedError:
         raise
     except Exception as err:  # a stage failed: the run row says so; the partial work is kept for resume
@@ -82,14 +84,10 @@ def _print_evals(index: Index, run_id: str) -> None:
         table.add_column(col, justify="left" if col == "label" else "right")
     for r in rows:
         table.add_row(
-            r["label"], _fmt(r["accuracy"]), f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
-            _fmt(r["mean_tokens"], 1), _fmt(r["p90_tokens"], 0), _fmt(r["runaway_share"]), _fmt(r["wall_s"], 1),
+            r["label"], fmt(r["accuracy"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+            fmt(r["mean_tokens"], 1), fmt(r["p90_tokens"], 0), fmt(r["runaway_share"]), fmt(r["wall_s"], 1),
         )
     console.print(table)
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "-" if x is None else f"{float(x):.{digits}f}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -114,7 +112,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_column(col)
     for s in index.run_stages(args.run):
         steps = len(index.steps(s["key"])) if s["stage"] == "prune" else None
-        table.add_row(s["name"], s["key"], s["status"], str(bool(s["reused"])), _fmt(s["seconds"], 1),
+        table.add_row(s["name"], s["key"], s["status"], str(bool(s["reused"])), fmt(s["seconds"], 1),
                       "" if steps is None else str(steps))
     console.print(table)
     _print_evals(index, args.run)
@@ -125,7 +123,7 @@ def _live_status(index: Index, run_id: str, status: str) -> str:
     """A 'running' row whose run lock is free belongs to a process that died: say so."""
     if status != "running":
         return status
-    lock = FileLock(RunHandle(str(index.work_dir), run_id).lock_file, f"run {run_id!r}")
+    lock = FileLock(WorkDir(index.work_dir).lock_file(run_id), f"run {run_id!r}")
     return f"running ({lock.holder()})" if lock.is_held() else "interrupted (rac resume)"
 
 
@@ -139,7 +137,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from rac.report import write_report
+    from rac.reporting.report import write_report
 
     paths = write_report(_work_dir(args), args.run)
     for p in paths:
@@ -151,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
     load_run_config(args.config)  # bad configs refused before anything is served
     _prefect_env()
-    from flows.prune import rac_prune
+    from rac_prefect.flows.prune import rac_prune
 
     rac_prune.serve(
         name=args.name, cron=args.cron,
@@ -161,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rac.compare import write_comparison
+    from rac.reporting.compare import write_comparison
 
     work = _work_dir(args)
     out = Path(args.out) if args.out else work / "compare"

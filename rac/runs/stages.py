@@ -8,8 +8,8 @@ eval     -> rac.eval.evaluate              stages/eval/<key>/rows.parquet + summ
 tokerror -> rac.eval.token_error_heatmap   stages/tokerror/<key>/heatmap.png + summary.json
 proxies  -> rac.eval.cot_proxies           stages/proxies/<key>/summary.json
 
-Library modules are imported inside the functions: this module is the seam between the pipeline and
-the stage implementations.
+Every step takes the run (`RunRef`), its typed stage config and the `StageOutput`s it depends on, and
+returns its own `StageOutput` (artifact references, never tensors or models).
 """
 
 from __future__ import annotations
@@ -23,12 +23,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from rac.artifacts import ArtifactRef, atomic_write_json
 from rac.config import StageConfig
-from rac.index import Index
-from rac.pipeline import ProgressFn, RunEnv, StageOutput, run_stage, stage_key
-from rac.resume import CotsResume, PruneResume
-from rac.runconfig import PruneJob, ReportConfig
+from rac.data.calib import CalibConfig, build_calibration
+from rac.data.generate import GenerateConfig, ShardRunner, generate_cots
+from rac.data.prompts import PromptsConfig, sample_prompts
+from rac.engine import compress
+from rac.eval.evaluate import EvalConfig, eval_cots_dir, evaluate
+from rac.eval.proxies import ProxyConfig, cot_proxies
+from rac.eval.tokerror import token_error_heatmap
+from rac.models.streaming import load_config
+from rac.runs.memo import ProgressFn, StageOutput, run_stage, stage_key
+from rac.runs.resume import CotsResume, PruneResume
+from rac.runs.run_config import PruneJob, ReportConfig
+from rac.runs.workdir import RunRef
+from rac.store.artifacts import ArtifactRef, atomic_write_json
+from rac.store.index import Index
 
 LogFn = Callable[[str], None]
 
@@ -57,31 +66,36 @@ def to_jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ keys (also used by Prefect cache_key_fn)
-def prompts_key(env: RunEnv, cfg: Any) -> str:
+def prompts_key(env: RunRef, cfg: PromptsConfig) -> str:
     return stage_key("prompts", cfg.canonical(), [], env)
 
 
-def cots_key(env: RunEnv, cfg: Any, prompts: StageOutput) -> str:
+def cots_key(env: RunRef, cfg: GenerateConfig, prompts: StageOutput) -> str:
     return stage_key("cots", cfg.canonical(), list(prompts.outputs), env)
 
 
-def calib_key(env: RunEnv, cfg: Any, inputs: list[StageOutput]) -> str:
+def calib_key(env: RunRef, cfg: CalibConfig, inputs: list[StageOutput]) -> str:
     return stage_key("calib", cfg.canonical(), [r for s in inputs for r in s.outputs], env)
 
 
-def prune_key(env: RunEnv, job: PruneJob, calib: StageOutput) -> str:
+def prune_key(env: RunRef, job: PruneJob, calib: StageOutput) -> str:
     return stage_key("prune", job.compress.canonical(), list(calib.outputs), env)
 
 
-def eval_key(env: RunEnv, cfg: Any, model: StageOutput | None, prompts: StageOutput) -> str:
-    return stage_key("eval", cfg.canonical(), [*(model.outputs if model else ()), *prompts.outputs], env)
+def eval_config(cfg: EvalConfig, template_hash: str | None) -> dict[str, Any]:
+    """What keys an evaluation: its settings and the calibration template hash its prompts must carry."""
+    return {**cfg.canonical(), "expect_template_hash": template_hash}
+
+
+def eval_key(env: RunRef, cfg: EvalConfig, template_hash: str | None, model: StageOutput | None,
+             prompts: StageOutput) -> str:
+    inputs = [*(model.outputs if model else ()), *prompts.outputs]
+    return stage_key("eval", eval_config(cfg, template_hash), inputs, env)
 
 
 # ------------------------------------------------------------------ stages
-def prompts_step(env: RunEnv, cfg: Any, log: LogFn = print, name: str = "prompts") -> StageOutput:
+def prompts_step(env: RunRef, cfg: PromptsConfig, log: LogFn = print, name: str = "prompts") -> StageOutput:
     """Sample prompts (calibration, or `name="prompts/eval"` for the eval set; deterministic by seed)."""
-    from rac.data.prompts import sample_prompts
-
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         out = folder / "prompts.parquet"
         summary = sample_prompts(cfg, Path(env.model_dir), out)
@@ -90,14 +104,12 @@ def prompts_step(env: RunEnv, cfg: Any, log: LogFn = print, name: str = "prompts
     return run_stage(env, name, "prompts", cfg.canonical(), [], compute, log)
 
 
-def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn = _noop,
-              log: LogFn = print, run_shards: Any = None, wave: int = 1) -> StageOutput:
+def cots_step(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, progress: ProgressFn = _noop,
+              log: LogFn = print, run_shards: ShardRunner | None = None, wave: int = 1) -> StageOutput:
     """Generate the on-policy CoTs shard by shard; a crash resumes at the first unverified shard.
 
     `run_shards` / `wave`: hand missing shards to workers `wave` at a time (see `generate_cots`); the
     stage key and its artifact do not depend on them."""
-    from rac.data.generate import generate_cots
-
     key = cots_key(env, cfg, prompts)
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
@@ -112,11 +124,9 @@ def cots_step(env: RunEnv, cfg: Any, prompts: StageOutput, progress: ProgressFn 
     return run_stage(env, "cots", "cots", cfg.canonical(), list(prompts.outputs), compute, log)
 
 
-def calib_step(env: RunEnv, name: str, cfg: Any, prompts: StageOutput | None, cots: StageOutput | None,
+def calib_step(env: RunRef, name: str, cfg: CalibConfig, prompts: StageOutput | None, cots: StageOutput | None,
                log: LogFn = print) -> StageOutput:
     """Build one calibration set (generic / prompt / rac / self)."""
-    from rac.data.calib import build_calibration
-
     inputs = [s for s in (prompts, cots) if s is not None]
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
@@ -132,16 +142,13 @@ def calib_step(env: RunEnv, name: str, cfg: Any, prompts: StageOutput | None, co
     return run_stage(env, f"calib/{name}", "calib", cfg.canonical(), refs, compute, log)
 
 
-def prune_step(env: RunEnv, job: PruneJob, calib: StageOutput, progress: ProgressFn = _noop,
+def prune_step(env: RunRef, job: PruneJob, calib: StageOutput, progress: ProgressFn = _noop,
                log: LogFn = print, provenance: dict[str, StageConfig] | None = None) -> StageOutput:
     """Prune the dense model on one calibration set, continuing from the last verified (layer, group).
 
     `provenance`: other stage configs (prompts, generation, calibration) recorded in the output's
     rac_provenance.json; they are already part of the key through the calibration's hash.
     """
-    from rac.engine import compress
-    from rac.models.streaming import load_config
-
     key = prune_key(env, job, calib)
     config, adapter = load_config(Path(env.model_dir), job.compress.trust_remote_code)
     resume = PruneResume(Index(env.work_dir), env, key, env.stage_dir("prune", key), log,
@@ -161,16 +168,17 @@ def prune_step(env: RunEnv, job: PruneJob, calib: StageOutput, progress: Progres
                      compute, log, cleanup=resume.cleanup)
 
 
-def eval_step(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prompts: StageOutput,
-              meta: dict[str, Any], log: LogFn = print, progress: ProgressFn = _noop) -> StageOutput:
+def eval_step(env: RunRef, label: str, cfg: EvalConfig, template_hash: str | None, model: StageOutput | None,
+              prompts: StageOutput, meta: dict[str, Any], log: LogFn = print,
+              progress: ProgressFn = _noop) -> StageOutput:
     """Evaluate the dense model (model=None) or a pruned one on the eval prompts; write the `evals` row.
 
+    `template_hash`: the calibration prompts' template hash the eval prompts must carry (None: any).
     An interrupted evaluation keeps its generation shards that the index recorded and still verify, and
     generates only the rest (like the CoT stage).
     """
-    from rac.eval.evaluate import eval_cots_dir, evaluate
-
-    key = eval_key(env, cfg, model, prompts)
+    key = eval_key(env, cfg, template_hash, model, prompts)
+    prompts_path = prompts.output("prompts").path
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         model_dir = model.output("model").path if model else Path(env.model_dir)
@@ -179,53 +187,36 @@ def eval_step(env: RunEnv, label: str, cfg: Any, model: StageOutput | None, prom
         kept = resume.prepare()
         if kept:
             log(f"[eval/{label}] resuming after {kept} verified generation shard(s)")
-        n_prompts = pq.read_metadata(str(prompts.output("prompts").path)).num_rows
+        n_prompts = pq.read_metadata(str(prompts_path)).num_rows
         total = -(-n_prompts * cfg.generation.samples_per_prompt // cfg.generation.shard_size)
-        summary = to_jsonable(evaluate(model_dir, cfg, rows, on_shard=resume.on_shard(progress, total)))
-        return [ArtifactRef.of(rows, "eval-rows"), ArtifactRef.of(rows.with_suffix(".json"), "eval-summary")], summary
+        summary = evaluate(model_dir, cfg, prompts_path, rows, template_hash,
+                           on_shard=resume.on_shard(progress, total))
+        return [ArtifactRef.of(rows, "eval-rows"), ArtifactRef.of(rows.with_suffix(".json"), "eval-summary")], \
+            to_jsonable(summary)
 
     refs = [*(model.outputs if model else ()), *prompts.outputs]
-    out = run_stage(env, f"eval/{label}", "eval", cfg.canonical(), refs, compute, log)
+    out = run_stage(env, f"eval/{label}", "eval", eval_config(cfg, template_hash), refs, compute, log)
     Index(env.work_dir).record_eval(env.run_id, label, out.key, {**metrics_row(out.summary), **meta})
     return out
 
 
+EVAL_COLUMNS = ("n_problems", "accuracy", "ci_low", "ci_high", "mean_tokens", "median_tokens", "p90_tokens",
+                "runaway_share", "wall_s", "tokens_per_s")
+
+
 def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
-    """The `evals` table columns from an evaluation summary (tolerant to nesting and naming)."""
-    flat: dict[str, Any] = {}
-    for k, v in summary.items():
-        if isinstance(v, dict):
-            flat.update({f"{k}_{kk}": vv for kk, vv in v.items()})
-        flat[k] = v
-    names = {
-        "n": ("n", "n_problems", "n_rows"), "accuracy": ("accuracy",),
-        "ci_low": ("ci_low", "accuracy_ci_low", "accuracy_low"),
-        "ci_high": ("ci_high", "accuracy_ci_high", "accuracy_high"),
-        "mean_tokens": ("mean_tokens", "mean_cot_tokens"), "median_tokens": ("median_tokens", "median_cot_tokens"),
-        "p90_tokens": ("p90_tokens", "p90_cot_tokens"), "runaway_share": ("runaway_share", "cap_rate", "runaway"),
-        "wall_s": ("wall_s", "wall_time_s", "seconds"), "tokens_per_s": ("tokens_per_s", "tok_per_s"),
-    }
-    row: dict[str, Any] = {}
-    for col, cands in names.items():
-        row[col] = next((flat[c] for c in cands if c in flat and not isinstance(flat[c], dict | list)), None)
-    ci = flat.get("accuracy_ci") or flat.get("ci")
-    if isinstance(ci, list | tuple) and len(ci) == 2:
-        row["ci_low"], row["ci_high"] = ci
-    row["metrics"] = summary
-    return row
+    """The `evals` table columns of an evaluation summary (`rac.eval.evaluate.EvalSummary`, same names)."""
+    return {**{col: summary.get(col) for col in EVAL_COLUMNS}, "metrics": summary}
 
 
-def proxies_key(env: RunEnv, cfg: Any, pruned: StageOutput, dense_eval: StageOutput) -> str:
+def proxies_key(env: RunRef, cfg: ProxyConfig, pruned: StageOutput, dense_eval: StageOutput) -> str:
     return stage_key("proxies", cfg.canonical(), [*pruned.outputs, dense_eval.output("eval-rows")], env)
 
 
-def proxies_step(env: RunEnv, label: str, cfg: Any, pruned: StageOutput, dense_eval: StageOutput,
+def proxies_step(env: RunRef, label: str, cfg: ProxyConfig, pruned: StageOutput, dense_eval: StageOutput,
                  tokerror: StageOutput | None, meta: dict[str, Any], log: LogFn = print) -> StageOutput:
     """NLL / top-1 agreement / KL of a pruned model on the dense model's held-out eval CoTs; writes the
     `proxies` row (with the reconstruction error by segment of `tokerror`, when there is one)."""
-    from rac.eval.evaluate import eval_cots_dir
-    from rac.eval.proxies import cot_proxies
-
     rows = dense_eval.output("eval-rows")
     cots = eval_cots_dir(rows.path)
 
@@ -244,11 +235,9 @@ def proxies_step(env: RunEnv, label: str, cfg: Any, pruned: StageOutput, dense_e
     return out
 
 
-def tokerror_step(env: RunEnv, label: str, cfg: ReportConfig, pruned: StageOutput, calib: StageOutput,
+def tokerror_step(env: RunRef, label: str, cfg: ReportConfig, pruned: StageOutput, calib: StageOutput,
                   log: LogFn = print) -> StageOutput:
     """Per-token reconstruction-error heatmap of one pruned model on a few of its calibration sequences."""
-    from rac.eval.tokerror import token_error_heatmap
-
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
         png = folder / "heatmap.png"
         res = token_error_heatmap(Path(env.model_dir), pruned.output("model").path,

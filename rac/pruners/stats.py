@@ -1,7 +1,7 @@
 """Streaming second-moment statistics of a linear layer's input, kept per token segment.
 
 For an input stream x_t in R^d the accumulator keeps, for every declared segment s (prompt, decode,
-other; ids from `rac.segments`), H_s = sum_{t in s} x_t x_t^T and the token count n_s. Counting is
+other; ids from `rac.data.segments`), H_s = sum_{t in s} x_t x_t^T and the token count n_s. Counting is
 in tokens, not sequences; masked tokens (padding) are left out entirely. Any weighting
 H = sum_s w_s H_s can be formed afterwards without a second pass; a weight w on a segment equals
 scaling that segment's tokens by sqrt(w). Wanda's column norms are ||X_j||_2 = sqrt(H_jj).
@@ -14,7 +14,6 @@ Files are safetensors with metadata {format, n_features, dtype, segments, tokens
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,12 +22,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from rac.masks import all_finite
-from rac.segments import SEGMENT_IDS
+from rac.data.segments import SEGMENT_IDS
+from rac.dtypes import dtype_name, torch_dtype
+from rac.pruners.masks import all_finite
+from rac.store.artifacts import atomic_path
 
 FILE_FORMAT = "rac.hessian.v1"
 DEFAULT_SEGMENT = "other"
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+_ACC_DTYPES = ("float32", "float64")
 
 
 class HessianAccumulator:
@@ -43,7 +44,7 @@ class HessianAccumulator:
     ) -> None:
         if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features <= 0:
             raise ValueError(f"n_features must be a positive int, got {n_features!r}")
-        if dtype not in _DTYPES.values():
+        if dtype not in (torch_dtype(n) for n in _ACC_DTYPES):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         names = tuple(segments)
         unknown = [s for s in names if s not in SEGMENT_IDS]
@@ -127,21 +128,17 @@ class HessianAccumulator:
         return {"hessians": self.hessians, "counts": self.counts}
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file atomically (temp file in the same folder, then os.replace)."""
+        """Write a safetensors file atomically (`rac.store.artifacts.atomic_path`)."""
         path = Path(path)
         meta = {
             "format": FILE_FORMAT,
             "n_features": str(self.n_features),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
             "segments": json.dumps(list(self.segments)),
             "tokens": json.dumps({s: self.tokens(s) for s in self.segments}),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             save_file({k: v.contiguous().cpu() for k, v in self.state().items()}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, device: torch.device | str = "cpu") -> HessianAccumulator:
@@ -151,10 +148,10 @@ class HessianAccumulator:
             if meta.get("format") != FILE_FORMAT:
                 raise ValueError(f"{path}: format {meta.get('format')!r} is not {FILE_FORMAT!r}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        dtype_name = meta.get("dtype", "")
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"{path}: unsupported dtype {dtype_name!r}")
-        acc = cls(int(meta["n_features"]), _DTYPES[dtype_name], json.loads(meta["segments"]), device)
+        dtype_str = meta.get("dtype", "")
+        if dtype_str not in _ACC_DTYPES:
+            raise ValueError(f"{path}: unsupported dtype {dtype_str!r}")
+        acc = cls(int(meta["n_features"]), torch_dtype(dtype_str), json.loads(meta["segments"]), device)
         h, c = tensors.get("hessians"), tensors.get("counts")
         if h is None or c is None or h.shape != acc.hessians.shape or c.shape != acc.counts.shape:
             raise ValueError(f"{path}: tensors do not match metadata (n_features, segments)")
@@ -178,7 +175,7 @@ class HessianAccumulator:
         seg = segment_ids.reshape(-1).to(torch.int64)
         bad = sorted(set(torch.unique(seg).tolist()) - set(self._slot))
         if bad:
-            raise ValueError(f"segment ids {bad} are not declared segments {{n: SEGMENT_IDS[n] for n in self.segments}}")
+            raise ValueError(f"segment ids {bad} are not declared segments { {n: SEGMENT_IDS[n] for n in self.segments} }")
         return seg
 
     def _weights(self, weights: Mapping[str, float] | None) -> list[float]:

@@ -1,4 +1,4 @@
-"""Prefect-free stage steps of a run: each memoised by a cache key, verified by hash, recorded in the index.
+"""Stage memoisation: every stage of a run is keyed by its inputs, verified by hash, recorded in the index.
 
 A stage's cache key is the sha256 of (stage name, its config's canonical dict, the sha256 of every input
 artifact, the model revision, the rac version). Its outputs live in `<work_dir>/stages/<stage>/<key>/`.
@@ -6,13 +6,11 @@ artifact, the model revision, the rac version). Its outputs live in `<work_dir>/
 of the work dir) and every output still matches its recorded sha256, the outputs are reused and no work
 is done. Otherwise the stage is computed under a per-stage file lock; an output whose hash does not match
 is recomputed, never trusted. Resumable stages (CoT generation, pruning) keep their partial progress in
-the stage folder and the index, and continue from it (see rac.resume).
+the stage folder and the index, and continue from it (see rac.runs.resume).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,21 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import rac
-from rac.artifacts import ArtifactRef, sweep_temp
-from rac.index import Index
-from rac.run import FileLock, RunHandle
+from rac.config import sha256_json
+from rac.runs.workdir import FileLock, RunRef
+from rac.store.artifacts import ArtifactRef, sweep_temp
+from rac.store.index import Index
 
 # progress(done, total, what): called by long stages (generation shards, pruning steps)
 ProgressFn = Callable[[int, int, str], None]
 ComputeFn = Callable[[Path], tuple[list[ArtifactRef], dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class RunEnv(RunHandle):
-    """A run handle plus the resolved dense model it works on."""
-
-    model_dir: str = ""
-    model_revision: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,14 +47,10 @@ class StageOutput:
         raise ValueError(f"stage {self.name!r} has no {kind!r} output; has {[r.kind for r in self.outputs]}")
 
 
-def stage_key(stage: str, config: dict[str, Any], inputs: list[ArtifactRef], env: RunEnv) -> str:
+def stage_key(stage: str, config: dict[str, Any], inputs: list[ArtifactRef], env: RunRef) -> str:
     """Cache key of a stage: sha256 over (stage, config, input hashes, model revision, rac version)."""
-    blob = json.dumps(
-        {"stage": stage, "config": config, "inputs": sorted(r.sha256 for r in inputs),
-         "model": env.model_revision, "rac": rac.__version__},
-        sort_keys=True, separators=(",", ":"),
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return sha256_json({"stage": stage, "config": config, "inputs": sorted(r.sha256 for r in inputs),
+                        "model": env.model_revision, "rac": rac.__version__})[:20]
 
 
 def verified(outputs: list[ArtifactRef]) -> list[str]:
@@ -85,7 +72,7 @@ def find_done(index: Index, key: str, prefer_run: str | None = None) -> tuple[di
     return None, problems
 
 
-def run_stage(env: RunEnv, name: str, stage: str, config: dict[str, Any], inputs: list[ArtifactRef],
+def run_stage(env: RunRef, name: str, stage: str, config: dict[str, Any], inputs: list[ArtifactRef],
               compute: ComputeFn, log: Callable[[str], None] = print,
               cleanup: Callable[[], None] | None = None) -> StageOutput:
     """Reuse the verified outputs of a completed stage with the same key, else compute and record them.
@@ -114,7 +101,7 @@ def run_stage(env: RunEnv, name: str, stage: str, config: dict[str, Any], inputs
     return StageOutput(name, stage, key, tuple(row["outputs"]), row["summary"], reused=True)
 
 
-def _compute(env: RunEnv, index: Index, name: str, stage: str, key: str, config: dict[str, Any],
+def _compute(env: RunRef, index: Index, name: str, stage: str, key: str, config: dict[str, Any],
              inputs: list[ArtifactRef], compute: ComputeFn, folder: Path) -> StageOutput:
     for ref in inputs:
         ref.verify()

@@ -2,9 +2,9 @@
 
     name: demo                      # run name (run ids are <name>-<time>-<hex> unless --run-id)
     model: smollm2-135m             # alias (rac.models.assets.ALIASES) or a local HF folder
-    prompts:   {...}                # rac.data PromptsConfig: calibration prompts
-    generate:  {...}                # rac.data GenerateConfig: on-policy CoTs (only if a `rac` calibration)
-    calibrations:                   # name -> rac.data CalibConfig; all share the prompts and CoTs
+    prompts:   {...}                # rac.data.prompts PromptsConfig: calibration prompts
+    generate:  {...}                # rac.data.generate GenerateConfig: on-policy CoTs (only if a `rac` calibration)
+    calibrations:                   # name -> rac.data.calib CalibConfig; all share the prompts and CoTs
       prompt: {kind: prompt, ...}
       rac:    {kind: rac, ...}
     compress:  {...}                # rac.engine CompressConfig fields except `prune`
@@ -13,8 +13,7 @@
     eval:                           # omitted: no evaluation
       prompts: {...}                # PromptsConfig of the eval set (e.g. holdout: eval); its template
                                     # defaults to the calibration prompts' template
-      generation: {...}             # + every other rac.eval EvalConfig field except prompts_path and
-                                    # expect_template_hash, which the pipeline fills in at run time
+      generation: {...}             # + every rac.eval EvalConfig field (generation, bootstrap, seed, ...)
     eval_dense: true                # also evaluate the dense model
     eval_pruned: true               # evaluate every pruned model (default), false: none, or a list of labels
                                     # (e.g. [rac-sparsegpt-50pct]); the others still get heatmaps and proxies
@@ -23,7 +22,7 @@
                                     # of every pruned model on the dense model's eval CoTs (needs eval and
                                     # eval_dense), joined in the `proxies` table with the reconstruction
                                     # error by segment of the heatmap stage
-    runner:    {...}                # omitted: CoTs generated in-process. rac.runner RunnerConfig: shards fanned
+    runner:    {...}                # omitted: CoTs generated in-process. RunnerConfig below: shards fanned
                                     # out over threads / Dask / Ray (docs/SCALING.md); not part of any key
 
 Validation collects every problem (unknown keys listed with the known ones, bad values named with their
@@ -32,23 +31,29 @@ dotted path) into one RunConfigError (a ValueError). Nothing is resolved or writ
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from rac.config import StageConfig
+from rac.data.calib import CalibConfig
+from rac.data.generate import GenerateConfig
+from rac.data.prompts import PromptsConfig
+from rac.engine.sequential import CompressConfig
+from rac.eval.evaluate import EvalConfig
+from rac.eval.proxies import ProxyConfig
+from rac.pruners.base import PruneConfig
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
             "eval_dense", "eval_pruned", "report", "proxies", "runner")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
-EVAL_RUNTIME_KEYS = ("prompts_path", "expect_template_hash")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
+C = TypeVar("C", bound=BaseModel)
 
 
 class RunConfigError(ValueError):
@@ -66,32 +71,67 @@ class ReportConfig(StageConfig):
     heatmap_calibration: str | None = None
 
 
+class RunnerConfig(StageConfig):
+    """Where the CoT shards of a run execute (the `runner:` section; plain data, no Prefect).
+
+        runner:
+          kind: dask            # thread (default) | dask | ray
+          address: null         # dask: a scheduler address ("tcp://host:8786"); ray: a cluster
+                                # ("ray://..."/"auto"); null: a local cluster started for the stage
+          n_workers: 2          # local cluster size (dask workers / ray CPUs / threads of the thread runner)
+          threads_per_worker: 1 # torch/OpenMP threads of each worker's engine
+          wave: null            # shards handed out at a time (null: n_workers with a token budget, else all)
+
+    Only CoT generation fans out (one Prefect task per prompt shard, each worker process owning one
+    engine); the flow builds the Prefect task runner from this. The runner is not part of any stage key:
+    the same config run on threads or on a cluster yields the same artifacts.
+    """
+
+    kind: Literal["thread", "dask", "ray"] = "thread"
+    address: str | None = None
+    n_workers: int = Field(default=2, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    wave: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _address_needs_cluster(self) -> RunnerConfig:
+        if self.kind == "thread" and self.address is not None:
+            raise ValueError(f"runner.address = {self.address!r}: only a dask or ray runner connects to a cluster")
+        return self
+
+    def shards_per_wave(self, has_budget: bool, n_shards: int) -> int:
+        """How many shards one wave hands out: `wave`, else n_workers under a token budget, else all."""
+        if self.wave is not None:
+            return self.wave
+        return self.n_workers if has_budget else max(1, n_shards)
+
+
 @dataclass(frozen=True)
 class PruneJob:
     """One pruned model of the grid: a calibration set x a compression config."""
 
     label: str
     calibration: str
-    compress: Any  # CompressConfig
+    compress: CompressConfig
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A validated run config with every stage config constructed."""
+    """A validated run config with every stage config constructed (parsed once, by `parse_run_config`)."""
 
     name: str
     model: str
-    prompts: Any  # PromptsConfig
-    generate: Any | None  # GenerateConfig (None when no calibration needs CoTs)
-    calibrations: dict[str, Any]  # name -> CalibConfig
+    prompts: PromptsConfig
+    generate: GenerateConfig | None  # None when no calibration needs CoTs
+    calibrations: dict[str, CalibConfig]
     jobs: tuple[PruneJob, ...]
-    eval: Any | None  # EvalConfig with a placeholder prompts_path (see eval_config)
-    eval_prompts: Any | None  # PromptsConfig of the eval set
+    eval: EvalConfig | None
+    eval_prompts: PromptsConfig | None  # the eval set (given exactly when `eval` is)
     eval_dense: bool
     report: ReportConfig
-    proxies: Any | None = None  # ProxyConfig
+    proxies: ProxyConfig | None = None
     eval_pruned: bool | tuple[str, ...] = True  # True: every job, False: none, else these job labels
-    runner: Any | None = None  # rac.runner.RunnerConfig of the generation fan-out (None: in-process)
+    runner: RunnerConfig | None = None  # the generation fan-out (None: in-process)
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def canonical(self) -> dict[str, Any]:
@@ -120,21 +160,13 @@ class RunConfig:
     def _eval_canonical(self) -> dict[str, Any] | None:
         if self.eval is None or self.eval_prompts is None:
             return None
-        fields = {k: v for k, v in self.eval.canonical().items() if k not in EVAL_RUNTIME_KEYS}
-        return {"prompts": self.eval_prompts.canonical(), **fields}
-
-    def eval_config(self, prompts_path: str, template_hash: str | None) -> Any:
-        """The EvalConfig of this run for an eval prompts file and the calibration template's hash."""
-        if self.eval is None:
-            raise ValueError("this run config has no `eval` section")
-        fields = {k: v for k, v in self.eval.canonical().items() if k not in EVAL_RUNTIME_KEYS}
-        return stage_class("eval")(prompts_path=prompts_path, expect_template_hash=template_hash, **fields)
+        return {"prompts": self.eval_prompts.canonical(), **self.eval.canonical()}
 
     def heatmap_calibration(self, job: PruneJob) -> str:
         """Name of the calibration set whose sequences the per-token error heatmap of `job` uses."""
         if self.report.heatmap_calibration is not None:
             return self.report.heatmap_calibration
-        rac = [n for n, c in self.calibrations.items() if _calib_kind(c) == "rac"]
+        rac = [n for n, c in self.calibrations.items() if c.kind == "rac"]
         return rac[0] if rac else job.calibration
 
     def evaluates(self, job: PruneJob) -> bool:
@@ -144,7 +176,7 @@ class RunConfig:
         return self.eval_pruned is True or job.label in self.eval_pruned
 
     def needs_cots(self) -> bool:
-        return any(_calib_kind(c) == "rac" for c in self.calibrations.values())
+        return any(c.kind == "rac" for c in self.calibrations.values())
 
 
 def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -155,44 +187,20 @@ def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _calib_kind(cfg: Any) -> str:
-    return str(getattr(cfg, "kind", ""))
-
-
-STAGE_CLASSES: dict[str, str] = {
-    "prompts": "rac.data.prompts:PromptsConfig",
-    "generate": "rac.data.generate:GenerateConfig",
-    "calibrations": "rac.data.calib:CalibConfig",
-    "compress": "rac.engine.sequential:CompressConfig",
-    "prune": "rac.pruners.base:PruneConfig",
-    "eval": "rac.eval.evaluate:EvalConfig",
-    "report": "rac.runconfig:ReportConfig",
-    "proxies": "rac.eval.proxies:ProxyConfig",
-}
-
-
-def stage_class(section: str) -> Any:
-    """The library's stage config class (a StageConfig subclass) of a run-config section, imported on use."""
-    module, _, name = STAGE_CLASSES[section].partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    assert issubclass(cls, StageConfig)
-    return cls
-
-
 def _known(cls: type[BaseModel], drop: tuple[str, ...] = ()) -> str:
     return ", ".join(k for k in sorted(cls.model_fields) if k not in drop)
 
 
-def _build(cls: type[BaseModel], data: Any, where: str, problems: list[str],
-           drop: tuple[str, ...] = ()) -> Any:
-    """cls(**data), or None with one line per problem appended to `problems`."""
+def _build(cls: type[C], data: Any, where: str, problems: list[str], drop: tuple[str, ...] = (),
+           extra: Mapping[str, Any] | None = None) -> C | None:
+    """cls(**data, **extra), or None with one line per problem appended to `problems`."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         problems.append(f"{where}: expected a mapping of keys, got {type(data).__name__} {data!r}")
         return None
     try:
-        return cls(**data)
+        return cls(**data, **(extra or {}))
     except ValidationError as err:
         for e in err.errors():
             loc = ".".join(str(x) for x in (where, *e["loc"]))
@@ -207,9 +215,8 @@ def _build(cls: type[BaseModel], data: Any, where: str, problems: list[str],
     return None
 
 
-def _prune_label(calib: str, prune: Any) -> str:
-    nm = getattr(prune, "nm", None)
-    amount = f"{nm[0]}of{nm[1]}" if nm else f"{round(float(prune.sparsity) * 100):d}pct"
+def _prune_label(calib: str, prune: PruneConfig) -> str:
+    amount = f"{prune.nm[0]}of{prune.nm[1]}" if prune.nm else f"{round(float(prune.sparsity or 0.0) * 100):d}pct"
     return f"{calib}-{prune.method}-{amount}"
 
 
@@ -228,20 +235,11 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         problems.append(f"model = {model!r}: must be a model alias or a folder path")
-    prompts = _build(stage_class("prompts"), data.get("prompts"), "prompts", problems) if "prompts" in data else None
-    calibs: dict[str, Any] = {}
-    raw_calibs = data.get("calibrations", {})
-    if not isinstance(raw_calibs, Mapping) or ("calibrations" in data and not raw_calibs):
-        problems.append(f"calibrations = {raw_calibs!r}: expected a non-empty mapping name -> calibration config")
-        raw_calibs = {}
-    for cname, cdata in raw_calibs.items():
-        if not _NAME_RE.match(str(cname)):
-            problems.append(f"calibrations.{cname}: name must match {_NAME_RE.pattern}")
-        calibs[str(cname)] = _build(stage_class("calibrations"), cdata, f"calibrations.{cname}", problems)
-    needs_cots = any(c is not None and _calib_kind(c) == "rac" for c in calibs.values())
+    prompts = _build(PromptsConfig, data.get("prompts"), "prompts", problems) if "prompts" in data else None
+    calibs = _parse_calibrations(data, problems)
     generate = None
-    if needs_cots or data.get("generate") is not None:
-        generate = _build(stage_class("generate"), data.get("generate"), "generate", problems)
+    if any(c.kind == "rac" for c in calibs.values()) or data.get("generate") is not None:
+        generate = _build(GenerateConfig, data.get("generate"), "generate", problems)
     jobs = _parse_jobs(data, calibs, problems)
     ev, ev_prompts = _parse_eval(data.get("eval"), data.get("prompts"), problems)
     eval_dense = data.get("eval_dense", True)
@@ -252,25 +250,37 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
         problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
                         f"calibrations {sorted(calibs)}")
     eval_pruned = _parse_eval_pruned(data.get("eval_pruned", True), [j.label for j in jobs], problems)
-    runner = None
-    if data.get("runner") is not None:
-        from rac.runner import RunnerConfig
-
-        runner = _build(RunnerConfig, data.get("runner"), "runner", problems)
+    runner = _build(RunnerConfig, data["runner"], "runner", problems) if data.get("runner") is not None else None
     proxies = None
     if data.get("proxies") is not None:
-        proxies = _build(stage_class("proxies"), data.get("proxies"), "proxies", problems)
+        proxies = _build(ProxyConfig, data.get("proxies"), "proxies", problems)
         if ev is None or not eval_dense:
             problems.append("proxies: scored on the dense model's evaluation CoTs, so they need an `eval` "
                             "section and eval_dense: true")
-    if problems:
+    if problems or prompts is None or report is None:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
-                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense), report=report, proxies=proxies,
-                     eval_pruned=eval_pruned, runner=runner, raw=dict(data))
+                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense),
+                     report=report, proxies=proxies, eval_pruned=eval_pruned, runner=runner, raw=dict(data))
 
 
-def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[str]) -> list[PruneJob]:
+def _parse_calibrations(data: Mapping[str, Any], problems: list[str]) -> dict[str, CalibConfig]:
+    raw = data.get("calibrations", {})
+    if not isinstance(raw, Mapping) or ("calibrations" in data and not raw):
+        problems.append(f"calibrations = {raw!r}: expected a non-empty mapping name -> calibration config")
+        return {}
+    calibs: dict[str, CalibConfig] = {}
+    for cname, cdata in raw.items():
+        if not _NAME_RE.match(str(cname)):
+            problems.append(f"calibrations.{cname}: name must match {_NAME_RE.pattern}")
+        calib = _build(CalibConfig, cdata, f"calibrations.{cname}", problems)
+        if calib is not None:
+            calibs[str(cname)] = calib
+    return calibs
+
+
+def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, CalibConfig], problems: list[str]) -> list[PruneJob]:
+    """Every calibration x every prune entry, each with the one `compress` section (checked once)."""
     raw_prunes = data.get("prune", [])
     if isinstance(raw_prunes, Mapping):
         raw_prunes = [raw_prunes]
@@ -284,16 +294,16 @@ def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, Any], problems: list[
     if "prune" in compress:
         problems.append("compress.prune: give pruning settings in the top-level `prune` list instead")
         return []
-    compress_cls = stage_class("compress")
-    default_prune = stage_class("prune")(sparsity=0.5)  # placeholder: compress fields are checked once
-    compress_ok = _build(compress_cls, {**compress, "prune": default_prune}, "compress", problems,
-                         drop=("prune",)) is not None
-    jobs: list[PruneJob] = []
-    for i, pdata in enumerate(raw_prunes):
-        prune = _build(stage_class("prune"), pdata, f"prune[{i}]", problems)
-        if prune is not None and compress_ok:
-            ccfg = compress_cls(**compress, prune=prune)
-            jobs += [PruneJob(_prune_label(cname, prune), cname, ccfg) for cname in calibs]
+    prunes = [_build(PruneConfig, pdata, f"prune[{i}]", problems) for i, pdata in enumerate(raw_prunes)]
+    valid = [p for p in prunes if p is not None]
+    if not valid:
+        return []
+    n_before = len(problems)
+    first = _build(CompressConfig, compress, "compress", problems, drop=("prune",), extra={"prune": valid[0]})
+    if first is None or len(problems) > n_before:
+        return []
+    jobs = [PruneJob(_prune_label(cname, p), cname, first.model_copy(update={"prune": p}))
+            for p in valid for cname in calibs]
     labels = [j.label for j in jobs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
@@ -313,8 +323,8 @@ def _parse_eval_pruned(value: Any, labels: list[str], problems: list[str]) -> bo
     return tuple(value)
 
 
-def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[Any, Any]:
-    """(EvalConfig with a placeholder prompts_path, PromptsConfig of the eval set) or (None, None)."""
+def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[EvalConfig | None, PromptsConfig | None]:
+    """(EvalConfig, PromptsConfig of the eval set) of an `eval:` mapping, or (None, None)."""
     if data is None:
         return None, None
     if not isinstance(data, Mapping):
@@ -325,39 +335,35 @@ def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[Any
     if pdata is None:
         problems.append("missing key 'eval.prompts' (the eval set's PromptsConfig, e.g. holdout: eval)")
         return None, None
-    runtime = sorted(set(fields) & set(EVAL_RUNTIME_KEYS))
-    if runtime:
-        problems.append(f"eval.{runtime[0]}: set by the pipeline (eval prompts stage, calibration template)")
-        return None, None
     if isinstance(pdata, Mapping) and "template" not in pdata and isinstance(calib_prompts, Mapping):
         if "template" in calib_prompts:  # evaluation uses the calibration template unless told otherwise
             pdata = {**pdata, "template": calib_prompts["template"]}
-    prompts = _build(stage_class("prompts"), pdata, "eval.prompts", problems)
-    cls = stage_class("eval")
-    known = ", ".join(["prompts", *(k for k in sorted(cls.model_fields) if k not in EVAL_RUNTIME_KEYS)])
+    prompts = _build(PromptsConfig, pdata, "eval.prompts", problems)
+    known = ", ".join(["prompts", *sorted(EvalConfig.model_fields)])
     n_before = len(problems)
-    ev = _build(cls, {**fields, "prompts_path": "<eval prompts stage>"}, "eval", problems)
+    ev = _build(EvalConfig, fields, "eval", problems)
     for i in range(n_before, len(problems)):
         problems[i] = re.sub(r"known keys in eval: .*", f"known keys in eval: {known}", problems[i])
-    return ev, prompts
+    return (ev, prompts) if ev is not None and prompts is not None else (None, None)
 
 
-def parse_eval_section(data: Any, calib_prompts: Any = None, source: str = "<eval>") -> tuple[Any, Any]:
-    """(EvalConfig with a placeholder prompts_path, eval PromptsConfig) of an `eval:` mapping."""
+def parse_eval_section(data: Any, calib_prompts: Any = None,
+                       source: str = "<eval>") -> tuple[EvalConfig, PromptsConfig]:
+    """(EvalConfig, eval PromptsConfig) of an `eval:` mapping; RunConfigError listing every problem."""
     problems: list[str] = []
     ev, prompts = _parse_eval(data, calib_prompts, problems)
-    if problems or ev is None:
+    if problems or ev is None or prompts is None:
         raise RunConfigError(f"{source}: invalid eval config:\n  - " + "\n  - ".join(problems or ["empty"]))
     return ev, prompts
 
 
-def load_run_config(path: Path | str) -> RunConfig:
-    """Read and validate a YAML run config; RunConfigError (with line/column for bad YAML) on problems."""
+def read_yaml(path: Path | str, what: str = "run config") -> Any:
+    """The parsed YAML of a file; RunConfigError (with line/column for bad YAML) on problems."""
     p = Path(path)
     if not p.is_file():
-        raise RunConfigError(f"run config {str(p)!r} does not exist")
+        raise RunConfigError(f"{what} {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -365,4 +371,8 @@ def load_run_config(path: Path | str) -> RunConfig:
         raise RunConfigError(f"{p}: malformed YAML{where}: {problem}") from None
     except UnicodeDecodeError as err:
         raise RunConfigError(f"{p}: not a UTF-8 text file ({err})") from None
-    return parse_run_config(data, source=str(p))
+
+
+def load_run_config(path: Path | str) -> RunConfig:
+    """Read and validate a YAML run config; RunConfigError listing every problem."""
+    return parse_run_config(read_yaml(path), source=str(path))

@@ -14,12 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from rac.artifacts import atomic_path, atomic_write_text
-from rac.index import Index
-from rac.run import RunHandle
+from rac.runs.workdir import WorkDir
+from rac.store.artifacts import atomic_path, atomic_write_text
+from rac.store.index import Index
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number with `digits` decimals for tables; "-" for a missing one."""
     return "-" if x is None else f"{float(x):.{digits}f}"
 
 
@@ -30,10 +31,10 @@ def eval_table(evals: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in evals:
         lines.append(
-            f"| {r['label']} | {r['calibration'] or '-'} | {r['method'] or '-'} | {_fmt(r['sparsity'], 2)} "
-            f"| {_fmt(r['accuracy'])} | [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}] | {_fmt(r['mean_tokens'], 1)} "
-            f"| {_fmt(r['median_tokens'], 1)} | {_fmt(r['p90_tokens'], 1)} | {_fmt(r['runaway_share'])} "
-            f"| {_fmt(r['wall_s'], 1)} | {_fmt(r['tokens_per_s'], 1)} |"
+            f"| {r['label']} | {r['calibration'] or '-'} | {r['method'] or '-'} | {fmt(r['sparsity'], 2)} "
+            f"| {fmt(r['accuracy'])} | [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}] | {fmt(r['mean_tokens'], 1)} "
+            f"| {fmt(r['median_tokens'], 1)} | {fmt(r['p90_tokens'], 1)} | {fmt(r['runaway_share'])} "
+            f"| {fmt(r['wall_s'], 1)} | {fmt(r['tokens_per_s'], 1)} |"
         )
     return "\n".join(lines)
 
@@ -45,9 +46,9 @@ def proxies_table(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in rows:
         lines.append(
-            f"| {r['label']} | {_fmt(r['dense_nll'], 4)} | {_fmt(r['pruned_nll'], 4)} | {_fmt(r['nll_gap'], 4)} "
-            f"| {_fmt(r['top1_agreement'], 4)} | {_fmt(r['kl'], 4)} | {r['n_positions']} "
-            f"| {_fmt(r['recon_prompt'], 4)} | {_fmt(r['recon_decode'], 4)} |"
+            f"| {r['label']} | {fmt(r['dense_nll'], 4)} | {fmt(r['pruned_nll'], 4)} | {fmt(r['nll_gap'], 4)} "
+            f"| {fmt(r['top1_agreement'], 4)} | {fmt(r['kl'], 4)} | {r['n_positions']} "
+            f"| {fmt(r['recon_prompt'], 4)} | {fmt(r['recon_decode'], 4)} |"
         )
     return "\n".join(lines)
 
@@ -128,7 +129,7 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
     run = index.get_run(run_id)
     if run is None:
         raise ValueError(f"no run {run_id!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
-    out_dir = RunHandle(str(Path(work_dir).resolve()), run_id).report_dir
+    out_dir = WorkDir(Path(work_dir).resolve()).report_dir(run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     evals, stages = index.evals(run_id), index.run_stages(run_id)
     written: list[Path] = []
@@ -153,8 +154,8 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
         written.append(plot_layer_errors(errors, out_dir / "layer_error.png"))
     md += _tokerror_section(index, stages, out_dir, written)
     md += ["## Stages", "", "| stage | key | status | reused | seconds |", "|---|---|---|---|---|"]
-    md += [f"| {s['name']} | `{s['key']}` | {s['status']} | {bool(s['reused'])} | {_fmt(s['seconds'], 1)} |" for s in stages]
-    md += ["", f"Config: see `{RunHandle(str(work_dir), run_id).run_dir / 'run.json'}`;",
+    md += [f"| {s['name']} | `{s['key']}` | {s['status']} | {bool(s['reused'])} | {fmt(s['seconds'], 1)} |" for s in stages]
+    md += ["", f"Config: see `{WorkDir(Path(work_dir)).run_dir(run_id) / 'run.json'}`;",
            f"query the index with `rac --work-dir {work_dir} sql \"select * from evals where run = '{run_id}'\"`.", ""]
     written.insert(0, atomic_write_text(out_dir / "report.md", "\n".join(md)))
     return written
@@ -176,7 +177,7 @@ def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path,
             written.append(dest)
             summ = row["summary"]
             lines += [f"### per-token error: {label}", "",
-                      f"prompt mean {_fmt(summ.get('prompt_mean'), 4)}, decode mean {_fmt(summ.get('decode_mean'), 4)}",
+                      f"prompt mean {fmt(summ.get('prompt_mean'), 4)}, decode mean {fmt(summ.get('decode_mean'), 4)}",
                       "", f"![{label}]({dest.name})", ""]
     if lines:
         lines = ["## Per-token reconstruction error (prompt vs decode)", "", *lines]

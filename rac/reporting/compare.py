@@ -25,8 +25,9 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from rac.artifacts import atomic_path, atomic_write_text
-from rac.index import Index
+from rac.reporting.report import fmt
+from rac.store.artifacts import atomic_path, atomic_write_text
+from rac.store.index import Index
 
 PANELS = (("accuracy", "accuracy (pass@1, 95% CI)"), ("mean_tokens", "mean CoT tokens"),
           ("runaway_share", "runaway share (hit the cap)"), ("nll_gap", "NLL gap on dense CoTs [nats/token]"),
@@ -223,23 +224,19 @@ def paired_proxies(t: Cell, b: Cell, n_boot: int = 10_000) -> dict[str, float]:
     return out
 
 
-def _f(x: float | None, d: int = 3) -> str:
-    return "-" if x is None else f"{x:.{d}f}"
-
-
 def cells_table(cells: list[Cell]) -> str:
     """Markdown: one row per model with accuracy, length, runaway, time and proxies."""
     lines = ["| model | method | setting | calib | accuracy [95% CI] | mean tok | p90 tok | runaway | eval s "
              "| prune s | NLL gap | top-1 agree | KL | recon prompt | recon decode |", "|" + "---|" * 15]
     for c in cells:
         e = c.eval
-        acc = f"{_f(c.get('accuracy'))} [{_f(e.get('ci_low'))}, {_f(e.get('ci_high'))}]" if e else "not evaluated"
+        acc = f"{fmt(c.get('accuracy'))} [{fmt(e.get('ci_low'))}, {fmt(e.get('ci_high'))}]" if e else "not evaluated"
         lines.append(
             f"| {c.label} | {c.method or '-'} | {c.setting} | {c.calibration or '-'} | {acc} "
-            f"| {_f(c.get('mean_tokens'), 1)} | {_f(c.get('p90_tokens'), 0)} | {_f(c.get('runaway_share'))} "
-            f"| {_f(c.get('wall_s'), 0)} | {_f(c.prune_s, 0)} | {_f(c.get('nll_gap'), 4)}{_ci(c, 'nll_gap')} "
-            f"| {_f(c.get('top1_agreement'), 4)} | {_f(c.get('kl'), 4)} | {_f(c.get('recon_prompt'), 4)} "
-            f"| {_f(c.get('recon_decode'), 4)} |")
+            f"| {fmt(c.get('mean_tokens'), 1)} | {fmt(c.get('p90_tokens'), 0)} | {fmt(c.get('runaway_share'))} "
+            f"| {fmt(c.get('wall_s'), 0)} | {fmt(c.prune_s, 0)} | {fmt(c.get('nll_gap'), 4)}{_ci(c, 'nll_gap')} "
+            f"| {fmt(c.get('top1_agreement'), 4)} | {fmt(c.get('kl'), 4)} | {fmt(c.get('recon_prompt'), 4)} "
+            f"| {fmt(c.get('recon_decode'), 4)} |")
     return "\n".join(lines)
 
 

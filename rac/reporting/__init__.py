@@ -1,0 +1,1 @@
+"""Reports of one run and comparisons across the runs of a work dir."""
