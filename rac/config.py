@@ -31,7 +31,3 @@ class StageConfig(BaseModel):
     def stable_hash(self, length: int = 12) -> str:
         """Hex sha256 of the canonical JSON (sorted keys, no whitespace), truncated to `length`."""
         return sha256_json(self.canonical())[:length]
-
-    @classmethod
-    def known_keys(cls) -> list[str]:
-        return sorted(cls.model_fields)

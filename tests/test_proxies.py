@@ -24,9 +24,9 @@ from rac.eval.proxies import (
     dense_position_stats,
     pruned_position_stats,
     ratio_interval,
-    reconstruction_error_by_segment,
     select_sequences,
 )
+from rac.eval.tokerror import token_error_heatmap
 from rac.models.assets import tiny_model
 from rac.pruners.error import per_token_error
 
@@ -245,7 +245,7 @@ def test_reconstruction_error_by_segment_against_the_layer_input(dense: Path, tm
                       "segment": [s[1] for s in seqs]}, schema=CALIB_SCHEMA)
     calib = tmp_path / "calib.parquet"
     pq.write_table(table.replace_schema_metadata({CALIB_META_KEY: json.dumps({"kind": "rac"})}), calib)
-    got = reconstruction_error_by_segment(dense, pruned, calib, n_seqs=2, max_tokens=25)
+    got = token_error_heatmap(dense, pruned, calib, tmp_path / "q.png", n_seqs=2, max_tokens=25)
 
     model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
     w_hat = load_file(str(pruned / "model.safetensors"))[Q_PROJ]
@@ -260,9 +260,7 @@ def test_reconstruction_error_by_segment_against_the_layer_input(dense: Path, tm
             err[s].append(e[seg_t == s])
     n_linears, n_layers = 7, 2  # only q_proj of layer 1 differs; every other linear's error is 0
     for s, key in ((0, "prompt_mean"), (1, "decode_mean")):
-        assert got[key] == pytest.approx(float(torch.cat(err[s]).mean()) / n_linears / n_layers, rel=1e-4)
-    assert got["n_tokens"] == 45 and got["layer_prompt_mean"][0] == 0 and got["png"] is None
-    assert json.loads(json.dumps(got)) == got
-    same = reconstruction_error_by_segment(dense, dense, calib, n_seqs=1, max_tokens=25,
-                                           out_png=tmp_path / "h.png")
-    assert same["prompt_mean"] == 0 and same["decode_mean"] == 0 and (tmp_path / "h.png").exists()
+        assert getattr(got, key) == pytest.approx(float(torch.cat(err[s]).mean()) / n_linears / n_layers, rel=1e-4)
+    assert got.n_tokens == 45 and got.layer_prompt_mean[0] == 0 and (tmp_path / "q.png").is_file()
+    same = token_error_heatmap(dense, dense, calib, tmp_path / "h.png", n_seqs=1, max_tokens=25)
+    assert same.prompt_mean == 0 and same.decode_mean == 0 and (tmp_path / "h.png").exists()

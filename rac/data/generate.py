@@ -38,6 +38,7 @@ from rac.data.engines import ENGINES, Request, SamplingSpec, UnknownEngineError,
 from rac.data.io import atomic_write_table, read_table_meta
 from rac.data.prompts import PROMPTS_META_KEY, PromptTooLongError
 from rac.data.templates import context_window, load_tokenizer
+from rac.store.artifacts import sweep_temp
 
 COTS_META_KEY = b"rac.cots"
 FALLBACK_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0}  # R1 advice
@@ -260,8 +261,7 @@ def generate_cots(
     t0 = time.perf_counter()
     plan = plan_cots(prompts_path, model_dir, cfg, out_dir)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in plan.out_dir.glob(".part-*.tmp*"):
-        stale.unlink()
+    sweep_temp(plan.out_dir)  # shards a killed writer left half-written
     local = _LocalShards()
     runner = run_shards or local
     totals = {"rows": 0, "prompt": 0, "completion": 0, "length": 0, "new": 0}

@@ -24,11 +24,3 @@ CALIB_SCHEMA = pa.schema(
     ]
 )
 CALIB_META_KEY = b"rac.calibration"
-
-
-def segment_id(name: str) -> int:
-    """Integer id of a segment name; raises ValueError listing the known names."""
-    try:
-        return SEGMENT_IDS[name]
-    except KeyError:
-        raise ValueError(f"unknown segment {name!r}; known: {sorted(SEGMENT_IDS)}") from None

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rac.store.artifacts import atomic_path, atomic_write_text, sha256_file, sweep_temp
+from rac.store.artifacts import atomic_path, atomic_write_text, sha256_file
 
 Step = tuple[int, int]
 
@@ -136,10 +136,6 @@ class Checkpoints:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True)
         atomic_write_text(self.root / "state.json", json.dumps(dict(fingerprint), sort_keys=True, indent=1))
-
-    def sweep(self) -> None:
-        """Remove temp files a killed writer left (before resuming)."""
-        sweep_temp(self.root)
 
     def verify(self, fingerprint: Mapping[str, Any]) -> None:
         """ValueError naming every fingerprint key that differs from the recorded run (or if none exists)."""

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +30,7 @@ from rac.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
 from rac.engine.calib import Calibration
 from rac.engine.checkpoint import StepRecord
 from rac.models.streaming import INDEX_NAME, SINGLE_NAME, WeightFiles
-from rac.store.artifacts import fsync_dir, fsync_file
+from rac.store.artifacts import TEMP_MARK, atomic_dir
 
 PROVENANCE_NAME = "rac_provenance.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -132,10 +131,9 @@ def write_hf_folder(
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
+    for stale in out_dir.parent.glob(f".{out_dir.name}{TEMP_MARK}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         copy_side_files(model_dir, tmp)
         shards = plan_shards(specs, max_shard_bytes)
         weight_map: dict[str, str] = {}
@@ -147,16 +145,6 @@ def write_hf_folder(
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True))
-        for p in tmp.iterdir():
-            fsync_file(p)
-        fsync_file(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above): rename onto it
-        os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -14,7 +14,6 @@ pruned model is loaded. Log-probabilities are float32 whatever the model dtype; 
 from __future__ import annotations
 
 import gc
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +30,6 @@ from rac.config import StageConfig
 from rac.data.generate import read_cots
 from rac.data.templates import load_tokenizer
 from rac.dtypes import torch_dtype
-from rac.eval.tokerror import token_error_heatmap
 
 COT_COLUMNS = ("cot_id", "prompt_ids", "completion_ids")
 LOGIT_CHUNK_ELEMS = 1 << 25  # rows x vocab of one float32 log-prob chunk (128 MiB)
@@ -165,7 +163,7 @@ def check_models(dense_dir: Path, pruned_dir: Path, seqs: list[CotSeq]) -> int:
 
 
 @dataclass(frozen=True)
-class Batch:
+class CotBatch:
     """Right-padded ids and mask [B, T]; scored logit positions (rows, cols) [N] and their targets [N]."""
 
     input_ids: torch.Tensor
@@ -176,7 +174,7 @@ class Batch:
     seq_index: torch.Tensor  # [B] position of each row's sequence in the input list
 
 
-def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[Batch]:
+def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[CotBatch]:
     """Length-sorted batches of the sequences that have CoT tokens; position t predicts ids[t + 1]."""
     todo = sorted(((j, s) for j, s in enumerate(seqs) if s.n_scored > 0), key=lambda js: -len(js[1].ids))
     out = []
@@ -192,7 +190,7 @@ def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[Batch
             mask[r, : len(s.ids)] = 1
             scored[r, s.prompt_len - 1: len(s.ids) - 1] = True
         rows, cols = scored.nonzero(as_tuple=True)  # [N], [N]
-        out.append(Batch(ids, mask, rows, cols, ids[rows, cols + 1], index))
+        out.append(CotBatch(ids, mask, rows, cols, ids[rows, cols + 1], index))
     return out
 
 
@@ -202,7 +200,7 @@ def load_model(model_dir: Path, dtype: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype)).eval()
 
 
-def scored_logprobs(model: Any, batch: Batch) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def scored_logprobs(model: Any, batch: CotBatch) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """float32 next-token log-probs at the scored positions, chunk by chunk: (log_probs [n, V], targets [n],
     sequence index [n])."""
     head = model.get_output_embeddings()
@@ -258,7 +256,7 @@ def pruned_position_stats(lq: torch.Tensor, targets: torch.Tensor,
 # ---------------------------------------------------------------- passes
 
 
-def dense_pass(model_dir: Path, batches: list[Batch], cfg: ProxyConfig) -> list[dict[str, torch.Tensor]]:
+def dense_pass(model_dir: Path, batches: list[CotBatch], cfg: ProxyConfig) -> list[dict[str, torch.Tensor]]:
     """Dense statistics per chunk, in batch order; the model is freed (collected) before returning."""
     model = load_model(model_dir, cfg.dtype)
     try:
@@ -269,7 +267,7 @@ def dense_pass(model_dir: Path, batches: list[Batch], cfg: ProxyConfig) -> list[
         gc.collect()
 
 
-def pruned_pass(model_dir: Path, batches: list[Batch], dense: list[dict[str, torch.Tensor]],
+def pruned_pass(model_dir: Path, batches: list[CotBatch], dense: list[dict[str, torch.Tensor]],
                 cfg: ProxyConfig, n_seqs: int) -> dict[str, torch.Tensor]:
     """float64 per-sequence sums [n_seqs] of positions (n), dense and pruned NLL, agreement and KL."""
     model = load_model(model_dir, cfg.dtype)
@@ -328,30 +326,3 @@ def cot_proxies(dense_dir: Path, pruned_dir: Path, cots_dir_or_path: Path, cfg: 
         cots_path=str(cots_dir_or_path), wall_s=time.perf_counter() - t0,
         cot_ids=[s.cot_id for s in seqs],
     )
-
-
-# ---------------------------------------------------------------- reconstruction error
-
-
-def _finite(v: float) -> float | None:
-    """None for NaN/inf (a segment without tokens), so the dict stays strict JSON."""
-    return float(v) if np.isfinite(v) else None
-
-
-def reconstruction_error_by_segment(dense_dir: Path, pruned_dir: Path, calib_path: Path, n_seqs: int = 4,
-                                    max_tokens: int = 512, out_png: Path | None = None) -> dict[str, Any]:
-    """Relative reconstruction error ||(W - W_hat) x||^2 / ||W x||^2 averaged over layers and linears, on
-    prompt vs decode tokens of a calibration set (rac.eval.tokerror); the heatmap is kept only if out_png."""
-    with tempfile.TemporaryDirectory(prefix="rac-recon-") as tmp:
-        png = Path(out_png) if out_png is not None else Path(tmp) / "heat.png"
-        s = token_error_heatmap(Path(dense_dir), Path(pruned_dir), Path(calib_path), png, n_seqs=n_seqs,
-                                max_tokens=max_tokens)
-    ratio = s.decode_mean / s.prompt_mean if s.prompt_mean > 0 else float("nan")
-    return {
-        "prompt_mean": _finite(s.prompt_mean), "decode_mean": _finite(s.decode_mean),
-        "decode_over_prompt": _finite(ratio),
-        "layer_prompt_mean": [_finite(v) for v in s.layer_prompt_mean],
-        "layer_decode_mean": [_finite(v) for v in s.layer_decode_mean],
-        "n_seqs": s.n_seqs, "n_tokens": s.n_tokens, "seq_ids": s.seq_ids,
-        "png": str(out_png) if out_png is not None else None,
-    }

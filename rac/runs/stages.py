@@ -209,10 +209,6 @@ def metrics_row(summary: dict[str, Any]) -> dict[str, Any]:
     return {**{col: summary.get(col) for col in EVAL_COLUMNS}, "metrics": summary}
 
 
-def proxies_key(env: RunRef, cfg: ProxyConfig, pruned: StageOutput, dense_eval: StageOutput) -> str:
-    return stage_key("proxies", cfg.canonical(), [*pruned.outputs, dense_eval.output("eval-rows")], env)
-
-
 def proxies_step(env: RunRef, label: str, cfg: ProxyConfig, pruned: StageOutput, dense_eval: StageOutput,
                  tokerror: StageOutput | None, meta: dict[str, Any], log: LogFn = print) -> StageOutput:
     """NLL / top-1 agreement / KL of a pruned model on the dense model's held-out eval CoTs; writes the
@@ -249,9 +245,3 @@ def tokerror_step(env: RunRef, label: str, cfg: ReportConfig, pruned: StageOutpu
 
     inputs = [*pruned.outputs, *calib.outputs]
     return run_stage(env, f"tokerror/{label}", "tokerror", cfg.canonical(), inputs, compute, log)
-
-
-def dump(out: StageOutput) -> str:
-    """One-line JSON of a stage output (logs, Prefect markdown)."""
-    return json.dumps({"name": out.name, "key": out.key, "reused": out.reused,
-                       "outputs": [r.uri for r in out.outputs]})
