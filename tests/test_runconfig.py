@@ -148,3 +148,20 @@ def test_eval_pruned_selects_models_by_label() -> None:
     assert not any(parse_run_config(base()).evaluates(j) for j in every.jobs)  # no eval section
     assert "unknown label(s) ['rac-60pct']" in problems({**data, "eval_pruned": ["rac-60pct"]})
     assert "eval_pruned = 'yes'" in problems({**data, "eval_pruned": "yes"})
+
+
+def test_sections_are_the_library_configs_and_eval_carries_no_runtime_paths() -> None:
+    from rac.data.generate import GenerateConfig
+    from rac.data.prompts import PromptsConfig
+    from rac.eval.evaluate import EvalConfig
+
+    data = {**base(), "eval": {"prompts": {"source": "gsm8k", "n": 2, "holdout": "eval"},
+                               "generation": {"max_new_tokens": 8, "token_budget": None}, "bootstrap": 300}}
+    cfg = parse_run_config(data)
+    assert isinstance(cfg.prompts, PromptsConfig) and isinstance(cfg.generate, GenerateConfig)
+    assert isinstance(cfg.eval, EvalConfig) and isinstance(cfg.eval_prompts, PromptsConfig)
+    assert cfg.eval.bootstrap == 300 and cfg.eval.generation.max_new_tokens == 8
+    assert set(cfg.canonical()["eval"]) == {"prompts", *EvalConfig.model_fields}  # no prompts_path placeholder
+    assert all(isinstance(j.compress, CompressConfig) and j.compress.act_dtype == "float32" for j in cfg.jobs)
+    bad = {**base(), "compress": {"batch_tokens": 0}}
+    assert "compress.batch_tokens = 0: Value error, batch_tokens must be >= 1, got 0" in problems(bad)
