@@ -33,7 +33,7 @@ from transformers import LlamaConfig
 from rac.data.segments import CALIB_SCHEMA
 from rac.engine import CompressConfig, compress
 from rac.engine.actstore import ActStore
-from rac.engine.calib import load_calibration
+from rac.engine.batches import load_calibration
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, layer_forward, read_batch, stats_pass
 from rac.engine.output import plan_shards, write_safetensors_stream
 from rac.models.adapters import get_adapter

@@ -17,8 +17,7 @@ a parent package (importing `rac.pruners.base` first runs rac/pruners/__init__.p
 package whose `__init__` re-exports its submodules would otherwise be a cycle.
 Imports inside functions and under TYPE_CHECKING count like top-level ones: they are dependencies all the
 same (a late import only hides a cycle from the import system, a TYPE_CHECKING one from the runtime), and
-the design goal is no cycle at all. The one known exception is `LATE_IMPORT_EXCEPTIONS`; the strict xfail
-`test_no_import_cycle_counting_late_imports` fails as soon as it is fixed, so the exception gets deleted.
+the design goal is no cycle at all, and there is none.
 
 docs/architecture_diagram.py draws docs/architecture.png from `unit_graph()`.
 """
@@ -94,19 +93,8 @@ FORBIDDEN_EXTERNAL: dict[str, frozenset[str]] = {
     "rac.store.index": frozenset({"torch", "transformers", "vllm"}),
 }
 
-# (importer, imported) edges that close a cycle but only run inside a function; each says why.
-LATE_IMPORT_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("rac.pruners.base", "rac.pruners"):
-        "PruneConfig._known_method checks `method` against the registry PRUNERS in rac/pruners/__init__.py, "
-        "which imports rac.pruners.base at its top (fix: keep the method names in base, check the registry "
-        "against them in __init__)",
-}
-
 # module file names that two folders of rac/ share on purpose (reported, not failed)
-KNOWN_SHARED_NAMES: dict[str, frozenset[str]] = {
-    # rac/data/calib.py builds calibration sets; rac/engine/calib.py reads and batches them for compress
-    "calib.py": frozenset({"rac/data", "rac/engine"}),
-}
+KNOWN_SHARED_NAMES: dict[str, frozenset[str]] = {}
 
 
 # ---------------------------------------------------------------- the import graph
@@ -231,12 +219,11 @@ def all_imports() -> tuple[Import, ...]:
     return tuple(out)
 
 
-def import_graph(skip: Iterable[tuple[str, str]] = ()) -> dict[str, set[str]]:
-    """Module -> the project modules it imports (every module is a node), less the `skip` edges."""
-    drop = set(skip)
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (every module is a node)."""
     graph: dict[str, set[str]] = {m: set() for m in module_files()}
     for imp in all_imports():
-        if imp.dst is not None and (imp.src, imp.dst) not in drop:
+        if imp.dst is not None:
             graph[imp.src].add(imp.dst)
     return graph
 
@@ -428,18 +415,6 @@ def test_project_imports_resolve_to_project_modules() -> None:
 
 # ---------------------------------------------------------------- (b) no import cycle
 def test_no_import_cycle() -> None:
-    late = {(i.src, i.dst): i.context for i in all_imports() if (i.src, i.dst) in LATE_IMPORT_EXCEPTIONS}
-    not_late = [f"{a} -> {b}" for (a, b), ctx in late.items() if ctx != "function"]
-    assert not not_late, f"an excepted edge is imported outside a function: {not_late}"
-    graph = import_graph(skip=LATE_IMPORT_EXCEPTIONS)
-    cyclic = cycle_components(graph)
-    assert not cyclic, "import cycles:\n" + describe_cycles(graph)
-
-
-@pytest.mark.xfail(strict=True, reason="known cycle rac.pruners <-> rac.pruners.base through the late import "
-                   "in PruneConfig._known_method (LATE_IMPORT_EXCEPTIONS); when this passes, delete the "
-                   "exception and this mark")
-def test_no_import_cycle_counting_late_imports() -> None:
     graph = import_graph()
     cyclic = cycle_components(graph)
     assert not cyclic, "import cycles:\n" + describe_cycles(graph)

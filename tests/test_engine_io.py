@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import rac.engine.sequential as seqmod
 from rac.engine import CompressConfig, compress
 from rac.engine.actstore import ActStore
-from rac.engine.calib import CalibrationError, plan_batches
+from rac.engine.batches import CalibrationError, plan_batches
 from rac.engine.output import plan_shards, write_hf_folder, write_safetensors_stream
 from rac.models.assets import tiny_model
 from rac.models.streaming import ShardError, WeightFiles

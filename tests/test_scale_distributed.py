@@ -21,7 +21,7 @@ from engine_support import random_sequences, write_calib
 from safetensors.torch import load_file
 
 from rac.engine import CompressConfig, compress
-from rac.engine.calib import load_calibration
+from rac.engine.batches import load_calibration
 from rac.engine.distributed import DistContext
 from rac.engine.torchrun import dist_resume_point as resume_point
 from rac.models.assets import tiny_model

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rac.engine.calib import Calibration, plan_batches
+from rac.engine.batches import Calibration, plan_batches
 from rac.engine.checkpoint import Checkpoints
 from rac.pruners.stats import HessianAccumulator
 

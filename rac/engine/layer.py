@@ -22,7 +22,7 @@ from torch import nn
 
 from rac.data.segments import SEGMENT_IDS
 from rac.engine.actstore import ActStore
-from rac.engine.calib import Batch, Calibration
+from rac.engine.batches import Batch, Calibration
 from rac.models.adapters import Adapter, capture_layer_call, get_submodule
 from rac.pruners.stats import HessianAccumulator
 

@@ -27,7 +27,7 @@ import torch
 import rac
 from rac.config import StageConfig
 from rac.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
-from rac.engine.calib import Calibration
+from rac.engine.batches import Calibration
 from rac.engine.checkpoint import StepRecord
 from rac.models.streaming import INDEX_NAME, SINGLE_NAME, WeightFiles
 from rac.store.artifacts import TEMP_MARK, atomic_dir

@@ -31,7 +31,7 @@ from rac.config import StageConfig
 from rac.data.segments import SEGMENT_IDS
 from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
-from rac.engine.calib import Calibration, load_calibration
+from rac.engine.batches import Calibration, load_calibration
 from rac.engine.checkpoint import Checkpoints, LinearRecord, Step, StepRecord
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import memory_hygiene as _memory_hygiene

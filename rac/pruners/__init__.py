@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from rac.pruners.alps import alps
-from rac.pruners.base import FactorizationError, PruneConfig, PruneResult, Retry, check_layer
+from rac.pruners.base import METHODS, FactorizationError, PruneConfig, PruneResult, Retry, check_layer
 from rac.pruners.magnitude import magnitude
 from rac.pruners.sparsegpt import sparsegpt
 from rac.pruners.wanda import col_norms_from_hessian, wanda
@@ -35,6 +35,7 @@ PRUNERS: dict[str, Pruner] = {
     "sparsegpt": sparsegpt,
     "alps": alps,
 }
+assert tuple(PRUNERS) == METHODS, f"the registry {tuple(PRUNERS)} must list exactly PruneConfig's methods {METHODS}"
 
 
 def get_pruner(name: str) -> Pruner:
