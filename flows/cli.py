@@ -108,11 +108,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise ValueError(f"no run {args.run!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
     console.print(f"run {args.run}: [bold]{_live_status(index, args.run, run['status'])}[/] {run['message'] or ''}")
     table = Table(title="stages")
-    for col in ("stage", "key", "status", "reused", "seconds", "layers done"):
+    for col in ("stage", "stage_key", "status", "reused", "seconds", "layers done"):
         table.add_column(col)
     for s in index.run_stages(args.run):
-        steps = len(index.steps(s["key"])) if s["stage"] == "prune" else None
-        table.add_row(s["name"], s["key"], s["status"], str(bool(s["reused"])), fmt(s["seconds"], 1),
+        steps = len(index.steps(s["stage_key"])) if s["stage"] == "prune" else None
+        table.add_row(s["name"], s["stage_key"], s["status"], str(bool(s["reused"])), fmt(s["seconds"], 1),
                       "" if steps is None else str(steps))
     console.print(table)
     _print_evals(index, args.run)

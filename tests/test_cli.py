@@ -26,13 +26,13 @@ def _cots_work_dir(work: Path) -> list[int]:
     for shard, lens in enumerate(lengths):
         path = work / "stages" / "cots" / "abc" / f"part-{shard:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"prompt_id": list(range(len(lens))), "n_decode": lens}), str(path))
+        pq.write_table(pa.table({"prompt_id": list(range(len(lens))), "completion_len": lens}), str(path))
     return [n for lens in lengths for n in lens]
 
 
 def test_sql_answers_from_views_and_refuses_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flat = _cots_work_dir(tmp_path)
-    assert main(["--work-dir", str(tmp_path), "sql", "select count(*), avg(n_decode) from cots"]) == EXIT_OK
+    assert main(["--work-dir", str(tmp_path), "sql", "select count(*), avg(completion_len) from cots"]) == EXIT_OK
     out = capsys.readouterr().out
     assert str(len(flat)) in out and f"{sum(flat) / len(flat):.4f}"[:6] in out
     for stmt in ("delete from runs", "update runs set status = 'x'", "create table t (a int)",
@@ -61,10 +61,10 @@ def test_report_writes_markdown_and_pngs(tmp_path: Path, capsys: pytest.CaptureF
     idx.create_run("r1", "demo", {}, {"model_dir": "/m", "model_revision": "abc", "rac_version": "0.1.0"}, "", 1)
     evals: list[dict[str, Any]] = [
         {"model": "dense", "sparsity": 0.0, "accuracy": 0.5, "ci_low": 0.3, "ci_high": 0.7, "mean_tokens": 100.0,
-         "median_tokens": 90.0, "p90_tokens": 180.0, "runaway_share": 0.1, "wall_s": 12.0, "tokens_per_s": 50.0, "n": 20},
+         "median_tokens": 90.0, "p90_tokens": 180.0, "runaway_share": 0.1, "wall_s": 12.0, "tokens_per_s": 50.0, "n_problems": 20},
         {"model": "rac-sparsegpt-50pct", "calibration": "rac", "method": "sparsegpt", "sparsity": 0.5,
          "accuracy": 0.4, "ci_low": 0.2, "ci_high": 0.6, "mean_tokens": 130.0, "median_tokens": 120.0,
-         "p90_tokens": 256.0, "runaway_share": 0.25, "wall_s": 15.0, "tokens_per_s": 45.0, "n": 20},
+         "p90_tokens": 256.0, "runaway_share": 0.25, "wall_s": 15.0, "tokens_per_s": 45.0, "n_problems": 20},
     ]
     for ev in evals:
         idx.record_eval("r1", ev["model"], "k-" + ev["model"], ev)

@@ -57,7 +57,7 @@ def models_of(work: Path, run_id: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for row in Index(work).run_stages(run_id):
         if row["stage"] == "prune" and row["status"] == "done":
-            folder = work / "stages" / "prune" / row["key"] / "model"
+            folder = work / "stages" / "prune" / row["stage_key"] / "model"
             out[row["name"]] = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     return out
 
@@ -84,9 +84,9 @@ def test_flow_runs_every_stage_and_records_them(reference: dict[str, Any]) -> No
     _, eval_rows = idx.query("select count(*) from eval_rows")
     assert eval_rows == [(6,)]  # 3 models x 2 eval prompts
     for name in ("prune/prompt-sparsegpt-50pct", "prune/rac-sparsegpt-50pct"):
-        rows = idx.layer_rows(names[name]["key"])
+        rows = idx.layer_rows(names[name]["stage_key"])
         assert len(rows) == 2 * 7 and all(abs(r["sparsity"] - 0.5) < 0.01 for r in rows)  # 2 layers x 7 linears
-    _, agg = idx.query("select count(*), avg(n_decode), sum(completion_len) from cots")
+    _, agg = idx.query("select count(*), avg(completion_len), sum(completion_len) from cots")
     assert agg[0][0] == 6 and agg[0][1] == agg[0][2] / 6
     assert Path(result["report"]).name == "report.md" and Path(result["report"]).is_file()
     two = models_of(work, "ref")
@@ -100,19 +100,19 @@ def test_proxies_rows_score_each_pruned_model_on_the_dense_eval_cots(reference: 
     work = reference["work"]
     idx = Index(work)
     names = {s["name"]: s for s in idx.run_stages("ref")}
-    dense_rows = work / "stages" / "eval" / names["eval/dense"]["key"] / "rows.parquet"
+    dense_rows = work / "stages" / "eval" / names["eval/dense"]["stage_key"] / "rows.parquet"
     _, lens = idx.query(f"select sum(completion_len) from read_parquet('{dense_rows}')")
     proxies = {r["label"]: r for r in idx.proxies("ref")}
     assert set(proxies) == {"prompt-sparsegpt-50pct", "rac-sparsegpt-50pct"}
     for label, row in proxies.items():
-        model = work / "stages" / "prune" / names[f"prune/{label}"]["key"] / "model"
+        model = work / "stages" / "prune" / names[f"prune/{label}"]["stage_key"] / "model"
         direct = cot_proxies(Path(idx.get_run("ref")["fingerprint"]["model_dir"]), model,  # type: ignore[index]
                              eval_cots_dir(dense_rows), ProxyConfig(n_sequences=2, batch_size=2))
         assert row["n_positions"] == direct.n_positions == lens[0][0]  # every dense eval CoT token scored
         assert row["pruned_nll"] == pytest.approx(direct.pruned_nll, rel=1e-6)
         assert row["top1_agreement"] == pytest.approx(direct.top1_agreement)
         assert row["dense_nll"] == pytest.approx(direct.dense_nll) and row["calibration"] == label.split("-")[0]
-        heat = idx.done_stages(names[f"tokerror/{label}"]["key"])[0]["summary"]
+        heat = idx.done_stages(names[f"tokerror/{label}"]["stage_key"])[0]["summary"]
         assert (row["recon_prompt"], row["recon_decode"]) == (heat["prompt_mean"], heat["decode_mean"])
 
 
@@ -198,7 +198,7 @@ def test_eval_flow_on_a_pruned_folder(reference: dict[str, Any]) -> None:
     from rac_prefect.flows.eval import rac_eval
 
     work = reference["work"]
-    key = {s["name"]: s for s in Index(work).run_stages("ref")}["prune/rac-sparsegpt-50pct"]["key"]
+    key = {s["name"]: s for s in Index(work).run_stages("ref")}["prune/rac-sparsegpt-50pct"]["stage_key"]
     folder = work / "stages" / "prune" / key / "model"
     out = rac_eval(model=str(folder), eval_config=str(TINY), work_dir=str(work), label="rac-pruned", run_id="ev1")
     assert out["n_problems"] == 2 and 0.0 <= out["accuracy"] <= 1.0
@@ -241,7 +241,7 @@ def test_killed_mid_generation_resumes_to_identical_models(reference: dict[str, 
     assert [p.name for p in shards] == ["part-00000.parquet", "part-00001.parquet"]  # shard 1 never indexed
     assert main(["--work-dir", str(tmp_path), "resume", "crash"]) == EXIT_OK
     cots = {s["name"]: s for s in idx.run_stages("crash")}["cots"]
-    summary = idx.done_stages(cots["key"])[0]["summary"]
+    summary = idx.done_stages(cots["stage_key"])[0]["summary"]
     assert summary["shards_reused"] == 1 and summary["shards_written"] == 2  # shard 1 regenerated, 0 kept
     assert idx.get_run("crash")["status"] == "done"  # type: ignore[index]
     assert same_models(models_of(tmp_path, "crash"), models_of(reference["work"], "ref"))

@@ -126,8 +126,8 @@ def _newest(rows: Iterable[dict[str, Any]], groups: dict[str, EvalGroup]) -> dic
     """The newest row of each (group, label); rows of runs without a group are skipped."""
     out: dict[tuple[EvalGroup, str], dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["created"]):
-        if r["run"] in groups:
-            out[(groups[r["run"]], r["label"])] = r
+        if r["run_id"] in groups:
+            out[(groups[r["run_id"]], r["label"])] = r
     return out
 
 
@@ -167,10 +167,10 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         pgroup: dict[str, str] = {}
         if e is not None:
             _, per = index.query("SELECT prompt_id, avg(correct::DOUBLE), avg((finish_reason = 'length')::DOUBLE) "
-                                 "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage"]])
+                                 "FROM eval_rows WHERE stage_key = ? GROUP BY prompt_id", [e["stage_key"]])
             pgroup = {str(p): problem_group[str(p)] for p, *_ in per if str(p) in problem_group}
         m = (json.loads(e["metrics"]) if isinstance(e["metrics"], str) else dict(e["metrics"] or {})) if e else {}
-        cells.append(Cell(label, e["stage"] if e else "", src["calibration"], src["method"], _setting(row),
+        cells.append(Cell(label, e["stage_key"] if e else "", src["calibration"], src["method"], _setting(row),
                           float(src["sparsity"] or 0.0), m, pr, {str(p): float(v) for p, v, _ in per}, secs,
                           {str(p): float(x) for p, _, x in per}, pgroup, group.title, group.slug))
     return sorted(cells, key=lambda c: (c.group, c.method or "", c.setting, c.calibration or ""))

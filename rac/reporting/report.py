@@ -60,8 +60,8 @@ def layer_errors(index: Index, stages: list[dict[str, Any]]) -> dict[str, list[f
         if s["stage"] != "prune":
             continue
         per_layer: dict[int, list[float]] = defaultdict(list)
-        for row in index.layer_rows(s["key"]):
-            per_layer[int(row["layer"])].append(float(row["error"]))
+        for row in index.layer_rows(s["stage_key"]):
+            per_layer[int(row["layer"])].append(float(row["rel_error"]))
         if per_layer:
             label = s["name"].split("/", 1)[-1]
             out[label] = [sum(v) / len(v) for _, v in sorted(per_layer.items())]
@@ -153,10 +153,10 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
         md += ["", "![layer error](layer_error.png)", ""]
         written.append(plot_layer_errors(errors, out_dir / "layer_error.png"))
     md += _tokerror_section(index, stages, out_dir, written)
-    md += ["## Stages", "", "| stage | key | status | reused | seconds |", "|---|---|---|---|---|"]
-    md += [f"| {s['name']} | `{s['key']}` | {s['status']} | {bool(s['reused'])} | {fmt(s['seconds'], 1)} |" for s in stages]
+    md += ["## Stages", "", "| stage | stage_key | status | reused | seconds |", "|---|---|---|---|---|"]
+    md += [f"| {s['name']} | `{s['stage_key']}` | {s['status']} | {bool(s['reused'])} | {fmt(s['seconds'], 1)} |" for s in stages]
     md += ["", f"Config: see `{WorkDir(Path(work_dir)).run_dir(run_id) / 'run.json'}`;",
-           f"query the index with `rac --work-dir {work_dir} sql \"select * from evals where run = '{run_id}'\"`.", ""]
+           f"query the index with `rac --work-dir {work_dir} sql \"select * from evals where run_id = '{run_id}'\"`.", ""]
     written.insert(0, atomic_write_text(out_dir / "report.md", "\n".join(md)))
     return written
 
@@ -167,7 +167,7 @@ def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path,
     for s in stages:
         if s["stage"] != "tokerror" or s["status"] != "done":
             continue
-        for row in index.done_stages(s["key"])[:1]:
+        for row in index.done_stages(s["stage_key"])[:1]:
             pngs = [r for r in row["outputs"] if r.kind == "tokerror-png" and r.check() is None]
             if not pngs:
                 continue

@@ -1,15 +1,20 @@
 """DuckDB index of runs, stages, artifacts, per-layer pruning records and evaluations (`rac.duckdb`).
 
+Every table and view, column by column (meaning, unit, the library field it comes from), is documented in
+docs/schema.md; `SCHEMA` below is the one definition. A run is `run_id` and a stage cache key `stage_key`
+in every table.
+
 DuckDB lets one process at a time hold a file open for writing, so every call here opens a short-lived
 connection, does its work (writes inside one transaction) and closes it; a busy file is retried until
 `timeout_s`. Connections of one process are serialised by a lock (DuckDB refuses a read-only and a
 read-write connection to one file inside one process).
 
-Tables: runs, stages, artifacts (uri, kind, sha256, bytes, stage, layer, group, created), layers (run,
-stage, layer, group, linear, sparsity, error, loss, damping, retries, seconds), evals, proxies (forward-pass
-quality proxies of each pruned model, and its relative reconstruction error on prompt vs decode tokens). Every read-only
-connection gets TEMP views over the stage Parquet files under the work dir (`read_parquet` globs):
-prompts, cots, calibration, eval_rows; each has a `stage_key` column naming the stage that wrote the file.
+Schema versions: the `meta` table holds `schema_version` (SCHEMA_VERSION). Tables without it are version 1
+(before one vocabulary: `run`, `key`/`stage` holding stage keys, `error`, `damping`, `n`); the first
+connection to such a file renames those columns in one transaction (`migrate`); a read-only connection
+first opens the file read-write for that. Every read-only connection gets TEMP views over the stage Parquet
+files under the work dir (`read_parquet` globs): prompts, cots, calibration, eval_rows, each with the
+files' own columns plus `stage_key` (the stage that wrote the file).
 """
 
 from __future__ import annotations
@@ -25,40 +30,48 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rac.store.artifacts import ArtifactRef
 
 INDEX_NAME = "rac.duckdb"
 _PROCESS_LOCK = threading.RLock()
 
+SCHEMA_VERSION = 2
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS runs (
   run_id VARCHAR PRIMARY KEY, name VARCHAR, status VARCHAR, config JSON, fingerprint JSON,
   config_path VARCHAR, pid INTEGER, message VARCHAR, created TIMESTAMP, updated TIMESTAMP);
 CREATE TABLE IF NOT EXISTS stages (
-  run_id VARCHAR, name VARCHAR, stage VARCHAR, key VARCHAR, status VARCHAR, reused BOOLEAN,
+  run_id VARCHAR, name VARCHAR, stage VARCHAR, stage_key VARCHAR, status VARCHAR, reused BOOLEAN,
   config JSON, inputs JSON, outputs JSON, summary JSON, started TIMESTAMP, finished TIMESTAMP,
   seconds DOUBLE, PRIMARY KEY (run_id, name));
 CREATE TABLE IF NOT EXISTS artifacts (
-  uri VARCHAR PRIMARY KEY, kind VARCHAR, sha256 VARCHAR, bytes BIGINT, stage VARCHAR,
+  uri VARCHAR PRIMARY KEY, kind VARCHAR, sha256 VARCHAR, bytes BIGINT, stage_key VARCHAR,
   layer INTEGER, "group" INTEGER, created TIMESTAMP);
 CREATE TABLE IF NOT EXISTS layers (
-  run VARCHAR, stage VARCHAR, layer INTEGER, "group" INTEGER, linear VARCHAR, sparsity DOUBLE,
-  error DOUBLE, loss DOUBLE, damping DOUBLE, retries INTEGER, seconds DOUBLE, created TIMESTAMP,
-  PRIMARY KEY (stage, layer, "group", linear));
+  run_id VARCHAR, stage_key VARCHAR, layer INTEGER, "group" INTEGER, linear VARCHAR, sparsity DOUBLE,
+  rel_error DOUBLE, loss DOUBLE, damp DOUBLE, retries INTEGER, seconds DOUBLE, created TIMESTAMP,
+  PRIMARY KEY (stage_key, layer, "group", linear));
 CREATE TABLE IF NOT EXISTS evals (
-  run VARCHAR, label VARCHAR, stage VARCHAR, model VARCHAR, calibration VARCHAR, method VARCHAR,
+  run_id VARCHAR, label VARCHAR, stage_key VARCHAR, model VARCHAR, calibration VARCHAR, method VARCHAR,
   sparsity DOUBLE, n_problems INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
   median_tokens DOUBLE, p90_tokens DOUBLE, runaway_share DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
-  metrics JSON, created TIMESTAMP, PRIMARY KEY (run, label));
+  metrics JSON, created TIMESTAMP, PRIMARY KEY (run_id, label));
 CREATE TABLE IF NOT EXISTS proxies (
-  run VARCHAR, label VARCHAR, stage VARCHAR, calibration VARCHAR, method VARCHAR, sparsity DOUBLE,
+  run_id VARCHAR, label VARCHAR, stage_key VARCHAR, calibration VARCHAR, method VARCHAR, sparsity DOUBLE,
   dense_nll DOUBLE, pruned_nll DOUBLE, nll_gap DOUBLE, top1_agreement DOUBLE, kl DOUBLE,
   n_positions INTEGER, recon_prompt DOUBLE, recon_decode DOUBLE, metrics JSON, created TIMESTAMP,
-  PRIMARY KEY (run, label));
+  PRIMARY KEY (run_id, label));
 """
+# version 1 -> 2, per table: (old column, new column)
+RENAMES_V1: dict[str, tuple[tuple[str, str], ...]] = {
+    "stages": (("key", "stage_key"),),
+    "artifacts": (("stage", "stage_key"),),
+    "layers": (("run", "run_id"), ("stage", "stage_key"), ("error", "rel_error"), ("damping", "damp")),
+    "evals": (("run", "run_id"), ("stage", "stage_key"), ("n", "n_problems")),
+    "proxies": (("run", "run_id"), ("stage", "stage_key")),
+}
 
 # view name -> glob (relative to the work dir) of the Parquet files it reads
 VIEW_GLOBS: dict[str, str] = {
@@ -78,6 +91,10 @@ class ReadOnlyQueryError(ValueError):
     """A statement other than SELECT/EXPLAIN was given to a read-only query."""
 
 
+class IndexSchemaError(ValueError):
+    """The index file has a schema this rac cannot use (a newer version, or an old one it cannot migrate)."""
+
+
 @dataclass(frozen=True)
 class LayerRow:
     """One pruned linear of one (layer, group) step."""
@@ -86,9 +103,9 @@ class LayerRow:
     group: int
     linear: str
     sparsity: float
-    error: float
+    rel_error: float  # LinearRecord.rel_error
     loss: float
-    damping: float
+    damp: float  # LinearRecord.damp
     retries: int
     seconds: float
 
@@ -117,15 +134,47 @@ class Index:
             raise FileNotFoundError(f"no index at {str(self.path)!r}: no run has been started in this work dir")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with _PROCESS_LOCK:
-            con = self._open(read_only)
+            con = self._open_current(read_only)
             try:
                 if read_only:
                     self._create_views(con)
-                else:
-                    con.execute(SCHEMA)
                 yield con
             finally:
                 con.close()
+
+    def _open_current(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection to the file at SCHEMA_VERSION: an older file is migrated first (for a read-only
+        connection, through a short read-write one)."""
+        con = self._open(read_only)
+        try:
+            version = self._version(con)
+            if version == SCHEMA_VERSION:
+                return con
+            if not read_only:
+                migrate(con, version)
+                return con
+        except BaseException:
+            con.close()
+            raise
+        con.close()
+        self._migrate_for_read(version)
+        return self._open(read_only)
+
+    def _version(self, con: duckdb.DuckDBPyConnection) -> int:
+        version = schema_version(con)
+        if version > SCHEMA_VERSION:
+            raise IndexSchemaError(f"index {self.path} has schema version {version}, newer than this rac's "
+                                   f"{SCHEMA_VERSION}: use the rac that wrote it")
+        return version
+
+    def _migrate_for_read(self, version: int) -> None:
+        try:
+            self._open_current(read_only=False).close()
+        except duckdb.Error as err:
+            raise IndexSchemaError(
+                f"index {self.path} has schema version {version} (this rac: {SCHEMA_VERSION}) and could not be "
+                f"migrated: {str(err).splitlines()[0]}; run `rac --work-dir {self.work_dir} status` once as a "
+                f"user who can write it") from err
 
     def _open(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         deadline = time.monotonic() + self.timeout_s
@@ -162,13 +211,12 @@ class Index:
                 continue
             glob = str(self.work_dir / pattern).replace("'", "''")
             try:
-                extra = _view_extras(name, files[0])
                 con.execute(
-                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT *{extra}, "
+                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT *, "
                     f"regexp_extract(filename, '/stages/[^/]+/([^/]+)/', 1) AS stage_key "
                     f"FROM read_parquet('{glob}', filename=true, union_by_name=true)"
                 )
-            except (duckdb.Error, OSError, pa.ArrowException) as err:
+            except (duckdb.Error, OSError) as err:
                 self.view_problems[name] = str(err).splitlines()[0]
 
     # ---------------------------------------------------------------- queries
@@ -233,22 +281,22 @@ class Index:
             )
 
     # ---------------------------------------------------------------- stages
-    def stage_started(self, run_id: str, name: str, stage: str, key: str, config: dict[str, Any],
+    def stage_started(self, run_id: str, name: str, stage: str, stage_key: str, config: dict[str, Any],
                       inputs: list[ArtifactRef]) -> None:
-        """Record that a run started (or resumed) stage `name` with cache key `key`."""
+        """Record that a run started (or resumed) stage `name` with cache key `stage_key`."""
         with self.transaction() as con:
             con.execute(
                 "INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, 'running', false, ?, ?, NULL, NULL, ?, NULL, NULL)",
-                [run_id, name, stage, key, json.dumps(config), json.dumps([r.to_json() for r in inputs]), _now()],
+                [run_id, name, stage, stage_key, json.dumps(config), json.dumps([r.to_json() for r in inputs]), _now()],
             )
 
-    def stage_done(self, run_id: str, name: str, key: str, outputs: list[ArtifactRef],
+    def stage_done(self, run_id: str, name: str, stage_key: str, outputs: list[ArtifactRef],
                    summary: dict[str, Any], seconds: float, reused: bool) -> None:
         """Mark a stage done and record its output artifacts, in one transaction."""
         with self.transaction() as con:
             now = _now()
             for ref in outputs:
-                _upsert_artifact(con, ref, key, None, None, now)
+                _upsert_artifact(con, ref, stage_key, None, None, now)
             con.execute(
                 "UPDATE stages SET status = 'done', reused = ?, outputs = ?, summary = ?, finished = ?, "
                 "seconds = ? WHERE run_id = ? AND name = ?",
@@ -263,10 +311,10 @@ class Index:
                 [json.dumps({"error": message}), _now(), run_id, name],
             )
 
-    def done_stages(self, key: str) -> list[dict[str, Any]]:
-        """Completed stage rows with cache key `key` (any run), newest first, outputs decoded."""
+    def done_stages(self, stage_key: str) -> list[dict[str, Any]]:
+        """Completed stage rows with cache key `stage_key` (any run), newest first, outputs decoded."""
         rows = self._fetch(
-            "SELECT * FROM stages WHERE key = ? AND status = 'done' ORDER BY finished DESC", [key]
+            "SELECT * FROM stages WHERE stage_key = ? AND status = 'done' ORDER BY finished DESC", [stage_key]
         )
         for row in rows:
             row["outputs"] = [ArtifactRef.from_json(o) for o in json.loads(row["outputs"])]
@@ -275,21 +323,22 @@ class Index:
 
     def run_stages(self, run_id: str) -> list[dict[str, Any]]:
         return self._fetch(
-            "SELECT name, stage, key, status, reused, seconds, started, finished FROM stages "
+            "SELECT name, stage, stage_key, status, reused, seconds, started, finished FROM stages "
             "WHERE run_id = ? ORDER BY started", [run_id]
         )
 
     # ---------------------------------------------------------------- artifacts
-    def record_artifacts(self, refs: list[ArtifactRef], stage: str) -> None:
+    def record_artifacts(self, refs: list[ArtifactRef], stage_key: str) -> None:
         """Insert or replace artifact rows (e.g. a finished CoT shard) in one transaction."""
         with self.transaction() as con:
             now = _now()
             for ref in refs:
-                _upsert_artifact(con, ref, stage, None, None, now)
+                _upsert_artifact(con, ref, stage_key, None, None, now)
 
-    def artifacts(self, stage: str, kind: str) -> list[ArtifactRef]:
+    def artifacts(self, stage_key: str, kind: str) -> list[ArtifactRef]:
         """Artifacts of a stage key with a given kind, by uri."""
-        rows = self._fetch("SELECT * FROM artifacts WHERE stage = ? AND kind = ? ORDER BY uri", [stage, kind])
+        rows = self._fetch("SELECT * FROM artifacts WHERE stage_key = ? AND kind = ? ORDER BY uri",
+                           [stage_key, kind])
         return [ArtifactRef(r["uri"], r["sha256"], r["bytes"], r["kind"]) for r in rows]
 
     def forget_artifacts(self, uris: list[str]) -> None:
@@ -311,17 +360,17 @@ class Index:
             for r in rows:
                 con.execute(
                     "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [run_id, stage_key, r.layer, r.group, r.linear, r.sparsity, r.error, r.loss,
-                     r.damping, r.retries, r.seconds, now],
+                    [run_id, stage_key, r.layer, r.group, r.linear, r.sparsity, r.rel_error, r.loss,
+                     r.damp, r.retries, r.seconds, now],
                 )
 
     def steps(self, stage_key: str) -> list[tuple[int, int, list[ArtifactRef]]]:
         """Recorded (layer, group, checkpoint artifacts) of a prune stage, in step order."""
         done = self._fetch(
-            'SELECT DISTINCT layer, "group" FROM layers WHERE stage = ? ORDER BY layer, "group"', [stage_key]
+            'SELECT DISTINCT layer, "group" FROM layers WHERE stage_key = ? ORDER BY layer, "group"', [stage_key]
         )
         arts = self._fetch(
-            'SELECT * FROM artifacts WHERE stage = ? AND layer IS NOT NULL', [stage_key]
+            'SELECT * FROM artifacts WHERE stage_key = ? AND layer IS NOT NULL', [stage_key]
         )
         out = []
         for d in done:
@@ -333,14 +382,14 @@ class Index:
     def forget_steps(self, stage_key: str, start: tuple[int, int] | None = None) -> None:
         """Delete the layer rows and checkpoint artifacts of a prune stage from step `start` on (all if None)."""
         layer, group = start if start is not None else (-1, -1)
-        cond = 'stage = ? AND (layer > ? OR (layer = ? AND "group" >= ?))'
+        cond = 'stage_key = ? AND (layer > ? OR (layer = ? AND "group" >= ?))'
         with self.transaction() as con:
             con.execute(f"DELETE FROM layers WHERE {cond}", [stage_key, layer, layer, group])
             con.execute(f"DELETE FROM artifacts WHERE layer IS NOT NULL AND {cond}",
                         [stage_key, layer, layer, group])
 
     def layer_rows(self, stage_key: str) -> list[dict[str, Any]]:
-        return self._fetch('SELECT * FROM layers WHERE stage = ? ORDER BY layer, "group", linear', [stage_key])
+        return self._fetch('SELECT * FROM layers WHERE stage_key = ? ORDER BY layer, "group", linear', [stage_key])
 
     # ---------------------------------------------------------------- evals
     def record_eval(self, run_id: str, label: str, stage_key: str, row: dict[str, Any]) -> None:
@@ -355,7 +404,7 @@ class Index:
             )
 
     def evals(self, run_id: str) -> list[dict[str, Any]]:
-        return self._fetch("SELECT * FROM evals WHERE run = ? ORDER BY created", [run_id])
+        return self._fetch("SELECT * FROM evals WHERE run_id = ? ORDER BY created", [run_id])
 
     def record_proxies(self, run_id: str, label: str, stage_key: str, row: dict[str, Any],
                        recon: dict[str, Any]) -> None:
@@ -370,28 +419,52 @@ class Index:
             )
 
     def proxies(self, run_id: str) -> list[dict[str, Any]]:
-        return self._fetch("SELECT * FROM proxies WHERE run = ? ORDER BY created", [run_id])
+        return self._fetch("SELECT * FROM proxies WHERE run_id = ? ORDER BY created", [run_id])
 
 
-def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage: str, layer: int | None,
+def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage_key: str, layer: int | None,
                      group: int | None, now: datetime) -> None:
     con.execute(
         "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [ref.uri, ref.kind, ref.sha256, ref.bytes, stage, layer, group, now],
+        [ref.uri, ref.kind, ref.sha256, ref.bytes, stage_key, layer, group, now],
     )
 
 
-def _view_extras(name: str, sample: Path) -> str:
-    """Extra derived columns of a view, from the schema of one of its files (e.g. cots.n_decode)."""
-    if name != "cots":
-        return ""
-    cols = set(pq.read_schema(str(sample)).names)
-    if "n_decode" in cols:
-        return ""
-    for cand in ("n_completion", "completion_tokens", "completion_len", "n_output"):
-        if cand in cols:
-            return f", {cand} AS n_decode"
-    for cand in ("completion_ids", "output_ids", "token_ids"):
-        if cand in cols:
-            return f", len({cand}) AS n_decode"
-    return ""
+# ---------------------------------------------------------------- schema versions
+_MAIN = "database_name = current_database() AND schema_name = 'main'"
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The schema version of an open index: `meta.schema_version`; 1 for tables without it, 0 for none."""
+    tables = {str(t) for (t,) in con.execute(f"SELECT table_name FROM duckdb_tables() WHERE {_MAIN}").fetchall()}
+    if "meta" in tables:
+        row = con.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
+        if row is not None:
+            return int(row[0])
+    return 1 if tables else 0
+
+
+def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
+    """Bring the file of a read-write connection from `version` to SCHEMA_VERSION in one transaction: rename
+    the version-1 columns present (DuckDB renames primary-key columns in place), create the missing tables,
+    record the version."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if version == 1:
+            _rename_v1(con)
+        con.execute(SCHEMA)
+        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _rename_v1(con: duckdb.DuckDBPyConnection) -> None:
+    columns: dict[str, set[str]] = {}
+    for table, column in con.execute(f"SELECT table_name, column_name FROM duckdb_columns() WHERE {_MAIN}").fetchall():
+        columns.setdefault(str(table), set()).add(str(column))
+    for table, renames in RENAMES_V1.items():
+        for old, new in renames:
+            if old in columns.get(table, set()):
+                con.execute(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO {new}')
