@@ -146,7 +146,9 @@ def _crash_child(work: str, scenario: str) -> None:
     import os as _os
     import signal as _signal
 
-    from rac import resume, stats, steps
+    from rac.pruners import stats
+    from rac.runs import resume
+    from rac.runs import stages as steps
 
     spec = CRASH_SCENARIOS[scenario]
     _os.environ.update(spec.get("env", {}))
