@@ -59,5 +59,5 @@ def rac_eval(model: str, eval_config: dict[str, Any] | str, work_dir: str = "wor
         session.close("failed", f"{type(err).__name__}: {err}"[:500])
         raise
     session.close("done")
-    return {"run_id": env.run_id, "stage_key": out.key,
+    return {"run_id": env.run_id, "stage_key": out.stage_key,
             **{k: v for k, v in out.summary.items() if not isinstance(v, dict | list)}}

@@ -98,7 +98,7 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
             done[out.name] = out
     paths = report_task(env)
     return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,
-            "stages": {k: {"key": v.key, "reused": v.reused, "outputs": [r.uri for r in v.outputs]}
+            "stages": {k: {"stage_key": v.stage_key, "reused": v.reused, "outputs": [r.uri for r in v.outputs]}
                        for k, v in done.items()}}
 
 

@@ -188,7 +188,7 @@ def test_task_bodies_run_without_prefect(reference: dict[str, Any], tmp_path: Pa
     env = RunRef(str(tmp_path), "direct", str(model), model_revision(model))
     Index(tmp_path).create_run("direct", "t", {}, {}, "", 1)
     prompts = sample_prompts_task.fn(env, cfg.prompts)
-    ref_prompts = Index(reference["work"]).done_stages(prompts.key)
+    ref_prompts = Index(reference["work"]).done_stages(prompts.stage_key)
     assert ref_prompts and prompts.output("prompts").sha256 == ref_prompts[0]["outputs"][0].sha256
     calib = build_calibration_task.fn(env, "prompt", cfg.calibrations["prompt"], prompts, None)
     assert calib.summary["kind"] == "prompt" and calib.summary["prompt_share"] == 1.0

@@ -65,13 +65,13 @@ def test_dask_fanout_equals_default_and_survives_killed_workers(api_url: str, tm
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     fan = generate_cots_stage(env_b, CFG, prompts_b, RunnerConfig(kind="dask", n_workers=2))
     assert before.exists() and after.exists()  # both workers really died mid-run
-    assert fan.key == default.key and not fan.reused  # the runner is not part of the stage key
+    assert fan.stage_key == default.stage_key and not fan.reused  # the runner is not part of the stage key
     assert fan.summary["shards_written"] == 5 and fan.summary["shards_reused"] == 0
     rows_a, rows_b = read_cots(default.output("cots").path), read_cots(fan.output("cots").path)
     assert rows_b.to_pylist() == rows_a.to_pylist()
     prompt_ids = pq.read_table(prompts_b.output("prompts").path).column("prompt_id").to_pylist()
     assert sorted(rows_b.column("prompt_id").to_pylist()) == sorted(prompt_ids)  # each exactly once
-    shards = Index(tmp_path / "b").artifacts(fan.key, "cots-shard")
+    shards = Index(tmp_path / "b").artifacts(fan.stage_key, "cots-shard")
     assert sorted(r.path.name for r in shards) == [f"part-0000{k}.parquet" for k in range(5)]
     assert all(r.check() is None for r in shards)
     assert fan.output("cots").check() is None

@@ -34,7 +34,7 @@ class StageOutput:
 
     name: str
     stage: str
-    key: str
+    stage_key: str
     outputs: tuple[ArtifactRef, ...]
     summary: dict[str, Any] = field(default_factory=dict, compare=False)
     reused: bool = False

@@ -15,7 +15,6 @@ returns its own `StageOutput` (artifact references, never tensors or models).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -196,7 +195,7 @@ def eval_step(env: RunRef, label: str, cfg: EvalConfig, template_hash: str | Non
 
     refs = [*(model.outputs if model else ()), *prompts.outputs]
     out = run_stage(env, f"eval/{label}", "eval", eval_config(cfg, template_hash), refs, compute, log)
-    Index(env.work_dir).record_eval(env.run_id, label, out.key, {**metrics_row(out.summary), **meta})
+    Index(env.work_dir).record_eval(env.run_id, label, out.stage_key, {**metrics_row(out.summary), **meta})
     return out
 
 
@@ -227,7 +226,7 @@ def proxies_step(env: RunRef, label: str, cfg: ProxyConfig, pruned: StageOutput,
 
     out = run_stage(env, f"proxies/{label}", "proxies", cfg.canonical(), [*pruned.outputs, rows], compute, log)
     recon = tokerror.summary if tokerror is not None else {}
-    Index(env.work_dir).record_proxies(env.run_id, label, out.key, {**out.summary, **meta}, recon)
+    Index(env.work_dir).record_proxies(env.run_id, label, out.stage_key, {**out.summary, **meta}, recon)
     return out
 
 
