@@ -3,8 +3,9 @@
 Exit codes: 0 done; 1 the run failed in a stage; 2 bad input (config, model, run id, fingerprint
 mismatch, a write statement given to `rac sql`), nothing written; 3 the run is held by another process.
 The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work.
-The CLI belongs to the Prefect layer (it starts flows); Prefect itself is imported only by the commands
-that start one, so `rac status` and `rac sql` stay fast.
+The CLI belongs to the Prefect layer (it starts flows). Prefect, the run config (which pulls in the
+library: torch, transformers) and the run session are imported only by the commands that need them, so
+`rac status`, `rac sql` and `rac --help` start in well under a second.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ from rich.console import Console
 from rich.table import Table
 
 from rac.reporting.report import fmt
-from rac.runs.run_config import RunConfigError, load_run_config, parse_run_config
-from rac.runs.session import precheck, stored_run
 from rac.runs.workdir import FileLock, RunLockedError, WorkDir, new_run_id
 from rac.store.index import Index, IndexBusyError, ReadOnlyQueryError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
-BAD_INPUT = (RunConfigError, FileNotFoundError, ValueError)
+BAD_INPUT = (FileNotFoundError, ValueError)  # RunConfigError, FingerprintMismatchError, ... are ValueErrors
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False, soft_wrap=True)
 if not console.is_terminal:  # piped/logged output: do not squeeze tables into 80 columns
@@ -46,6 +45,9 @@ def _prefect_env() -> None:
 
 def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     """Validate (nothing written on bad input), then run the rac_prune flow for a new or existing run."""
+    from rac.runs.run_config import load_run_config, parse_run_config
+    from rac.runs.session import precheck, stored_run
+
     work = _work_dir(args)
     if resume:
         stored, config_path = stored_run(work, args.run)
@@ -147,6 +149,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
+    from rac.runs.run_config import load_run_config
+
     load_run_config(args.config)  # bad configs refused before anything is served
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune
