@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,19 @@ def test_rngs_are_seeded_before_each_test_b() -> None:
 
 
 def test_reverse_option_and_home_cleanup(tmp_path: Path) -> None:
-    """A separate pytest run with this conftest: `--reverse` flips the collection order, and the
-    session's Prefect home (made under TMPDIR) is gone once the run exits."""
+    """Separate pytest runs with this conftest: `--reverse` flips the collection order, each session's
+    Prefect home (made under TMPDIR) is gone once the run exits, and a killed session's home is reaped."""
     shutil.copy(CONFTEST, tmp_path / "conftest.py")
     (tmp_path / "test_order.py").write_text("".join(f"def test_{c}():\n    pass\n\n" for c in "abc"))
     tmp = tmp_path / "tmp"
     tmp.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid whose process has exited
+    stale, young = tmp / f"rac-prefect-home-pid{dead}-old", tmp / f"rac-prefect-home-pid{dead}-new"
+    for d in (stale, young):
+        (d / "db").mkdir(parents=True)
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
     env = {**os.environ, "TMPDIR": str(tmp)}
     env.pop("PREFECT_HOME")
 
@@ -67,4 +75,6 @@ def test_reverse_option_and_home_cleanup(tmp_path: Path) -> None:
 
     assert order() == ["test_a", "test_b", "test_c"]
     assert order("--reverse") == ["test_c", "test_b", "test_a"]
-    assert list(tmp.iterdir()) == []  # both runs removed their Prefect homes
+    # Both runs removed their own Prefect homes, and the first reaped the stale home of a dead session
+    # (a young one is kept: its pid may belong to another pid namespace sharing /tmp).
+    assert list(tmp.iterdir()) == [young]
