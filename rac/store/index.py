@@ -396,12 +396,7 @@ class Index:
         """Insert or replace the evaluation summary of model `label` in a run."""
         cols = ["model", "calibration", "method", "sparsity", "n_problems", "accuracy", "ci_low", "ci_high",
                 "mean_tokens", "median_tokens", "p90_tokens", "runaway_share", "wall_s", "tokens_per_s"]
-        values = [row.get(c) for c in cols]
-        with self.transaction() as con:
-            con.execute(
-                f"INSERT OR REPLACE INTO evals VALUES (?, ?, ?, {', '.join('?' * len(cols))}, ?, ?)",
-                [run_id, label, stage_key, *values, json.dumps(row, default=str), _now()],
-            )
+        self._upsert_metrics("evals", run_id, label, stage_key, [row.get(c) for c in cols], row)
 
     def evals(self, run_id: str) -> list[dict[str, Any]]:
         return self._fetch("SELECT * FROM evals WHERE run_id = ? ORDER BY created", [run_id])
@@ -412,14 +407,19 @@ class Index:
         cols = ["calibration", "method", "sparsity", "dense_nll", "pruned_nll", "nll_gap", "top1_agreement",
                 "kl", "n_positions"]
         values = [row.get(c) for c in cols] + [recon.get("prompt_mean"), recon.get("decode_mean")]
-        with self.transaction() as con:
-            con.execute(
-                f"INSERT OR REPLACE INTO proxies VALUES (?, ?, ?, {', '.join('?' * len(values))}, ?, ?)",
-                [run_id, label, stage_key, *values, json.dumps(row, default=str), _now()],
-            )
+        self._upsert_metrics("proxies", run_id, label, stage_key, values, row)
 
     def proxies(self, run_id: str) -> list[dict[str, Any]]:
         return self._fetch("SELECT * FROM proxies WHERE run_id = ? ORDER BY created", [run_id])
+
+    def _upsert_metrics(self, table: str, run_id: str, label: str, stage_key: str, values: list[Any],
+                        row: dict[str, Any]) -> None:
+        """One (run_id, label) row of a metrics table: keys, the typed columns, the whole row as JSON."""
+        with self.transaction() as con:
+            con.execute(
+                f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, {', '.join('?' * len(values))}, ?, ?)",
+                [run_id, label, stage_key, *values, json.dumps(row, default=str), _now()],
+            )
 
 
 def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage_key: str, layer: int | None,
