@@ -13,8 +13,11 @@ Schema versions: the `meta` table holds `schema_version` (SCHEMA_VERSION). Table
 (before one vocabulary: `run`, `key`/`stage` holding stage keys, `error`, `damping`, `n`); the first
 connection to such a file renames those columns in one transaction (`migrate`); a read-only connection
 first opens the file read-write for that. Every read-only connection gets TEMP views over the stage Parquet
-files under the work dir (`read_parquet` globs): prompts, cots, calibration, eval_rows, each with the
-files' own columns plus `stage_key` (the stage that wrote the file).
+files under the work dir (the files `VIEW_GLOBS` matches): prompts, cots, calibration, eval_rows, each with
+the files' own columns plus `stage_key` (the stage that wrote the file). It is then locked down
+(`_lock_down`): it reaches only the index file and those Parquet files, no other file, directory or URL,
+loads and installs no extension, and changes no setting, so `rac sql` (`Index.query`) can read nothing
+else on the machine and never tries the network.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ VIEW_GLOBS: dict[str, str] = {
     "eval_rows": "stages/eval/*/rows.parquet",
 }
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+_GLOB_CHARS = "*?["  # what DuckDB takes for a glob in a path
 
 
 class IndexBusyError(RuntimeError):
@@ -137,7 +141,7 @@ class Index:
             con = self._open_current(read_only)
             try:
                 if read_only:
-                    self._create_views(con)
+                    _lock_down(con, self._create_views(con))
                 yield con
             finally:
                 con.close()
@@ -202,26 +206,41 @@ class Index:
                 raise
             con.execute("COMMIT")
 
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """TEMP views over the stage Parquet files; a view whose files cannot be read is left out."""
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        """TEMP views over the stage Parquet files; returns the files they read. Each view reads the explicit
+        list of files its glob matches now; a file that resolves outside the work dir's `stages` folder (a
+        symlink out) or whose name holds a glob character is left out, and a view whose files cannot be
+        read is left out (reasons in `view_problems`)."""
         self.view_problems: dict[str, str] = {}
+        root = (self.work_dir / "stages").resolve()
+        used: list[str] = []
         for name, pattern in VIEW_GLOBS.items():
-            files = sorted(self.work_dir.glob(pattern))
+            files: list[str] = []
+            for path in sorted(self.work_dir.glob(pattern)):
+                if any(c in str(path) for c in _GLOB_CHARS):
+                    self.view_problems[name] = f"left out {str(path)!r}: glob character in its name"
+                elif not path.resolve().is_relative_to(root):
+                    self.view_problems[name] = f"left out {str(path)!r}: it resolves outside {str(root)!r}"
+                else:
+                    files.append(str(path))
             if not files:
                 continue
-            glob = str(self.work_dir / pattern).replace("'", "''")
             try:
                 con.execute(
                     f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT *, "
                     f"regexp_extract(filename, '/stages/[^/]+/([^/]+)/', 1) AS stage_key "
-                    f"FROM read_parquet('{glob}', filename=true, union_by_name=true)"
+                    f"FROM read_parquet({_sql_list(files)}, filename=true, union_by_name=true)"
                 )
             except (duckdb.Error, OSError) as err:
                 self.view_problems[name] = str(err).splitlines()[0]
+            else:
+                used.extend(files)
+        return used
 
     # ---------------------------------------------------------------- queries
     def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run read-only SQL (SELECT/EXPLAIN only) and return (column names, rows)."""
+        """Run read-only SQL (SELECT/EXPLAIN only) and return (column names, rows). The connection is locked
+        down (`_lock_down`): a file, URL, extension or setting it would reach raises ReadOnlyQueryError."""
         statements = duckdb.extract_statements(sql)
         if not statements:
             raise ReadOnlyQueryError(f"empty query: {sql!r}")
@@ -233,9 +252,17 @@ class Index:
                     f"(allowed: {sorted(READ_ONLY_STATEMENTS)})"
                 )
         with self.connect(read_only=True) as con:
-            cur = con.execute(sql, list(params))
-            cols = [d[0] for d in cur.description or []]
-            return cols, cur.fetchall()
+            try:
+                cur = con.execute(sql, list(params))
+                cols = [d[0] for d in cur.description or []]
+                return cols, cur.fetchall()
+            except (duckdb.PermissionException, duckdb.InvalidInputException) as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if isinstance(err, duckdb.InvalidInputException) and "configuration has been locked" not in first:
+                    raise
+                raise ReadOnlyQueryError(
+                    f"refused: {first} (`rac sql` reads only the index tables and the stage Parquet views "
+                    f"{', '.join(VIEW_GLOBS)}; no other file, URL, extension or setting)") from err
 
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -432,6 +459,24 @@ def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage_key
 
 # ---------------------------------------------------------------- schema versions
 _MAIN = "database_name = current_database() AND schema_name = 'main'"
+
+
+def _sql_list(items: Sequence[str]) -> str:
+    """A DuckDB list literal of strings."""
+    return "[" + ", ".join("'" + item.replace("'", "''") + "'" for item in items) + "]"
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
+    """Leave `con` reaching only its database file and `files` (the views' Parquet files): no other file,
+    directory or URL (`enable_external_access`), no extension loaded or installed on demand (so no
+    download is ever tried), and no setting changed afterwards (`lock_configuration`). The order matters:
+    `allowed_paths` can be set only while external access is still on, and the lock comes last."""
+    if files:
+        con.execute(f"SET allowed_paths = {_sql_list(files)}")
+    for setting in ("autoinstall_known_extensions", "autoload_known_extensions", "allow_community_extensions",
+                    "enable_external_access"):
+        con.execute(f"SET {setting} = false")
+    con.execute("SET lock_configuration = true")
 
 
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
