@@ -9,7 +9,6 @@ fingerprint, run row); its config is {"model": ..., "eval": ...}, and a crash le
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -50,11 +49,9 @@ def rac_eval(model: str, eval_config: dict[str, Any] | str, work_dir: str = "wor
                               config)
     env = session.run
     try:
-        store = Path(env.prefect_dir)
-        prompts = sample_prompts_task.with_options(result_storage=store)(env, prompts_cfg, name="prompts/eval")
+        prompts = sample_prompts_task(env, prompts_cfg, name="prompts/eval")
         model_out = StageOutput("model", "model", env.model_revision[:20], (ArtifactRef.of(model_dir, "model"),))
-        out = evaluate_task.with_options(result_storage=store)(env, label, cfg, None, model_out, prompts,
-                                                               {"model": str(model_dir)})
+        out = evaluate_task(env, label, cfg, None, model_out, prompts, {"model": str(model_dir)})
     except BaseException as err:
         session.close("failed", f"{type(err).__name__}: {err}"[:500])
         raise

@@ -7,8 +7,6 @@ config: the cluster lives only while CoTs are generated, and every other stage s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from rac.data.generate import GenerateConfig
@@ -22,12 +20,11 @@ from rac_prefect.tasks.generation import build_task_runner, generate_cots_fanout
 @flow(name="rac-generate-cots", log_prints=True)
 def cots_flow(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig) -> StageOutput:
     """Generate the CoTs with one mapped task per shard (the subflow's task runner runs them)."""
-    stored = generate_cots_fanout_task.with_options(result_storage=Path(env.prefect_dir))
-    return stored(env, cfg, prompts, runner)
+    return generate_cots_fanout_task(env, cfg, prompts, runner)
 
 
 def generate_cots_stage(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
     """The cots stage: in-process without a runner, else fanned out by a subflow on the runner."""
     if runner is None:
-        return generate_cots_task.with_options(result_storage=Path(env.prefect_dir))(env, cfg, prompts)
+        return generate_cots_task(env, cfg, prompts)
     return cots_flow.with_options(task_runner=build_task_runner(runner))(env, cfg, prompts, runner)

@@ -12,16 +12,14 @@ The config is parsed once: the CLI passes the typed `RunConfig`; a deployment pa
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from prefect import flow
-from prefect.tasks import Task
 
 from rac.runs.memo import StageOutput
 from rac.runs.run_config import RunConfig, load_run_config
 from rac.runs.session import RunSession
-from rac.runs.workdir import RunRef, new_run_id
+from rac.runs.workdir import new_run_id
 from rac_prefect.flows.generation import generate_cots_stage
 from rac_prefect.tasks import (
     build_calibration_task,
@@ -43,19 +41,11 @@ def _load(config: RunConfig | None, config_path: str | None) -> RunConfig:
     raise ValueError("rac_prune needs `config` (a RunConfig) or `config_path` (a YAML run config)")
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _stored(env: RunRef, t: Task[P, R]) -> Task[P, R]:
-    return t.with_options(result_storage=Path(env.prefect_dir))
-
-
 def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     """Every stage of a run, in order; returns the stage outputs by name and the report paths."""
     env = session.run
     done: dict[str, StageOutput] = {}
-    prompts = _stored(env, sample_prompts_task)(env, cfg.prompts)
+    prompts = sample_prompts_task(env, cfg.prompts)
     done[prompts.name] = prompts
     cots = None
     if cfg.generate is not None and cfg.needs_cots():
@@ -64,7 +54,7 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
         done[cots.name] = cots
     calibs: dict[str, StageOutput] = {}
     for name, ccfg in cfg.calibrations.items():
-        calib = _stored(env, build_calibration_task)(
+        calib = build_calibration_task(
             env, name, ccfg, prompts if ccfg.kind in ("prompt", "rac") else None, cots if ccfg.kind == "rac" else None
         )
         calibs[name] = done[calib.name] = calib
@@ -74,27 +64,27 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     eval_cfg, eval_prompts = cfg.eval, None
     template = prompts.summary.get("template", {}).get("hash")  # the eval prompts must carry it too
     if cfg.eval_prompts is not None:
-        eval_prompts = _stored(env, sample_prompts_task)(env, cfg.eval_prompts, name="prompts/eval")
+        eval_prompts = sample_prompts_task(env, cfg.eval_prompts, name="prompts/eval")
         done[eval_prompts.name] = eval_prompts
     dense_eval = None
     if eval_cfg is not None and eval_prompts is not None and cfg.eval_dense:
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
-        dense_eval = done["eval/dense"] = _stored(env, evaluate_task)(env, "dense", eval_cfg, template, None,
+        dense_eval = done["eval/dense"] = evaluate_task(env, "dense", eval_cfg, template, None,
                                                                       eval_prompts, meta)
     for job in cfg.jobs:
-        pruned = _stored(env, prune_task)(env, job, calibs[job.calibration])
+        pruned = prune_task(env, job, calibs[job.calibration])
         done[pruned.name] = pruned
         meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                 "sparsity": job.compress.prune.sparsity}
         if eval_cfg is not None and eval_prompts is not None and cfg.evaluates(job):
-            out = _stored(env, evaluate_task)(env, job.label, eval_cfg, template, pruned, eval_prompts, meta)
+            out = evaluate_task(env, job.label, eval_cfg, template, pruned, eval_prompts, meta)
             done[out.name] = out
         heat = None
         if cfg.report.heatmap:
             calib = calibs[cfg.heatmap_calibration(job)]
-            heat = done[f"tokerror/{job.label}"] = _stored(env, token_error_task)(env, job.label, cfg.report, pruned, calib)
+            heat = done[f"tokerror/{job.label}"] = token_error_task(env, job.label, cfg.report, pruned, calib)
         if cfg.proxies is not None and dense_eval is not None:
-            out = _stored(env, proxies_task)(env, job.label, cfg.proxies, pruned, dense_eval, heat, meta)
+            out = proxies_task(env, job.label, cfg.proxies, pruned, dense_eval, heat, meta)
             done[out.name] = out
     paths = report_task(env)
     return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from prefect import task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from rac.data.generate import CotsPlan, GenerateConfig, open_engine, plan_cots, write_shard
@@ -32,7 +33,6 @@ from rac.runs.run_config import RunnerConfig
 from rac.runs.workdir import RunRef
 from rac.store.artifacts import ArtifactRef
 from rac_prefect.tasks.progress import TaskProgress, log
-from rac_prefect.tasks.stages import verified_cache_key
 
 KILL_ONCE_ENV = "RAC_KILL_ONCE"  # test aid: "<point>@<marker file>,...": SIGKILL the first process reaching it
 
@@ -135,7 +135,7 @@ def kill_once(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@task(name="generate-cots-shard", persist_result=False, retries=2, retry_delay_seconds=1)
+@task(name="generate-cots-shard", retries=2, retry_delay_seconds=1, persist_result=False, cache_policy=NO_CACHE)
 def cots_shard_task(prompts_path: str, model_dir: str, cfg: GenerateConfig, out_dir: str, k: int,
                     threads: int | None = None) -> ArtifactRef:
     """Generate shard `k` of a CoT plan with this worker's engine (kept if it is already there)."""
@@ -165,8 +165,7 @@ class PrefectShards:
                 raise RuntimeError(f"shard task {k} returned {ref.path}, expected {plan.path(k)}")
 
 
-@task(name="generate-cots", persist_result=True,
-      cache_key_fn=verified_cache_key("cots", lambda p: steps.cots_key(p["env"], p["cfg"], p["prompts"])))
+@task(name="generate-cots", persist_result=False, cache_policy=NO_CACHE)
 def generate_cots_fanout_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput,
                               runner: RunnerConfig) -> StageOutput:
     """The cots stage with its shards fanned out over the flow's task runner (waves, see RunnerConfig)."""

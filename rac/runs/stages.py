@@ -64,17 +64,9 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-# ------------------------------------------------------------------ keys (also used by Prefect cache_key_fn)
-def prompts_key(env: RunRef, cfg: PromptsConfig) -> str:
-    return stage_key("prompts", cfg.canonical(), [], env)
-
-
+# ------------------------------------------------------------------ keys of the resumable stages
 def cots_key(env: RunRef, cfg: GenerateConfig, prompts: StageOutput) -> str:
     return stage_key("cots", cfg.canonical(), list(prompts.outputs), env)
-
-
-def calib_key(env: RunRef, cfg: CalibConfig, inputs: list[StageOutput]) -> str:
-    return stage_key("calib", cfg.canonical(), [r for s in inputs for r in s.outputs], env)
 
 
 def prune_key(env: RunRef, job: PruneJob, calib: StageOutput) -> str:

@@ -7,7 +7,6 @@ Work-dir layout:
     <work_dir>/stages/<stage>/<key>.lock      held while a process computes that stage
     <work_dir>/runs/<run_id>/run.lock         held (flock) by the process running the run; holds its pid
     <work_dir>/runs/<run_id>/run.json         config + fingerprint (a copy of the index row, for humans)
-    <work_dir>/runs/<run_id>/prefect/         Prefect task results (cache records)
     <work_dir>/runs/<run_id>/report/          report.md + PNGs
 """
 
@@ -53,10 +52,6 @@ class RunRef:
     def run_dir(self) -> Path:
         return self.layout.run_dir(self.run_id)
 
-    @property
-    def prefect_dir(self) -> Path:
-        return self.layout.prefect_dir(self.run_id)
-
     def stage_dir(self, stage: str, key: str) -> Path:
         return self.layout.stage_dir(stage, key)
 
@@ -78,9 +73,6 @@ class WorkDir:
 
     def report_dir(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "report"
-
-    def prefect_dir(self, run_id: str) -> Path:
-        return self.run_dir(run_id) / "prefect"
 
 
 def check_run_id(run_id: str) -> str:
