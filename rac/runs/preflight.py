@@ -1,0 +1,236 @@
+"""Preflight: check everything a run will read before anything is written, failing fast in one line.
+
+`preflight(cfg, work_dir)` runs, in order:
+  1. the model folder: it resolves, config.json is readable JSON, its model_type has an adapter, every
+     safetensors shard is present and complete (`WeightFiles`, plus: size == 8 + header + largest offset);
+  2. the tokenizer loads and every prompts template renders (a chat template of the tokenizer or the config);
+  3. the prompt sources of `prompts` and `eval.prompts`, loaded and selected by the prompt stage's own
+     functions: readable, mapped columns present, rows left, no empty question, and (eval) no empty gold answer;
+  4. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
+     room for the activation stores (calibration tokens x hidden x bytes(act_dtype) x 2) plus one pruned model
+     copy per job (the sum of the shard sizes).
+The first problem found raises `PreflightError` (a ValueError) with a one-line message naming the bad value
+and what to do. Nothing is created: the only write is the probe file, always removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, NoReturn
+
+from rac.data.prompts import PromptsConfig, _select
+from rac.data.sources import EmptySourceError, MissingColumnError, Record, load_records
+from rac.data.templates import TemplateConfig, TemplateError, load_tokenizer, render_prompt
+from rac.dtypes import TORCH_DTYPES
+from rac.models.adapters import ADAPTERS, UnsupportedArchitectureError, get_adapter
+from rac.models.streaming import ShardError, WeightFiles, safetensors_header
+from rac.runs.run_config import RunConfig
+from rac.runs.session import resolve_model_dir
+
+PROBE_QUESTION = "What is 1 + 1?"
+SOURCE_STAGE = "rac/data/sources.py:records_from_table"  # where the answer column is required today
+
+
+class PreflightError(ValueError):
+    """A run input (model folder, tokenizer, prompt source, work dir) that the run would fail on."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise PreflightError("preflight: " + " ".join(message.split()))
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def preflight(cfg: RunConfig, work_dir: Path) -> None:
+    """Validate everything `cfg` will read and where it writes; PreflightError on the first problem."""
+    folder, config = check_model(cfg.model)
+    shard_bytes = check_weights(folder)
+    templates = [("prompts.template", cfg.prompts.template)]
+    if cfg.eval_prompts is not None:
+        templates.append(("eval.prompts.template", cfg.eval_prompts.template))
+    check_tokenizer(folder, templates)
+    check_prompts("prompts", cfg.prompts, gold=False)
+    if cfg.eval_prompts is not None:
+        check_prompts("eval.prompts", cfg.eval_prompts, gold=True)
+    base = check_writable(Path(work_dir))
+    check_disk(cfg, Path(work_dir), base, _hidden_size(folder, config), shard_bytes)
+
+
+def check_model(model: str) -> tuple[Path, dict[str, Any]]:
+    """The resolved model folder and its config.json; the model type must have an adapter."""
+    try:
+        folder = resolve_model_dir(model)
+    except (OSError, ValueError) as exc:
+        _fail(f"model = {model!r}: {exc}; give a shipped alias or a Hugging Face model folder")
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(f"model config {str(path)!r} is not readable JSON ({exc}); re-download or re-save the model folder")
+    if not isinstance(config, dict):
+        _fail(f"model config {str(path)!r} is not a JSON object; re-download or re-save the model folder")
+    model_type = config.get("model_type")
+    try:
+        get_adapter(str(model_type))
+    except UnsupportedArchitectureError:
+        _fail(f"model config {str(path)!r}: model_type {model_type!r} is not supported; supported model types: "
+              f"{sorted(ADAPTERS)}; use a model of one of these families (or add an ADAPTERS row)")
+    return folder, config
+
+
+def _hidden_size(folder: Path, config: dict[str, Any]) -> int:
+    hidden = config.get("text_config", config).get("hidden_size")
+    if not isinstance(hidden, int) or hidden < 1:
+        _fail(f"model config {str(folder / 'config.json')!r}: hidden_size = {hidden!r} is not a positive integer")
+    return hidden
+
+
+def check_weights(folder: Path) -> int:
+    """Every shard present, with a valid header and a complete data section; returns their total size."""
+    try:
+        files = WeightFiles(folder)
+    except ShardError as exc:
+        for shard in sorted(folder.glob("*.safetensors")):
+            check_shard_size(shard)  # a truncated data section gets the clearer message
+        _fail(f"model weights: {exc}; re-download or re-save the model folder")
+    shards = sorted({folder / name for name in files.weight_map.values()})
+    for shard in shards:
+        check_shard_size(shard)
+    return sum(s.stat().st_size for s in shards)
+
+
+def check_shard_size(path: Path) -> None:
+    """A safetensors file's size must equal 8 + header length + the largest data offset of its tensors."""
+    try:
+        header = safetensors_header(path)
+        entries = json.loads(header[8:])
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ShardError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        _fail(f"model weight shard {str(path)!r} has no valid safetensors header ({exc}); re-download or re-save it")
+    expected, actual = len(header) + end, path.stat().st_size
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its header says"
+        _fail(f"model weight shard {str(path)!r} is {what}: {actual} bytes on disk, its header needs {expected} "
+              f"(8 + {len(header) - 8} header + {end} data); re-download or re-save the model folder")
+
+
+def check_tokenizer(folder: Path, templates: list[tuple[str, TemplateConfig]]) -> None:
+    """The tokenizer loads and each (config key, template) renders a prompt."""
+    try:
+        tok = load_tokenizer(str(folder))
+    except Exception as exc:  # transformers/tokenizers raise many types for a broken tokenizer
+        _fail(f"model {str(folder)!r}: tokenizer does not load ({type(exc).__name__}: {exc}); "
+              "re-download the tokenizer files (tokenizer.json, tokenizer_config.json)")
+    for key, template in templates:
+        try:
+            render_prompt(tok, PROBE_QUESTION, template)
+        except TemplateError as exc:
+            if template.chat_template is None and "has no chat template" in str(exc):
+                _fail(f"{key}: the tokenizer of {str(folder)!r} has no chat template and {key}.chat_template is "
+                      f"not set; set {key}.chat_template (Jinja) in the run config or use a model folder that "
+                      "ships one (chat_template.jinja)")
+            _fail(f"{key}: {exc}; set {key}.chat_template or change {key}.style")
+        except Exception as exc:  # a bad Jinja source
+            _fail(f"{key}: the chat template does not render ({type(exc).__name__}: {exc}); fix "
+                  f"{key}.chat_template or the model folder's chat template")
+
+
+def _where(key: str, pc: PromptsConfig) -> str:
+    return f"{key}.path = {pc.path!r}" if pc.path else f"{key}.source = {pc.source!r}"
+
+
+def _load(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
+    """The records the prompt stage will load (`load_records`, same arguments as `sample_prompts`)."""
+    where = _where(key, pc)
+    try:
+        return load_records(pc.source, path=pc.path, split=pc.split, fmt=pc.fmt, question_col=pc.question_col,
+                            answer_col=pc.answer_col, id_col=pc.id_col, variants=pc.variants, seed=pc.seed,
+                            keep_original=pc.keep_original)
+    except MissingColumnError as exc:
+        attr = next((a for a in ("question_col", "answer_col", "id_col")
+                     if getattr(pc, a) is not None and f"column {getattr(pc, a)!r}" in str(exc)), "question_col")
+        note = ""
+        if attr == "answer_col" and not gold:
+            note = (f" (calibration needs no answers, but the prompt stage requires the column: {SOURCE_STAGE};"
+                    " add the column, empty strings will do)")
+        _fail(f"{where}: {exc}; set {key}.{attr} to one of the available columns{note}")
+    except EmptySourceError as exc:
+        _fail(f"{where}: {exc}; point {key} at a source with rows")
+    except Exception as exc:  # unreadable file / URL / dataset: OSError, Arrow and JSON errors, datasets errors
+        _fail(f"{where}: cannot read the prompt source ({type(exc).__name__}: {exc}); fix {key}.source/path/fmt")
+
+
+def check_prompts(key: str, pc: PromptsConfig, gold: bool) -> None:
+    """The prompts the stage will select: rows left, unique ids, questions and (gold) answers non-empty."""
+    where = _where(key, pc)
+    records = _load(key, pc, gold)
+    try:
+        chosen = _select(records, pc)
+    except EmptySourceError as exc:
+        _fail(f"{where}: {exc}; change {key}.holdout/eval_fraction/exclude_from or use a larger source")
+    except (OSError, ValueError) as exc:
+        _fail(f"{key}.exclude_from = {list(pc.exclude_from)}: not readable prompts files ({exc})")
+    ids = [r.problem_id for r in chosen]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        _fail(f"{where}: duplicate problem id {dup!r}; set {key}.id_col to a column of unique ids")
+    no_question = [r.problem_id for r in chosen if not r.question.strip()]
+    if no_question:
+        _fail(f"{where}: {len(no_question)} of {len(chosen)} questions (column {pc.question_col!r}) are empty "
+              f"(first: {no_question[0]!r}); fill them or set {key}.question_col")
+    no_answer = [r.problem_id for r in chosen if not r.answer.strip()]
+    if gold and no_answer:
+        _fail(f"{where}: {len(no_answer)} of {len(chosen)} gold answers (column {pc.answer_col!r}) are empty "
+              f"(first: {no_answer[0]!r}), so grading would score them 0; fill them or set {key}.answer_col")
+
+
+def _existing(work_dir: Path) -> Path:
+    """The work dir if it exists, else its nearest existing parent (where the run will create it)."""
+    path = work_dir.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir():
+        _fail(f"work dir {str(work_dir)!r}: {str(path)!r} is not a folder; choose another --work-dir")
+    return path
+
+
+def check_writable(work_dir: Path) -> Path:
+    """Create and remove a probe file in the work dir (or its nearest existing parent); returns that folder."""
+    base = _existing(work_dir)
+    probe = base / f".rac-preflight-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        _fail(f"work dir {str(work_dir)!r}: cannot write in {str(base)!r} ({exc.strerror or exc}); choose a "
+              "writable --work-dir (or $RAC_WORK_DIR)")
+    try:
+        os.write(fd, b"rac")
+    except OSError as exc:  # e.g. a full file system
+        _fail(f"work dir {str(work_dir)!r}: cannot write in {str(base)!r} ({exc.strerror or exc}); free space "
+              "or choose another --work-dir")
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    return base
+
+
+def check_disk(cfg: RunConfig, work_dir: Path, base: Path, hidden: int, shard_bytes: int) -> None:
+    """Free space >= the largest job's two activation stores + one pruned model copy per job (rough)."""
+    stores = max(cfg.calibrations[j.calibration].token_budget * hidden * TORCH_DTYPES[j.compress.act_dtype].itemsize
+                 * 2 for j in cfg.jobs)
+    models = shard_bytes * len(cfg.jobs)
+    free = shutil.disk_usage(base).free
+    if free < stores + models:
+        _fail(f"work dir {str(work_dir)!r}: {_size(free)} free on {str(base)!r}, the run needs about "
+              f"{_size(stores + models)}: activation stores {_size(stores)} (calibration tokens x hidden {hidden} "
+              f"x act_dtype bytes x 2 stores) + pruned models {_size(models)} ({len(cfg.jobs)} x "
+              f"{_size(shard_bytes)}); free space or choose another --work-dir")
