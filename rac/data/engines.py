@@ -132,9 +132,12 @@ class TransformersEngine:
 
     def __init__(self, model_dir: Path, eos_ids: Sequence[int], pad_id: int, dtype: str = "bfloat16",
                  batch_size: int = 8) -> None:
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype, ("bfloat16", "float32"))).eval()
+        from rac.models.loading import load_causal_lm
+
+        # the generation stage has no trust_remote_code setting: a folder's own code is never run
+        self.model: Any = load_causal_lm(model_dir, torch_dtype(dtype, ("bfloat16", "float32")), trust_remote_code=False)
         # an empty default, so generate() merges none of the model's own sampling/penalty settings
         self.model.generation_config = GenerationConfig()
         self.eos, self.pad_id, self.batch_size = list(eos_ids), pad_id, batch_size

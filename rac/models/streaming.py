@@ -25,9 +25,10 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from rac.models.adapters import Adapter, get_adapter
+from rac.models.loading import causal_lm_from_config, load_hf_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -169,14 +170,14 @@ def load_config(model_dir: Path, trust_remote_code: bool = False) -> tuple[Pretr
     """The model's HF config and its adapter (UnsupportedArchitectureError for an unknown model_type)."""
     if not (Path(model_dir) / "config.json").is_file():
         raise ValueError(f"model folder {model_dir} has no config.json")
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    config = load_hf_config(model_dir, trust_remote_code)
     return config, get_adapter(config.model_type)
 
 
 def build_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
     """The causal LM with every parameter on the meta device (non-persistent buffers stay real)."""
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = causal_lm_from_config(config, trust_remote_code=trust_remote_code)
     model.eval()
     return model
 
