@@ -30,11 +30,35 @@ def _cots_work_dir(work: Path) -> list[int]:
     return [n for lens in lengths for n in lens]
 
 
+def printed_table(out: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows of cells) of the one rich table in `out` (heavy bars head, light bars body)."""
+    head = [[c.strip() for c in line.strip().strip("┃").split("┃")] for line in out.splitlines() if "┃" in line]
+    body = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines() if "│" in line]
+    assert len(head) == 1, out
+    return head[0], body
+
+
 def test_sql_answers_from_views_and_refuses_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import duckdb
+
     flat = _cots_work_dir(tmp_path)
+    shards = sorted((tmp_path / "stages" / "cots" / "abc").glob("part-*.parquet"))
+    direct = pa.concat_tables(pq.read_table(f) for f in shards)  # the files themselves, not the view
+    assert direct.column("completion_len").to_pylist() == flat
     assert main(["--work-dir", str(tmp_path), "sql", "select count(*), avg(completion_len) from cots"]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert str(len(flat)) in out and f"{sum(flat) / len(flat):.4f}"[:6] in out
+    head, rows = printed_table(capsys.readouterr().out)
+    assert head == ["count_star()", "avg(completion_len)"]
+    assert [[int(rows[0][0]), float(rows[0][1])]] == [[direct.num_rows, sum(flat) / len(flat)]] and len(rows) == 1
+    query = "select prompt_id, completion_len, stage_key from cots order by completion_len"
+    assert main(["--work-dir", str(tmp_path), "sql", query]) == EXIT_OK
+    head, rows = printed_table(capsys.readouterr().out)
+    assert head == ["prompt_id", "completion_len", "stage_key"]
+    expected = sorted(zip(direct.column("prompt_id").to_pylist(), flat, strict=True), key=lambda r: r[1])
+    assert rows == [[str(p), str(n), "abc"] for p, n in expected]  # stage_key: the folder the file is in
+    glob = str(tmp_path / "stages" / "cots" / "*" / "part-*.parquet")
+    with duckdb.connect() as con:  # the same query straight on the files
+        want = con.execute(f"select prompt_id, completion_len from read_parquet('{glob}') order by completion_len").fetchall()
+    assert [(int(p), int(n)) for p, n, _ in rows] == want
     for stmt in ("delete from runs", "update runs set status = 'x'", "create table t (a int)",
                  "insert into runs (run_id) values ('z')"):
         assert main(["--work-dir", str(tmp_path), "sql", stmt]) == EXIT_BAD_INPUT
@@ -50,8 +74,12 @@ def test_status_lists_runs_and_unknown_ones(tmp_path: Path, capsys: pytest.Captu
     assert "no index" in capsys.readouterr().err
     _cots_work_dir(tmp_path)
     assert main(["--work-dir", str(tmp_path), "status"]) == EXIT_OK
-    out = capsys.readouterr().out
-    assert "r1" in out and "interrupted" in out  # status 'running' but nobody holds its lock
+    head, rows = printed_table(capsys.readouterr().out)
+    assert head == ["run", "name", "status", "created", "updated", "message"]
+    run = Index(tmp_path).get_run("r1")
+    assert run is not None and run["status"] == "running"
+    assert rows == [["r1", "demo", "interrupted (rac resume)", str(run["created"])[:19], str(run["updated"])[:19], ""]]
+    # status 'running' in the index, but nobody holds its lock
     assert main(["--work-dir", str(tmp_path), "status", "nope"]) == EXIT_BAD_INPUT
     assert "'nope'" in capsys.readouterr().err
 
@@ -77,7 +105,7 @@ def test_report_writes_markdown_and_pngs(tmp_path: Path, capsys: pytest.CaptureF
     report = tmp_path / "runs" / "r1" / "report"
     md = (report / "report.md").read_text()
     assert "| rac-sparsegpt-50pct | rac | sparsegpt | 0.50 | 0.400 | [0.200, 0.600] | 130.0 |" in md
-    assert "| dense |" in md
+    assert "| dense | - | - | 0.00 | 0.500 | [0.300, 0.700] | 100.0 | 90.0 | 180.0 | 0.100 | 12.0 | 50.0 |" in md
     assert re.search(r"\| rac-sparsegpt-50pct \| 0\.0200 \| 0\.0600 \|", md)  # per-layer means
     for png in ("metrics.png", "layer_error.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def _model(folder: Path, hidden: int = 4) -> Path:
 
 
 def test_run_ids() -> None:
+    import re
+
     rid = new_run_id("my demo/run")
-    assert check_run_id(rid) == rid and rid.startswith("my-demo-run-")
+    assert check_run_id(rid) == rid and re.fullmatch(r"my-demo-run-\d{8}-\d{6}-[0-9a-f]{4}", rid), rid
+    assert new_run_id("../..").startswith("run-")  # nothing safe left of the name
     for bad in ("", "../x", "a/b", "-x", "x" * 100):
         with pytest.raises(ValueError, match="run id"):
             check_run_id(bad)
@@ -49,7 +53,7 @@ def test_lock_refuses_second_holder_in_other_process(tmp_path: Path) -> None:
         holder.communicate("\n")
     assert not FileLock(lock_file, "run x").is_held()
     with FileLock(lock_file, "run x"):  # released when the holder exits
-        assert json.loads(lock_file.read_text())["pid"] > 0
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
 
 
 def test_lock_is_released_when_holder_is_killed(tmp_path: Path) -> None:
@@ -203,15 +207,28 @@ def forkserver() -> Any:
     return ctx
 
 
+LAYER_FIELDS = ("layer", "group", "linear", "sparsity", "rel_error", "loss", "damp", "retries")
+
+
+def _layer_values(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """What a layer row says about the pruning (not when, how fast or in which run)."""
+    return [tuple(r[f] for f in LAYER_FIELDS) for r in rows]
+
+
 @pytest.fixture(scope="module")
-def reference_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def reference_prune(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An uninterrupted prune: its stage key, model tensors and layer rows."""
     from rac.runs import stages as steps
+    from rac.store.index import Index
 
     work = tmp_path_factory.mktemp("reference")
     env, job, calib = _prune_setup(work)
     out = steps.prune_step(env, job, calib, log=lambda m: None)
     assert not out.reused and out.summary["start_at"] is None
-    return _model_tensors(out.output("model").path)
+    rows = Index(work).layer_rows(out.stage_key)
+    assert len(rows) == 2 * 7  # 2 layers x 7 linears (q, k, v, o, gate, up, down)
+    return {"key": out.stage_key, "tensors": _model_tensors(out.output("model").path), "layers": _layer_values(rows),
+            "n_steps": len(Index(work).steps(out.stage_key))}
 
 
 def _same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -221,7 +238,7 @@ def _same_tensors(a: dict[str, Any], b: dict[str, Any]) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", sorted(CRASH_SCENARIOS))
 def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, forkserver: Any,
-                                                reference_model: dict[str, Any]) -> None:
+                                                reference_prune: dict[str, Any]) -> None:
     from rac.runs import stages as steps
     from rac.store.index import Index
 
@@ -231,6 +248,7 @@ def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, 
     assert proc.exitcode == -9, f"child was not killed at {scenario}: exit {proc.exitcode}"
     env, job, calib = _prune_setup(tmp_path)
     key = steps.prune_key(env, job, calib)
+    assert key == reference_prune["key"]  # the same stage as the uninterrupted one
     recorded = [(s[0], s[1]) for s in Index(tmp_path).steps(key)]
     assert recorded and recorded[-1] < (1, 3), recorded  # it died mid-way
     logs: list[str] = []
@@ -238,14 +256,16 @@ def test_killed_prune_resumes_to_identical_model(scenario: str, tmp_path: Path, 
     assert not out.reused and out.summary["start_at"] is not None, logs  # continued, not restarted
     assert tuple(out.summary["start_at"]) == (recorded[-1][0], recorded[-1][1] + 1) or \
         tuple(out.summary["start_at"]) == (recorded[-1][0] + 1, 0)
-    assert _same_tensors(_model_tensors(out.output("model").path), reference_model)
-    assert len(Index(tmp_path).layer_rows(key)) == len(Index(tmp_path).layer_rows(key)) > 0
+    assert _same_tensors(_model_tensors(out.output("model").path), reference_prune["tensors"])
+    # every linear recorded once, with the values of the uninterrupted run (rows of the dead child included)
+    assert _layer_values(Index(tmp_path).layer_rows(key)) == reference_prune["layers"]
+    assert len(Index(tmp_path).steps(key)) == reference_prune["n_steps"]
     assert not (out.output("model").path.parent / "work").exists()  # checkpoints dropped once recorded
 
 
 @pytest.mark.slow
 def test_corrupt_checkpoint_and_output_are_recomputed(tmp_path: Path, forkserver: Any,
-                                                      reference_model: dict[str, Any]) -> None:
+                                                      reference_prune: dict[str, Any]) -> None:
     from rac.runs import stages as steps
     from rac.store.index import Index
 
@@ -263,7 +283,7 @@ def test_corrupt_checkpoint_and_output_are_recomputed(tmp_path: Path, forkserver
     out = steps.prune_step(env, job, calib, log=logs.append)
     assert tuple(out.summary["start_at"]) == (1, 0), logs  # (1, 0) not trusted: redone from there
     assert any("step (1, 0) not trusted" in m for m in logs)
-    assert _same_tensors(_model_tensors(out.output("model").path), reference_model)
+    assert _same_tensors(_model_tensors(out.output("model").path), reference_prune["tensors"])
     # a finished output whose bytes change is not reused: the stage is recomputed (from scratch)
     shard = sorted(out.output("model").path.glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
@@ -272,6 +292,7 @@ def test_corrupt_checkpoint_and_output_are_recomputed(tmp_path: Path, forkserver
     logs.clear()
     again = steps.prune_step(env, job, calib, log=logs.append)
     assert not again.reused and any("not trusted" in m for m in logs)
-    assert _same_tensors(_model_tensors(again.output("model").path), reference_model)
+    assert _same_tensors(_model_tensors(again.output("model").path), reference_prune["tensors"])
     assert steps.prune_step(env, job, calib, log=logs.append).reused
-    assert len(Index(tmp_path).steps(key)) == 8
+    assert len(Index(tmp_path).steps(key)) == reference_prune["n_steps"] == 8  # 2 layers x 4 groups
+    assert _layer_values(Index(tmp_path).layer_rows(key)) == reference_prune["layers"]

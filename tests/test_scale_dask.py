@@ -90,15 +90,19 @@ def _parent(env: RunRef, prompts: StageOutput, runner: RunnerConfig | None) -> S
 def test_runner_packages_are_imported_lazily_with_a_clear_error() -> None:
     import importlib.util
 
+    from prefect.task_runners import ThreadPoolTaskRunner
+
     from rac_prefect.tasks.generation import RunnerUnavailableError, build_task_runner
 
-    assert type(build_task_runner(RunnerConfig(n_workers=3))).__name__ == "ThreadPoolTaskRunner"
+    threads: Any = build_task_runner(RunnerConfig(n_workers=3))
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
     if importlib.util.find_spec("prefect_dask") is None:
         with pytest.raises(RunnerUnavailableError, match="needs prefect-dask"):
             build_task_runner(RunnerConfig(kind="dask"))
         return
     dask: Any = build_task_runner(RunnerConfig(kind="dask", n_workers=3, threads_per_worker=2))
-    assert dask.cluster_kwargs["n_workers"] == 3 and dask.cluster_kwargs["env"]["OMP_NUM_THREADS"] == "2"
+    assert dask.cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1, "processes": True,
+                                   "env": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}, "dashboard_address": None}
     remote: Any = build_task_runner(RunnerConfig(kind="dask", address="tcp://127.0.0.1:8786"))
     assert remote.address == "tcp://127.0.0.1:8786" and not remote.cluster_kwargs
     if importlib.util.find_spec("prefect_ray") is None:
