@@ -1,6 +1,6 @@
-"""`rac` console script: run, resume, status, sql, report, serve.
+"""`rac` console script: run, resume, status, sql, report, compare, verify, serve.
 
-Exit codes: 0 done; 1 the run failed in a stage; 2 bad input (config, model, run id, fingerprint
+Exit codes: 0 done; 1 the run failed in a stage (or `rac verify` found changed artifacts); 2 bad input (config, model, run id, fingerprint
 mismatch, a write statement given to `rac sql`), nothing written; 3 the run is held by another process.
 The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work.
 The CLI belongs to the Prefect layer (it starts flows). Prefect, the run config (which pulls in the
@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rac.reporting.report import fmt
-from rac.runs.workdir import FileLock, RunLockedError, WorkDir, new_run_id
+from rac.runs.workdir import FileLock, RunLockedError, WorkDir, crashpoint, new_run_id
 from rac.store.index import Index, IndexBusyError, ReadOnlyQueryError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
@@ -45,8 +45,9 @@ def _prefect_env() -> None:
 
 def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     """Validate (nothing written on bad input), then run the rac_prune flow for a new or existing run."""
+    from rac.runs.preflight import preflight
     from rac.runs.run_config import load_run_config, parse_run_config
-    from rac.runs.session import precheck, stored_run
+    from rac.runs.session import precheck, register, stored_run
 
     work = _work_dir(args)
     if resume:
@@ -57,9 +58,12 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
         cfg = load_run_config(args.config)
         config_path = str(Path(args.config).resolve())
         run_id = args.run_id or new_run_id(cfg.name)
+    preflight(cfg, work)  # the model folder, tokenizer, prompt sources, work dir and disk: nothing written
     prepared = precheck(work, run_id, cfg.name, cfg.model, cfg.canonical(), config_path, resume_only=resume)
     verb = "resuming" if prepared.existing else "starting"
     err_console.print(f"[bold]{verb} run {run_id}[/] (model {prepared.run.model_dir}, work dir {work})")
+    register(prepared)  # the run row exists before Prefect starts: a crash from here on is resumable
+    crashpoint("cli.registered")
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune  # Prefect only from here on
 
@@ -122,11 +126,27 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _live_status(index: Index, run_id: str, status: str) -> str:
-    """A 'running' row whose run lock is free belongs to a process that died: say so."""
+    """A 'running' row whose run lock is free, or a 'starting' one whose process is gone, belongs to a
+    process that died: say so."""
+    if status == "starting":
+        row = index.get_run(run_id) or {}
+        return f"starting (pid {row.get('pid')})" if _alive(row.get("pid")) else "interrupted (rac resume)"
     if status != "running":
         return status
     lock = FileLock(WorkDir(index.work_dir).lock_file(run_id), f"run {run_id!r}")
     return f"running ({lock.holder()})" if lock.is_held() else "interrupted (rac resume)"
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -149,9 +169,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
+    from rac.runs.preflight import preflight
     from rac.runs.run_config import load_run_config
 
-    load_run_config(args.config)  # bad configs refused before anything is served
+    preflight(load_run_config(args.config), _work_dir(args))  # bad configs and data refused before serving
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune
 
@@ -160,6 +181,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parameters={"config_path": str(Path(args.config).resolve()), "work_dir": str(_work_dir(args))},
     )
     return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash every recorded output of the work dir (or of one run); exit 1 when anything changed."""
+    from rac.runs.verify import verify_work_dir
+
+    report = verify_work_dir(_work_dir(args), args.run)
+    for m in report.mismatches:
+        console.print(f"[red]changed[/] {m.step} ({m.run_id}, stage {m.stage_key}): {m.problem}")
+    summary = f"{report.n_artifacts} artifact(s) of {report.n_stages} completed stage(s) checked"
+    if report.ok:
+        console.print(f"{summary}: all match their recorded sha256")
+        return EXIT_OK
+    console.print(f"{summary}: {len(report.mismatches)} changed; their stages are recomputed by the next run")
+    return EXIT_FAILED
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -191,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="output folder (default <work dir>/compare)")
     cp.add_argument("--treat", default="rac", help="calibration whose accuracy is compared (default rac)")
     cp.add_argument("--base", action="append", help="calibration(s) compared against (default prompt, generic)")
+    vf = sub.add_parser("verify", help="re-hash every recorded artifact (of one run) and list what changed")
+    vf.add_argument("run", nargs="?")
     sv = sub.add_parser("serve", help="serve the flow on a cron schedule (Prefect deployment)")
     sv.add_argument("config")
     sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
@@ -206,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "resume":
             return cmd_run(args, resume=True)
         handlers = {"status": cmd_status, "sql": cmd_sql, "report": cmd_report, "serve": cmd_serve,
-                    "compare": cmd_compare}
+                    "compare": cmd_compare, "verify": cmd_verify}
         return handlers[args.command](args)
     except RunLockedError as err:
         err_console.print(f"[red]error:[/] {err}")

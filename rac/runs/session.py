@@ -118,6 +118,15 @@ def precheck(work_dir: Path | str, run_id: str, name: str, model: str, config: d
     return Prepared(run, name, config, fp, existing, config_path)
 
 
+def register(prepared: Prepared) -> None:
+    """Write the run row of a new run with status 'starting', before the flow (and Prefect) starts, so
+    `rac resume RUN` works from the first second even if the process dies during start-up."""
+    if prepared.existing is None:
+        Index(prepared.run.work_dir).create_run(prepared.run.run_id, prepared.name, prepared.config,
+                                                prepared.fingerprint, prepared.config_path, os.getpid(),
+                                                status="starting")
+
+
 def stored_run(work_dir: Path | str, run_id: str) -> tuple[dict[str, Any], str]:
     """The canonical config (and config path) a run was started with, for `rac resume`."""
     index = Index(work_dir)
@@ -154,7 +163,8 @@ class RunSession:
             session.index.create_run(run_id, name, config, prepared.fingerprint, config_path, os.getpid())
         else:
             fp = {**prepared.existing["fingerprint"], "model_dir": prepared.fingerprint["model_dir"]}
-            session.index.set_run(run_id, "running", message="resumed", pid=os.getpid(), fingerprint=fp)
+            message = None if prepared.existing["status"] == "starting" else "resumed"
+            session.index.set_run(run_id, "running", message=message, pid=os.getpid(), fingerprint=fp)
         atomic_write_json(WorkDir(Path(session.run.work_dir)).run_dir(run_id) / "run.json", {
             "run_id": run_id, "config_path": config_path, "config": config, "fingerprint": prepared.fingerprint,
         })

@@ -274,15 +274,16 @@ class Index:
 
     # ---------------------------------------------------------------- runs
     def create_run(self, run_id: str, name: str, config: dict[str, Any], fingerprint: dict[str, Any],
-                   config_path: str, pid: int) -> None:
-        """Insert a new run row (status 'running'); an existing run id raises ValueError."""
+                   config_path: str, pid: int, status: str = "running") -> None:
+        """Insert a new run row (status 'running', or 'starting' before the flow runs); an existing run id
+        raises ValueError."""
         with self.transaction() as con:
             if con.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
                 raise ValueError(f"run {run_id!r} already exists in {self.path}")
             now = _now()
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, 'running', ?, ?, ?, ?, NULL, ?, ?)",
-                [run_id, name, json.dumps(config), json.dumps(fingerprint), config_path, pid, now, now],
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                [run_id, name, status, json.dumps(config), json.dumps(fingerprint), config_path, pid, now, now],
             )
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
