@@ -165,16 +165,19 @@ def _load_hf(name: str, split: str) -> pa.Table:
 def records_from_table(
     table: pa.Table, source: str, question_col: str, answer_col: str, id_col: str | None
 ) -> list[Record]:
-    """Map a table's columns to Records; a missing column is named with the available ones."""
+    """Map a table's columns to Records; a missing column is named with the available ones.
+
+    The answer column is optional: calibration needs no answers (they are left empty), and an evaluation
+    refuses empty gold answers before it starts (`rac.runs.preflight`)."""
     if table.num_rows == 0:
         raise EmptySourceError(f"prompt source {source!r} has no rows")
-    for col in (question_col, answer_col, id_col):
+    for col in (question_col, id_col):
         if col is not None and col not in table.column_names:
             raise MissingColumnError(
                 f"column {col!r} not found in source {source!r}; available columns: {table.column_names}"
             )
     qs = table.column(question_col).to_pylist()
-    ans = table.column(answer_col).to_pylist()
+    ans = table.column(answer_col).to_pylist() if answer_col in table.column_names else [""] * len(qs)
     ids = table.column(id_col).to_pylist() if id_col else [f"{source}-{i}" for i in range(len(qs))]
     return [Record(str(i), str(i), str(q), str(a), source) for i, q, a in zip(ids, qs, ans, strict=True)]
 

@@ -32,7 +32,6 @@ from rac.runs.run_config import RunConfig
 from rac.runs.session import resolve_model_dir
 
 PROBE_QUESTION = "What is 1 + 1?"
-SOURCE_STAGE = "rac/data/sources.py:records_from_table"  # where the answer column is required today
 
 
 class PreflightError(ValueError):
@@ -156,13 +155,9 @@ def _load(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
                             answer_col=pc.answer_col, id_col=pc.id_col, variants=pc.variants, seed=pc.seed,
                             keep_original=pc.keep_original)
     except MissingColumnError as exc:
-        attr = next((a for a in ("question_col", "answer_col", "id_col")
+        attr = next((a for a in ("question_col", "id_col")
                      if getattr(pc, a) is not None and f"column {getattr(pc, a)!r}" in str(exc)), "question_col")
-        note = ""
-        if attr == "answer_col" and not gold:
-            note = (f" (calibration needs no answers, but the prompt stage requires the column: {SOURCE_STAGE};"
-                    " add the column, empty strings will do)")
-        _fail(f"{where}: {exc}; set {key}.{attr} to one of the available columns{note}")
+        _fail(f"{where}: {exc}; set {key}.{attr} to one of the available columns")
     except EmptySourceError as exc:
         _fail(f"{where}: {exc}; point {key} at a source with rows")
     except Exception as exc:  # unreadable file / URL / dataset: OSError, Arrow and JSON errors, datasets errors
