@@ -11,6 +11,8 @@ library: torch, transformers) and the run session are imported only by the comma
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -67,18 +69,42 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune  # Prefect only from here on
 
+    if not args.debug:
+        _quiet_tracebacks()
     try:
         result = rac_prune(config=cfg, run_id=run_id, work_dir=str(work), config_path=config_path)
     except RunLockedError:
         raise
     except Exception as err:  # a stage failed: the run row says so; the partial work is kept for resume
-        err_console.print(f"[red]run {run_id} failed:[/] {type(err).__name__}: {err}")
+        err_console.print(f"[red]run {run_id} failed:[/] {_one_line(err)}")
         err_console.print(f"continue with: rac --work-dir {work} resume {run_id}")
         return EXIT_FAILED
     _print_evals(Index(work), run_id)
     console.print(f"report: {result.get('report', '-')}")
     console.print(f"index:  {Index(work).path}   (try: rac sql \"select * from evals\")")
     return EXIT_OK
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback of a log record (the message stays): `rac run` without --debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _quiet_tracebacks() -> None:
+    """Prefect logs a failed task's traceback; the CLI says what failed in one line instead."""
+    for handler in {*logging.getLogger("prefect").handlers, *logging.getLogger().handlers}:
+        handler.addFilter(_NoTraceback())
+
+
+def _one_line(err: BaseException) -> str:
+    """What failed, on one line: a full disk names the path; other errors their type and first line."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"no space left on the device holding {err.filename or 'the work dir'!s}; free space, then resume"
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first}"
 
 
 def _print_evals(index: Index, run_id: str) -> None:
@@ -211,6 +237,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rac", description="Reasoning-Aware Compression pipeline")
     p.add_argument("--work-dir", help="work dir with rac.duckdb, stages/ and runs/ (default $RAC_WORK_DIR or ./work)")
+    p.add_argument("--debug", action="store_true", help="show the tracebacks of failed stages")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a YAML config (a new run, or continue --run-id)")
     r.add_argument("config")
