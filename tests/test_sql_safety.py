@@ -184,3 +184,15 @@ def test_errors_that_are_not_refusals_stay_duckdb_errors(work: Work, capsys: pyt
     assert main(["--work-dir", str(work.dir), "sql", "select nonsense from nowhere"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+def test_a_damaged_view_file_is_named_not_reported_as_a_missing_table(work: Work,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    shard = work.dir / "stages" / "cots" / "abc" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:40])  # truncated: no Parquet footer
+    assert main(["--work-dir", str(work.dir), "sql", "select count(*) from cots"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "view(s) unavailable: cots:" in err and str(shard) in err and "rac verify" in err
+    assert main(["--work-dir", str(work.dir), "sql", "select count(*) from runs"]) == EXIT_OK  # the rest works
+    with pytest.raises(duckdb.CatalogException):  # a table that never existed is still DuckDB's own error
+        Index(work.dir).query("select * from cotsx")

@@ -23,6 +23,7 @@ else on the machine and never tries the network.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -256,6 +257,13 @@ class Index:
                 cur = con.execute(sql, list(params))
                 cols = [d[0] for d in cur.description or []]
                 return cols, cur.fetchall()
+            except duckdb.CatalogException as err:
+                broken = [f"{v}: {p}" for v, p in getattr(self, "view_problems", {}).items()
+                          if re.search(rf"\b{v}\b", sql)]
+                if not broken:
+                    raise
+                raise ReadOnlyQueryError(f"view(s) unavailable: {'; '.join(broken)} (a damaged stage file: "
+                                         f"`rac verify` lists them, the next run recomputes them)") from err
             except (duckdb.PermissionException, duckdb.InvalidInputException) as err:
                 first = str(err).splitlines()[0] if str(err) else type(err).__name__
                 if isinstance(err, duckdb.InvalidInputException) and "configuration has been locked" not in first:
