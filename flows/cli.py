@@ -68,6 +68,9 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     crashpoint("cli.registered")
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune  # Prefect only from here on
+    from rac_prefect.flows.server import start_embedded_server
+
+    start_embedded_server()  # killed with this process, never left behind
 
     if not args.debug:
         _quiet_tracebacks()
