@@ -94,3 +94,26 @@ def test_run_killed_during_startup_resumes_to_the_same_models(tmp_path: Path) ->
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+def test_a_finished_prune_keeps_its_layer_rows_but_no_checkpoint_rows(work: dict[str, Any]) -> None:
+    from rac.store.artifacts import sha256_file
+
+    key = work["pruned"].stage_key
+    index = Index(work["dir"])
+    _, rows = index.query("select count(*) from artifacts where stage_key = ? and layer is not null", [key])
+    assert rows == [(0,)]  # the checkpoint files are gone, so are their rows: nothing dangles
+    assert len(index.layer_rows(key)) == 2 * 7  # 2 layers x 7 linears of the tiny model
+    # the calibration names its inputs by content, so the same inputs give the same file anywhere
+    calib = work["calib"].output("calibration").path
+    cfg = load_run_config(TINY)
+    model = tiny_model("llama")
+    other = work["dir"] / "elsewhere"
+    env = RunRef(str(other), "w", str(model), model_revision(model))
+    Index(other).create_run("w", "t", {}, {}, "", 1)
+    assert cfg.generate is not None
+    prompts = steps.prompts_step(env, cfg.prompts, log=lambda m: None)
+    cots = steps.cots_step(env, cfg.generate, prompts, log=lambda m: None)
+    again = steps.calib_step(env, "rac", cfg.calibrations["rac"], prompts, cots, log=lambda m: None)
+    assert sha256_file(again.output("calibration").path) == sha256_file(calib)
+    assert again.stage_key == work["calib"].stage_key

@@ -38,6 +38,7 @@ from rac.data.io import atomic_write_table, read_table_meta
 from rac.data.prompts import PROMPTS_META_KEY
 from rac.data.segments import CALIB_META_KEY, CALIB_SCHEMA, SEGMENT_IDS
 from rac.data.templates import load_tokenizer
+from rac.store.artifacts import sha256_file, sha256_tree
 
 GENERIC_FILES = {"gensim/test/test_data/lee_background.cor": "utf-8", "gensim/test/test_data/lee.cor": "cp1252"}
 P, D, OTHER = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"], SEGMENT_IDS["other"]
@@ -188,14 +189,14 @@ def build_calibration(cfg: CalibConfig, model_dir: Path, out_path: Path, prompts
         assert prompts_path is not None
         seqs, keep = _prompt_seqs(prompts_path, cfg), None
         meta["template"] = read_table_meta(prompts_path, PROMPTS_META_KEY).get("template")
-        meta["source"] = {"prompts": str(prompts_path)}
+        meta["source"] = {"prompts_sha256": sha256_file(prompts_path)}  # content, not where it lies
     elif cfg.kind == "rac":
         assert cots_dir is not None
         seqs, keep_l, skipped = _rac_seqs(cots_dir, cfg)
         keep = keep_l
         meta["template"] = read_table_meta(sorted(Path(cots_dir).glob("part-*.parquet"))[0],
                                            b"rac.cots").get("template")
-        meta["source"] = {"cots": str(cots_dir)}
+        meta["source"] = {"cots_sha256": sha256_tree(cots_dir, ("*part-*.parquet",))[0]}
     else:
         seqs, keep = _self_seqs(cfg, model_dir, tok), None
         meta["source"] = {"model": str(model_dir), "start": "bos"}

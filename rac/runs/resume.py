@@ -145,5 +145,6 @@ class PruneResume:
         return callback
 
     def cleanup(self) -> None:
-        """Drop the engine's checkpoints (call once the stage is recorded as done)."""
+        """Drop the engine's checkpoints and their index rows (call once the stage is recorded as done)."""
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        self.index.forget_checkpoints(self.key)

@@ -424,6 +424,12 @@ class Index:
             con.execute(f"DELETE FROM artifacts WHERE layer IS NOT NULL AND {cond}",
                         [stage_key, layer, layer, group])
 
+    def forget_checkpoints(self, stage_key: str) -> None:
+        """Delete the checkpoint artifact rows of a finished prune stage (its files are deleted); the layer
+        rows stay: they are the stage's per-linear record."""
+        with self.transaction() as con:
+            con.execute("DELETE FROM artifacts WHERE stage_key = ? AND layer IS NOT NULL", [stage_key])
+
     def layer_rows(self, stage_key: str) -> list[dict[str, Any]]:
         return self._fetch('SELECT * FROM layers WHERE stage_key = ? ORDER BY layer, "group", linear', [stage_key])
 
