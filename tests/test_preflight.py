@@ -6,6 +6,7 @@ import copy
 import errno
 import json
 import os
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
@@ -15,10 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from rac.data.calib import build_calibration
+from rac.data.generate import generate_cots
+from rac.data.prompts import sample_prompts
 from rac.data.sources import load_records
 from rac.models.assets import tiny_model
 from rac.runs.preflight import PreflightError, preflight
 from rac.runs.run_config import RunConfig, parse_run_config, read_yaml
+from rac.runs.session import resolve_model_dir
 
 TINY = Path(__file__).resolve().parents[1] / "data" / "configs" / "tiny.yaml"
 ROWS = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(8)]
@@ -49,6 +54,8 @@ def config(model: Path, prompts: dict[str, Any] | None = None, eval_prompts: dic
     raw["model"] = str(model)
     if prompts is not None:
         raw["prompts"] = prompts
+        for calib in raw["calibrations"].values():  # a few short file prompts: budgets they can fill
+            calib["token_budget"] = 200
     if eval_prompts is not None:
         raw["eval"]["prompts"] = eval_prompts
     return parse_run_config(raw, source="test")
@@ -173,3 +180,139 @@ def test_not_enough_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     msg = refused(cfg, tmp_path, "1000 B free", "activation stores 1.95 MiB", f"{len(cfg.jobs)} x ")
     assert f"pruned models {len(cfg.jobs) * shard / 2**20:.2f} MiB ({len(cfg.jobs)} x {shard / 2**10:.2f} KiB)" in msg
     assert f"needs about {(stores + len(cfg.jobs) * shard) / 2**20:.2f} MiB" in msg
+
+
+# ---- calibration budgets reachable (issue 17) ----
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "data" / "configs").glob("*.yaml"))
+
+
+def tiny_raw(**calibs: dict[str, Any]) -> dict[str, Any]:
+    """tiny.yaml with calibrations.<name> updated by `calibs`."""
+    raw = copy.deepcopy(read_yaml(TINY))
+    for name, update in calibs.items():
+        raw["calibrations"][name] = {**raw["calibrations"].get(name, {}), **update}
+    return raw
+
+
+def tiny_with(**calibs: dict[str, Any]) -> RunConfig:
+    return parse_run_config(tiny_raw(**calibs), source="test")
+
+
+def bound(msg: str) -> int:
+    """The 'at most N' of a budget refusal."""
+    return int(re.search(r"at most (\d+) (?:calibration )?tokens", msg).group(1))  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def stage_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny.yaml's prompts.parquet, written by the prompt stage itself."""
+    cfg = parse_run_config(read_yaml(TINY))
+    out = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    sample_prompts(cfg.prompts, resolve_model_dir(cfg.model), out)
+    return out
+
+
+def test_prompt_budget_over_its_prompts_is_refused_with_the_numbers(tmp_path: Path, stage_prompts: Path) -> None:
+    """The bound is exactly what the prompt stage writes (each prompt cut to max_seq_len), and what the
+    calibration stage then packs; 10x it still passes (exhausted by design), one token more is refused."""
+    cfg = tiny_with(prompt={"token_budget": 1_000_000, "max_seq_len": 200})
+    have = sum(min(len(ids), 200) for ids in pq.read_table(stage_prompts).column("input_ids").to_pylist())
+    msg = refused(cfg, tmp_path, "calibrations.prompt: token_budget = 1000000", f"at most {have} tokens",
+                  "the 6 prompts the prompt stage will select", "prompts.source = 'gsm8k'", "max_seq_len = 200",
+                  "raise prompts.n", f"lower calibrations.prompt.token_budget to at most {have}")
+    assert bound(msg) == have
+    s = build_calibration(cfg.calibrations["prompt"], resolve_model_dir(cfg.model), tmp_path / "c.parquet",
+                          prompts_path=stage_prompts)
+    assert s.exhausted and s.n_tokens == have
+    (tmp_path / "c.parquet").unlink()
+    preflight(tiny_with(prompt={"token_budget": 10 * have, "max_seq_len": 200}), tmp_path / "work")
+    refused(tiny_with(prompt={"token_budget": 10 * have + 1, "max_seq_len": 200}), tmp_path, f"at most {have}")
+
+
+def test_prompt_budget_within_its_prompts_passes(tmp_path: Path) -> None:
+    preflight(tiny_with(prompt={"token_budget": 500}, rac={"token_budget": 500}), tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+def test_prompt_source_exhausted_asks_for_a_larger_source(tmp_path: Path, model: Path) -> None:
+    src = parquet(tmp_path / "calib.parquet", ROWS)
+    raw = tiny_raw(prompt={"token_budget": 100_000})
+    raw.update(model=str(model), prompts=file_prompts(src, n=None))
+    refused(parse_run_config(raw), tmp_path, "the 8 prompts", "use a larger prompt source",
+            "all 8 selectable prompts are used")
+
+
+def test_rac_budget_over_the_generation_bound_is_refused(tmp_path: Path, stage_prompts: Path) -> None:
+    """prompt + min(max_new_tokens, context - prompt) per sample, cut to max_seq_len; the real CoT and
+    calibration stages stay within it."""
+    cfg = tiny_with(rac={"token_budget": 1_000_000})
+    msg = refused(cfg, tmp_path, "calibrations.rac: token_budget = 1000000", "the CoT stage can give it at most",
+                  "6 prompts x generate.samples_per_prompt = 1", "generate.max_new_tokens = 32", "max_seq_len = 1024",
+                  "raise prompts.n", "lower calibrations.rac.token_budget to at most")
+    prompt_ids = pq.read_table(stage_prompts).column("input_ids").to_pylist()
+    assert bound(msg) == sum(len(p) + 32 for p in prompt_ids)  # tiny prompts are far from 1024 tokens
+    raw = tiny_raw(rac={"token_budget": 1_000_000})
+    raw["generate"] = {**raw["generate"], "samples_per_prompt": 3}
+    assert bound(refused(parse_run_config(raw), tmp_path, "samples_per_prompt = 3")) == 3 * bound(msg)
+    model_dir = resolve_model_dir(cfg.model)
+    assert cfg.generate is not None
+    generate_cots(stage_prompts, model_dir, cfg.generate, tmp_path / "cots")
+    s = build_calibration(cfg.calibrations["rac"], model_dir, tmp_path / "c.parquet", cots_dir=tmp_path / "cots")
+    assert s.exhausted and 0 < s.n_tokens <= bound(msg)
+
+
+def test_rac_budget_cut_by_the_generation_budget_is_refused(tmp_path: Path, stage_prompts: Path) -> None:
+    """generate.token_budget counts prompt + CoT tokens and is checked between shards: at most budget - 1
+    plus the largest shard's tokens reach the calibration, even when the data would reach its budget."""
+    raw = tiny_raw(rac={"token_budget": 1000})
+    raw["generate"] = {**raw["generate"], "token_budget": 300, "shard_size": 1}
+    cfg = parse_run_config(raw)
+    prompt_ids = pq.read_table(stage_prompts).column("input_ids").to_pylist()
+    cap = 300 - 1 + max(len(p) + 32 for p in prompt_ids)
+    msg = refused(cfg, tmp_path, "calibrations.rac: token_budget = 1000", "generate.token_budget = 300",
+                  f"after at most {cap} calibration tokens", "checked between shards of 1",
+                  "raise generate.token_budget to at least 1000", f"lower calibrations.rac.token_budget to at most {cap}")
+    assert bound(msg) == cap
+    assert cfg.generate is not None
+    model_dir = resolve_model_dir(cfg.model)
+    generate_cots(stage_prompts, model_dir, cfg.generate, tmp_path / "cots")
+    s = build_calibration(cfg.calibrations["rac"], model_dir, tmp_path / "c.parquet", cots_dir=tmp_path / "cots")
+    assert s.exhausted and s.n_tokens <= cap
+    raw["generate"]["token_budget"] = 1000  # the generation budget no longer binds
+    preflight(parse_run_config(raw), tmp_path / "work")
+
+
+def test_rac_sets_the_stage_would_fail_on(tmp_path: Path) -> None:
+    refused(tiny_with(rac={"max_seq_len": 16}), tmp_path, "calibrations.rac: every one of the 6 prompts",
+            "at least max_seq_len = 16", "no sequence", "raise calibrations.rac.max_seq_len above")
+    refused(tiny_with(rac={"min_decode_share": 0.9}), tmp_path, "calibrations.rac: min_decode_share = 0.9",
+            "generate.max_new_tokens = 32", "decode share is at most", "lower calibrations.rac.min_decode_share")
+
+
+def test_generic_budget_over_the_bundled_corpus(tmp_path: Path) -> None:
+    msg = refused(tiny_with(generic={"kind": "generic", "token_budget": 10**8}), tmp_path,
+                  "calibrations.generic: token_budget = 100000000", "gensim's Lee corpus, 350 articles",
+                  "lower calibrations.generic.token_budget to at most")
+    have = int(re.search(r"is (\d+) tokens", msg).group(1))  # type: ignore[union-attr]
+    preflight(tiny_with(generic={"kind": "generic", "token_budget": 10 * have}), tmp_path / "work")
+    preflight(tiny_with(own={"kind": "self", "token_budget": 10**8}), tmp_path / "work")  # self: no bound
+
+
+def test_prompt_over_its_limit_is_refused(tmp_path: Path) -> None:
+    raw = copy.deepcopy(read_yaml(TINY))
+    raw["prompts"]["max_prompt_tokens"] = 50
+    refused(parse_run_config(raw), tmp_path, "prompts.source = 'gsm8k'", "prompts.max_prompt_tokens = 50",
+            "the prompt stage would refuse it", "raise prompts.max_prompt_tokens")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_pass(path: Path, tmp_path: Path) -> None:
+    """Every shipped config whose model is at hand offline (tiny.yaml, demo.yaml and qwen-0.5b.yaml where
+    their wheels are installed; a model that would need a download is skipped)."""
+    cfg = parse_run_config(read_yaml(path), source=str(path))
+    try:
+        resolve_model_dir(cfg.model)
+    except (OSError, ValueError, ImportError) as exc:
+        pytest.skip(f"model {cfg.model!r} is not available offline: {exc}")
+    preflight(cfg, tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -6,7 +6,10 @@
   2. the tokenizer loads and every prompts template renders (a chat template of the tokenizer or the config);
   3. the prompt sources of `prompts` and `eval.prompts`, loaded and selected by the prompt stage's own
      functions: readable, mapped columns present, rows left, no empty question, and (eval) no empty gold answer;
-  4. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
+  4. every calibration's `token_budget` against the most the run can give it (`check_calibrations`: the rule
+     is in its docstring), from the selected prompts templated and tokenised as `sample_prompts` does them
+     (a prompt over its limit, which the prompt stage would refuse, is refused here);
+  5. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
      room for the activation stores (calibration tokens x hidden x bytes(act_dtype) x 2) plus one pruned model
      copy per job (the sum of the shard sizes).
 The first problem found raises `PreflightError` (a ValueError) with a one-line message naming the bad value
@@ -22,9 +25,20 @@ import uuid
 from pathlib import Path
 from typing import Any, NoReturn
 
+import pyarrow as pa
+
+from rac.data.calib import CalibConfig, generic_texts
+from rac.data.generate import GenerateConfig, build_requests
 from rac.data.prompts import PromptsConfig, _select
 from rac.data.sources import EmptySourceError, MissingColumnError, Record, load_records
-from rac.data.templates import TemplateConfig, TemplateError, load_tokenizer, render_prompt
+from rac.data.templates import (
+    TemplateConfig,
+    TemplateError,
+    context_window,
+    encode_prompt,
+    load_tokenizer,
+    render_prompt,
+)
 from rac.dtypes import TORCH_DTYPES
 from rac.models.adapters import ADAPTERS, UnsupportedArchitectureError, get_adapter
 from rac.models.streaming import ShardError, WeightFiles, safetensors_header
@@ -32,6 +46,7 @@ from rac.runs.run_config import RunConfig
 from rac.runs.session import resolve_model_dir
 
 PROBE_QUESTION = "What is 1 + 1?"
+SHORTFALL = 10  # a calibration whose data gives less than 1/SHORTFALL of its token_budget is refused
 
 
 class PreflightError(ValueError):
@@ -57,9 +72,10 @@ def preflight(cfg: RunConfig, work_dir: Path) -> None:
     if cfg.eval_prompts is not None:
         templates.append(("eval.prompts.template", cfg.eval_prompts.template))
     check_tokenizer(folder, templates)
-    check_prompts("prompts", cfg.prompts, gold=False)
+    chosen = check_prompts("prompts", cfg.prompts, gold=False)
     if cfg.eval_prompts is not None:
         check_prompts("eval.prompts", cfg.eval_prompts, gold=True)
+    check_calibrations(cfg, folder, chosen)
     base = check_writable(Path(work_dir))
     check_disk(cfg, Path(work_dir), base, _hidden_size(folder, config), shard_bytes)
 
@@ -164,8 +180,9 @@ def _load(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
         _fail(f"{where}: cannot read the prompt source ({type(exc).__name__}: {exc}); fix {key}.source/path/fmt")
 
 
-def check_prompts(key: str, pc: PromptsConfig, gold: bool) -> None:
-    """The prompts the stage will select: rows left, unique ids, questions and (gold) answers non-empty."""
+def check_prompts(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
+    """The prompts the stage will select (returned): rows left, unique ids, questions and (gold) answers
+    non-empty."""
     where = _where(key, pc)
     records = _load(key, pc, gold)
     try:
@@ -186,6 +203,129 @@ def check_prompts(key: str, pc: PromptsConfig, gold: bool) -> None:
     if gold and no_answer:
         _fail(f"{where}: {len(no_answer)} of {len(chosen)} gold answers (column {pc.answer_col!r}) are empty "
               f"(first: {no_answer[0]!r}), so grading would score them 0; fill them or set {key}.answer_col")
+    return chosen
+
+
+def check_calibrations(cfg: RunConfig, folder: Path, chosen: list[Record]) -> None:
+    """Every calibration's `token_budget` against an upper bound of what the run's real data can give it.
+
+    The rule follows `build_calibration`, which packs what its source holds and, when that runs out before
+    the budget, records the set as `exhausted` instead of failing: falling short is allowed by design (the
+    shipped configs give the prompt-only set the budget of the RAC set and it runs out first, at 14-32% of
+    it; tiny.yaml's RAC set gets about 36%, so a "half the budget" rule would refuse every shipped config).
+    Refused are therefore:
+      * what the stage would fail on: a `rac` set with no sequence (every prompt at or over its max_seq_len:
+        a CoT is never cut from its prompt) or whose decode share stays under min_decode_share even with every
+        CoT at its cap (DecodeShareError); a prompt over its limit (the prompt stage's PromptTooLongError);
+      * a `rac` budget that the run's own generate.token_budget makes unreachable (two budgets of one run
+        contradicting each other, not a source running out);
+      * a budget over SHORTFALL (10) times the bound: a budget left at its 1,000,000 default, a forgotten
+        prompts.n, a typo; the set would silently be a small fraction of what was asked.
+    Bounds, from the selected prompts templated and tokenised as `sample_prompts` does it:
+      prompt   the sum over the prompts of min(prompt tokens, max_seq_len);
+      rac      over the CoT stage's requests (`build_requests`: every prompt x samples_per_prompt, each capped at
+               min(max_new_tokens, context window - prompt)), the sum of min(prompt + cap, max_seq_len), prompts
+               of max_seq_len tokens or more left out; with generate.token_budget = B (which counts the prompt
+               and CoT tokens of every row written and is checked before each shard) at most B - 1 + the
+               largest shard's sum;
+      generic  the bundled Lee corpus tokenised (one EOS per article), only when a generic set is configured;
+      self     none: it samples until its budget is covered.
+    """
+    kinds = {c.kind for c in cfg.calibrations.values()}
+    ids = _prompt_ids(cfg.prompts, folder, chosen) if kinds & {"prompt", "rac"} else []
+    corpus = _generic_tokens(folder) if "generic" in kinds else (0, 0)
+    for name, calib in cfg.calibrations.items():
+        key, budget, L = f"calibrations.{name}", calib.token_budget, calib.max_seq_len
+        lower = f"lower {key}.token_budget"
+        if calib.kind == "prompt":
+            bound = sum(min(len(x), L) for x in ids)
+            if bound * SHORTFALL < budget:
+                _fail(f"{key}: token_budget = {budget} but the {len(ids)} prompts the prompt stage will select "
+                      f"({_where('prompts', cfg.prompts)}) hold at most {bound} tokens (each cut to max_seq_len = "
+                      f"{L}), under 1/{SHORTFALL} of the budget; {_more_prompts(cfg.prompts, len(ids))} or {lower} "
+                      f"to at most {bound}")
+        elif calib.kind == "rac" and cfg.generate is not None:
+            _check_rac(key, calib, cfg.generate, cfg.prompts, ids, context_window(folder))
+        elif calib.kind == "generic" and corpus[0] * SHORTFALL < budget:
+            _fail(f"{key}: token_budget = {budget} but the bundled generic corpus (gensim's Lee corpus, "
+                  f"{corpus[1]} articles) is {corpus[0]} tokens with this tokenizer, under 1/{SHORTFALL} of the "
+                  f"budget; {lower} to at most {corpus[0]} or use kind: rac or prompt")
+        # kind self: unconditional samples are drawn until the budget is covered (rac.data.calib._self_seqs)
+
+
+def _more_prompts(pc: PromptsConfig, n: int) -> str:
+    if pc.n is not None and pc.n <= n:
+        return "raise prompts.n"
+    return f"use a larger prompt source or raise prompts.variants (all {n} selectable prompts are used)"
+
+
+def _prompt_ids(pc: PromptsConfig, folder: Path, chosen: list[Record]) -> list[list[int]]:
+    """The token ids `sample_prompts` will write for the chosen records; its PromptTooLongError refused."""
+    tok = load_tokenizer(str(folder))
+    try:
+        limit = pc.max_prompt_tokens or context_window(folder)
+    except (OSError, ValueError) as exc:
+        _fail(f"model {str(folder)!r}: no context window ({exc}); set max_position_embeddings in its config.json")
+    out = []
+    for r in chosen:
+        ids = encode_prompt(tok, r.question, pc.template)[1]
+        if len(ids) >= limit:
+            what, fix = ((f"prompts.max_prompt_tokens = {limit}", "raise prompts.max_prompt_tokens")
+                         if pc.max_prompt_tokens else
+                         (f"the model's context window is {limit}", "use a model with a longer context"))
+            _fail(f"{_where('prompts', pc)}: prompt {r.problem_id!r} has {len(ids)} tokens and {what}, so the "
+                  f"prompt stage would refuse it; {fix} or drop the problem from the source")
+        out.append(ids)
+    return out
+
+
+def _generic_tokens(folder: Path) -> tuple[int, int]:
+    """(tokens, articles) of the generic corpus as `rac.data.calib._generic` streams it."""
+    try:
+        texts = generic_texts()
+    except (ImportError, OSError) as exc:  # importlib.metadata.PackageNotFoundError is an ImportError
+        _fail(f"the generic calibration corpus ships in the gensim wheel and cannot be read ({exc}); install "
+              "gensim or use kind: rac or prompt")
+    tokens = load_tokenizer(str(folder))(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(t) + 1 for t in tokens), len(texts)
+
+
+def _check_rac(key: str, calib: CalibConfig, gen: GenerateConfig, pc: PromptsConfig, ids: list[list[int]],
+               ctx: int) -> None:
+    """A `rac` set against the CoT stage's requests (see `check_calibrations`)."""
+    budget, L = calib.token_budget, calib.max_seq_len
+    table = pa.table({"prompt_id": [str(i) for i in range(len(ids))], "input_ids": ids})
+    try:
+        reqs = [r for _, _, r in build_requests(table, gen, ctx)]
+    except ValueError as exc:  # PromptTooLongError: prompts.max_prompt_tokens above the context window
+        _fail(f"{_where('prompts', pc)}: {exc}; lower prompts.max_prompt_tokens below the context window")
+    lens = [(len(r.prompt_ids), min(len(r.prompt_ids) + r.max_new_tokens, L)) for r in reqs]
+    per = [n if p < L else 0 for p, n in lens]
+    if not any(per):
+        shortest = min(p for p, _ in lens)
+        _fail(f"{key}: every one of the {len(ids)} prompts has at least max_seq_len = {L} tokens (shortest: "
+              f"{shortest}), so the set would hold no sequence (a CoT is never cut from its prompt); raise "
+              f"{key}.max_seq_len above {shortest}")
+    share = max((n - p) / n for p, n in lens if p < L)
+    if share < calib.min_decode_share:
+        _fail(f"{key}: min_decode_share = {calib.min_decode_share} cannot be met: even with every CoT at its cap "
+              f"(generate.max_new_tokens = {gen.max_new_tokens}, cut to max_seq_len = {L}) the decode share is at "
+              f"most {share:.3f}; raise generate.max_new_tokens or lower {key}.min_decode_share")
+    full, step = sum(per), gen.shard_size * gen.samples_per_prompt
+    lower = f"lower {key}.token_budget to at most"
+    if gen.token_budget is not None:
+        capped = gen.token_budget - 1 + max(sum(per[i: i + step]) for i in range(0, len(per), step))
+        if capped < min(full, budget):
+            _fail(f"{key}: token_budget = {budget} but generate.token_budget = {gen.token_budget} stops the CoT "
+                  f"stage after at most {capped} calibration tokens (it counts the prompt and CoT tokens of every "
+                  f"sample and is checked between shards of {step}); raise generate.token_budget to at least "
+                  f"{budget} (or null: every prompt, at most {full} tokens) or {lower} {capped}")
+    if full * SHORTFALL < budget:
+        _fail(f"{key}: token_budget = {budget} but the CoT stage can give it at most {full} tokens ({len(ids)} "
+              f"prompts x generate.samples_per_prompt = {gen.samples_per_prompt}, each prompt + at most "
+              f"generate.max_new_tokens = {gen.max_new_tokens} CoT tokens, cut to max_seq_len = {L}), under "
+              f"1/{SHORTFALL} of the budget; {_more_prompts(pc, len(ids))}, raise generate.samples_per_prompt or "
+              f"generate.max_new_tokens, or {lower} {full}")
 
 
 def _existing(work_dir: Path) -> Path:
