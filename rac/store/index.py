@@ -1,7 +1,7 @@
 """DuckDB index of runs, stages, artifacts, per-layer pruning records and evaluations (`rac.duckdb`).
 
 Every table and view, column by column (meaning, unit, the library field it comes from), is documented in
-docs/schema.md; `SCHEMA` below is the one definition. A run is `run_id` and a stage cache key `stage_key`
+docs/schema.md; `rac.store.schema.SCHEMA` is the one definition. A run is `run_id` and a stage cache key `stage_key`
 in every table.
 
 DuckDB lets one process at a time hold a file open for writing, so every call here opens a short-lived
@@ -11,11 +11,11 @@ read-write connection to one file inside one process).
 
 Schema versions: the `meta` table holds `schema_version` (SCHEMA_VERSION). Tables without it are version 1
 (before one vocabulary: `run`, `key`/`stage` holding stage keys, `error`, `damping`, `n`); the first
-connection to such a file renames those columns in one transaction (`migrate`); a read-only connection
+connection to such a file renames those columns in one transaction (`rac.store.schema.migrate`); a read-only connection
 first opens the file read-write for that. Every read-only connection gets TEMP views over the stage Parquet
 files under the work dir (the files `VIEW_GLOBS` matches): prompts, cots, calibration, eval_rows, each with
 the files' own columns plus `stage_key` (the stage that wrote the file). It is then locked down
-(`_lock_down`): it reaches only the index file and those Parquet files, no other file, directory or URL,
+(`rac.store.sql.lock_down`): it reaches only the index file and those Parquet files, no other file, directory or URL,
 loads and installs no extension, and changes no setting, so `rac sql` (`Index.query`) can read nothing
 else on the machine and never tries the network.
 """
@@ -36,56 +36,12 @@ from typing import Any
 import duckdb
 
 from rac.store.artifacts import ArtifactRef
+from rac.store.schema import SCHEMA_VERSION, migrate, schema_version
+from rac.store.sql import READ_ONLY_STATEMENTS, VIEW_GLOBS, create_views, lock_down
 
 INDEX_NAME = "rac.duckdb"
 _PROCESS_LOCK = threading.RLock()
 
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
-CREATE TABLE IF NOT EXISTS runs (
-  run_id VARCHAR PRIMARY KEY, name VARCHAR, status VARCHAR, config JSON, fingerprint JSON,
-  config_path VARCHAR, pid INTEGER, message VARCHAR, created TIMESTAMP, updated TIMESTAMP);
-CREATE TABLE IF NOT EXISTS stages (
-  run_id VARCHAR, name VARCHAR, stage VARCHAR, stage_key VARCHAR, status VARCHAR, reused BOOLEAN,
-  config JSON, inputs JSON, outputs JSON, summary JSON, started TIMESTAMP, finished TIMESTAMP,
-  seconds DOUBLE, PRIMARY KEY (run_id, name));
-CREATE TABLE IF NOT EXISTS artifacts (
-  uri VARCHAR PRIMARY KEY, kind VARCHAR, sha256 VARCHAR, bytes BIGINT, stage_key VARCHAR,
-  layer INTEGER, "group" INTEGER, created TIMESTAMP);
-CREATE TABLE IF NOT EXISTS layers (
-  run_id VARCHAR, stage_key VARCHAR, layer INTEGER, "group" INTEGER, linear VARCHAR, sparsity DOUBLE,
-  rel_error DOUBLE, loss DOUBLE, damp DOUBLE, retries INTEGER, seconds DOUBLE, created TIMESTAMP,
-  PRIMARY KEY (stage_key, layer, "group", linear));
-CREATE TABLE IF NOT EXISTS evals (
-  run_id VARCHAR, label VARCHAR, stage_key VARCHAR, model VARCHAR, calibration VARCHAR, method VARCHAR,
-  sparsity DOUBLE, n_problems INTEGER, accuracy DOUBLE, ci_low DOUBLE, ci_high DOUBLE, mean_tokens DOUBLE,
-  median_tokens DOUBLE, p90_tokens DOUBLE, runaway_share DOUBLE, wall_s DOUBLE, tokens_per_s DOUBLE,
-  metrics JSON, created TIMESTAMP, PRIMARY KEY (run_id, label));
-CREATE TABLE IF NOT EXISTS proxies (
-  run_id VARCHAR, label VARCHAR, stage_key VARCHAR, calibration VARCHAR, method VARCHAR, sparsity DOUBLE,
-  dense_nll DOUBLE, pruned_nll DOUBLE, nll_gap DOUBLE, top1_agreement DOUBLE, kl DOUBLE,
-  n_positions INTEGER, recon_prompt DOUBLE, recon_decode DOUBLE, metrics JSON, created TIMESTAMP,
-  PRIMARY KEY (run_id, label));
-"""
-# version 1 -> 2, per table: (old column, new column)
-RENAMES_V1: dict[str, tuple[tuple[str, str], ...]] = {
-    "stages": (("key", "stage_key"),),
-    "artifacts": (("stage", "stage_key"),),
-    "layers": (("run", "run_id"), ("stage", "stage_key"), ("error", "rel_error"), ("damping", "damp")),
-    "evals": (("run", "run_id"), ("stage", "stage_key"), ("n", "n_problems")),
-    "proxies": (("run", "run_id"), ("stage", "stage_key")),
-}
-
-# view name -> glob (relative to the work dir) of the Parquet files it reads
-VIEW_GLOBS: dict[str, str] = {
-    "prompts": "stages/prompts/*/prompts.parquet",
-    "cots": "stages/cots/*/part-*.parquet",
-    "calibration": "stages/calib/*/calib.parquet",
-    "eval_rows": "stages/eval/*/rows.parquet",
-}
-READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
-_GLOB_CHARS = "*?["  # what DuckDB takes for a glob in a path
 
 
 class IndexBusyError(RuntimeError):
@@ -142,7 +98,8 @@ class Index:
             con = self._open_current(read_only)
             try:
                 if read_only:
-                    _lock_down(con, self._create_views(con))
+                    files, self.view_problems = create_views(con, self.work_dir)
+                    lock_down(con, files)
                 yield con
             finally:
                 con.close()
@@ -206,37 +163,6 @@ class Index:
                 con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
-
-    def _create_views(self, con: duckdb.DuckDBPyConnection) -> list[str]:
-        """TEMP views over the stage Parquet files; returns the files they read. Each view reads the explicit
-        list of files its glob matches now; a file that resolves outside the work dir's `stages` folder (a
-        symlink out) or whose name holds a glob character is left out, and a view whose files cannot be
-        read is left out (reasons in `view_problems`)."""
-        self.view_problems: dict[str, str] = {}
-        root = (self.work_dir / "stages").resolve()
-        used: list[str] = []
-        for name, pattern in VIEW_GLOBS.items():
-            files: list[str] = []
-            for path in sorted(self.work_dir.glob(pattern)):
-                if any(c in str(path) for c in _GLOB_CHARS):
-                    self.view_problems[name] = f"left out {str(path)!r}: glob character in its name"
-                elif not path.resolve().is_relative_to(root):
-                    self.view_problems[name] = f"left out {str(path)!r}: it resolves outside {str(root)!r}"
-                else:
-                    files.append(str(path))
-            if not files:
-                continue
-            try:
-                con.execute(
-                    f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT *, "
-                    f"regexp_extract(filename, '/stages/[^/]+/([^/]+)/', 1) AS stage_key "
-                    f"FROM read_parquet({_sql_list(files)}, filename=true, union_by_name=true)"
-                )
-            except (duckdb.Error, OSError) as err:
-                self.view_problems[name] = str(err).splitlines()[0]
-            else:
-                used.extend(files)
-        return used
 
     # ---------------------------------------------------------------- queries
     def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -470,61 +396,3 @@ def _upsert_artifact(con: duckdb.DuckDBPyConnection, ref: ArtifactRef, stage_key
         "INSERT OR REPLACE INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [ref.uri, ref.kind, ref.sha256, ref.bytes, stage_key, layer, group, now],
     )
-
-
-# ---------------------------------------------------------------- schema versions
-_MAIN = "database_name = current_database() AND schema_name = 'main'"
-
-
-def _sql_list(items: Sequence[str]) -> str:
-    """A DuckDB list literal of strings."""
-    return "[" + ", ".join("'" + item.replace("'", "''") + "'" for item in items) + "]"
-
-
-def _lock_down(con: duckdb.DuckDBPyConnection, files: Sequence[str]) -> None:
-    """Leave `con` reaching only its database file and `files` (the views' Parquet files): no other file,
-    directory or URL (`enable_external_access`), no extension loaded or installed on demand (so no
-    download is ever tried), and no setting changed afterwards (`lock_configuration`). The order matters:
-    `allowed_paths` can be set only while external access is still on, and the lock comes last."""
-    if files:
-        con.execute(f"SET allowed_paths = {_sql_list(files)}")
-    for setting in ("autoinstall_known_extensions", "autoload_known_extensions", "allow_community_extensions",
-                    "enable_external_access"):
-        con.execute(f"SET {setting} = false")
-    con.execute("SET lock_configuration = true")
-
-
-def schema_version(con: duckdb.DuckDBPyConnection) -> int:
-    """The schema version of an open index: `meta.schema_version`; 1 for tables without it, 0 for none."""
-    tables = {str(t) for (t,) in con.execute(f"SELECT table_name FROM duckdb_tables() WHERE {_MAIN}").fetchall()}
-    if "meta" in tables:
-        row = con.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-        if row is not None:
-            return int(row[0])
-    return 1 if tables else 0
-
-
-def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
-    """Bring the file of a read-write connection from `version` to SCHEMA_VERSION in one transaction: rename
-    the version-1 columns present (DuckDB renames primary-key columns in place), create the missing tables,
-    record the version."""
-    con.execute("BEGIN TRANSACTION")
-    try:
-        if version == 1:
-            _rename_v1(con)
-        con.execute(SCHEMA)
-        con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    con.execute("COMMIT")
-
-
-def _rename_v1(con: duckdb.DuckDBPyConnection) -> None:
-    columns: dict[str, set[str]] = {}
-    for table, column in con.execute(f"SELECT table_name, column_name FROM duckdb_columns() WHERE {_MAIN}").fetchall():
-        columns.setdefault(str(table), set()).add(str(column))
-    for table, renames in RENAMES_V1.items():
-        for old, new in renames:
-            if old in columns.get(table, set()):
-                con.execute(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO {new}')
