@@ -1,11 +1,14 @@
-"""`rac` console script: run, resume, status, sql, report, compare, verify, serve.
+"""`rac` console script: run, resume, serve (they start flows), and status, sql, report, compare, verify.
 
-Exit codes: 0 done; 1 the run failed in a stage (or `rac verify` found changed artifacts); 2 bad input (config, model, run id, fingerprint
-mismatch, a write statement given to `rac sql`), nothing written; 3 the run is held by another process.
-The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work.
-The CLI belongs to the Prefect layer (it starts flows). Prefect, the run config (which pulls in the
-library: torch, transformers) and the run session are imported only by the commands that need them, so
-`rac status`, `rac sql` and `rac --help` start in well under a second.
+Exit codes: 0 done; 1 the run failed in a stage (or `rac verify` found changed artifacts); 2 bad input
+(config, data, model folder, run id, fingerprint mismatch, a refused `rac sql` statement), nothing
+written; 3 the run (or the index) is held by another process.
+The work dir (index + stage outputs + runs) is `--work-dir`, else $RAC_WORK_DIR, else ./work; the global
+options may come before or after the command (`rac run cfg.yaml --work-dir W`).
+The CLI belongs to the Prefect layer (it starts flows). This module imports only the standard library at
+start: Prefect, the run config (the library: torch, transformers), DuckDB and rich are imported by the
+commands that need them, so `rac --help` runs even before the dependencies are installed and `rac status`
+and `rac sql` answer in well under a second (flows/cli_workdir.py holds those commands).
 """
 
 from __future__ import annotations
@@ -15,27 +18,14 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import duckdb
-from rich.console import Console
-from rich.table import Table
-
-from rac.reporting.report import fmt
-from rac.runs.workdir import FileLock, RunLockedError, WorkDir, crashpoint, new_run_id
-from rac.store.index import Index, IndexBusyError, ReadOnlyQueryError
+from rac.runs.workdir import RunLockedError, crashpoint, new_run_id
+from rac_prefect.flows import cli_workdir as wd
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
-BAD_INPUT = (FileNotFoundError, ValueError)  # RunConfigError, FingerprintMismatchError, ... are ValueErrors
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-console = Console(highlight=False, soft_wrap=True)
-if not console.is_terminal:  # piped/logged output: do not squeeze tables into 80 columns
-    console = Console(highlight=False, soft_wrap=True, width=160)
-
-
-def _work_dir(args: argparse.Namespace) -> Path:
-    return Path(args.work_dir or os.environ.get("RAC_WORK_DIR") or "work").resolve()
+BAD_INPUT = (FileNotFoundError, ValueError)  # RunConfigError, PreflightError, ... are ValueErrors
 
 
 def _prefect_env() -> None:
@@ -50,8 +40,9 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     from rac.runs.preflight import preflight
     from rac.runs.run_config import load_run_config, parse_run_config
     from rac.runs.session import precheck, register, stored_run
+    from rac.store.index import Index
 
-    work = _work_dir(args)
+    work = wd.work_dir(args)
     if resume:
         stored, config_path = stored_run(work, args.run)
         cfg = parse_run_config(stored, source=f"run {args.run}")
@@ -63,7 +54,7 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     preflight(cfg, work)  # the model folder, tokenizer, prompt sources, work dir and disk: nothing written
     prepared = precheck(work, run_id, cfg.name, cfg.model, cfg.canonical(), config_path, resume_only=resume)
     verb = "resuming" if prepared.existing else "starting"
-    err_console.print(f"[bold]{verb} run {run_id}[/] (model {prepared.run.model_dir}, work dir {work})")
+    wd.err().print(f"[bold]{verb} run {run_id}[/] (model {prepared.run.model_dir}, work dir {work})")
     register(prepared)  # the run row exists before Prefect starts: a crash from here on is resumable
     crashpoint("cli.registered")
     _prefect_env()
@@ -71,7 +62,6 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     from rac_prefect.flows.server import start_embedded_server
 
     start_embedded_server()  # killed with this process, never left behind
-
     if not args.debug:
         _quiet_tracebacks()
     try:
@@ -79,12 +69,12 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     except RunLockedError:
         raise
     except Exception as err:  # a stage failed: the run row says so; the partial work is kept for resume
-        err_console.print(f"[red]run {run_id} failed:[/] {_one_line(err)}")
-        err_console.print(f"continue with: rac --work-dir {work} resume {run_id}")
+        wd.err().print(f"[red]run {run_id} failed:[/] {_one_line(err)}")
+        wd.err().print(f"continue with: rac --work-dir {work} resume {run_id}")
         return EXIT_FAILED
-    _print_evals(Index(work), run_id)
-    console.print(f"report: {result.get('report', '-')}")
-    console.print(f"index:  {Index(work).path}   (try: rac sql \"select * from evals\")")
+    wd.print_evals(Index(work), run_id)
+    wd.out().print(f"report: {result.get('report', '-')}")
+    wd.out().print(f"index:  {Index(work).path}   (try: rac sql \"select * from evals\")")
     return EXIT_OK
 
 
@@ -110,186 +100,90 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}"
 
 
-def _print_evals(index: Index, run_id: str) -> None:
-    rows = index.evals(run_id)
-    if not rows:
-        return
-    table = Table(title=f"run {run_id}: evaluation")
-    for col in ("label", "accuracy", "95% CI", "mean tok", "p90 tok", "runaway", "eval s"):
-        table.add_column(col, justify="left" if col == "label" else "right")
-    for r in rows:
-        table.add_row(
-            r["label"], fmt(r["accuracy"]), f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
-            fmt(r["mean_tokens"], 1), fmt(r["p90_tokens"], 0), fmt(r["runaway_share"]), fmt(r["wall_s"], 1),
-        )
-    console.print(table)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    index = Index(_work_dir(args))
-    if not index.path.exists():
-        raise FileNotFoundError(f"no index at {index.path}: no run has been started in this work dir")
-    if args.run is None:
-        table = Table(title=f"runs in {index.work_dir}")
-        for col in ("run", "name", "status", "created", "updated", "message"):
-            table.add_column(col)
-        for r in index.list_runs():
-            table.add_row(r["run_id"], r["name"], _live_status(index, r["run_id"], r["status"]),
-                          str(r["created"])[:19], str(r["updated"])[:19], r["message"] or "")
-        console.print(table)
-        return EXIT_OK
-    run = index.get_run(args.run)
-    if run is None:
-        raise ValueError(f"no run {args.run!r} in {index.path}; known: {[r['run_id'] for r in index.list_runs()]}")
-    console.print(f"run {args.run}: [bold]{_live_status(index, args.run, run['status'])}[/] {run['message'] or ''}")
-    table = Table(title="stages")
-    for col in ("stage", "stage_key", "status", "reused", "seconds", "layers done"):
-        table.add_column(col)
-    for s in index.run_stages(args.run):
-        steps = len(index.steps(s["stage_key"])) if s["stage"] == "prune" else None
-        table.add_row(s["name"], s["stage_key"], s["status"], str(bool(s["reused"])), fmt(s["seconds"], 1),
-                      "" if steps is None else str(steps))
-    console.print(table)
-    _print_evals(index, args.run)
-    return EXIT_OK
-
-
-def _live_status(index: Index, run_id: str, status: str) -> str:
-    """A 'running' row whose run lock is free, or a 'starting' one whose process is gone, belongs to a
-    process that died: say so."""
-    if status == "starting":
-        row = index.get_run(run_id) or {}
-        return f"starting (pid {row.get('pid')})" if _alive(row.get("pid")) else "interrupted (rac resume)"
-    if status != "running":
-        return status
-    lock = FileLock(WorkDir(index.work_dir).lock_file(run_id), f"run {run_id!r}")
-    return f"running ({lock.holder()})" if lock.is_held() else "interrupted (rac resume)"
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def cmd_sql(args: argparse.Namespace) -> int:
-    cols, rows = Index(_work_dir(args)).query(args.query)
-    table = Table(*cols)
-    for row in rows:
-        table.add_row(*("NULL" if v is None else str(v) for v in row))
-    console.print(table)
-    return EXIT_OK
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from rac.reporting.report import write_report
-
-    paths = write_report(_work_dir(args), args.run)
-    for p in paths:
-        console.print(str(p))
-    return EXIT_OK
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
     from rac.runs.preflight import preflight
     from rac.runs.run_config import load_run_config
 
-    preflight(load_run_config(args.config), _work_dir(args))  # bad configs and data refused before serving
+    preflight(load_run_config(args.config), wd.work_dir(args))  # bad configs and data refused before serving
     _prefect_env()
     from rac_prefect.flows.prune import rac_prune
 
     rac_prune.serve(
         name=args.name, cron=args.cron,
-        parameters={"config_path": str(Path(args.config).resolve()), "work_dir": str(_work_dir(args))},
+        parameters={"config_path": str(Path(args.config).resolve()), "work_dir": str(wd.work_dir(args))},
     )
     return EXIT_OK
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    """Re-hash every recorded output of the work dir (or of one run); exit 1 when anything changed."""
-    from rac.runs.verify import verify_work_dir
-
-    report = verify_work_dir(_work_dir(args), args.run)
-    for m in report.mismatches:
-        console.print(f"[red]changed[/] {m.step} ({m.run_id}, stage {m.stage_key}): {m.problem}")
-    summary = f"{report.n_artifacts} artifact(s) of {report.n_stages} completed stage(s) checked"
-    if report.ok:
-        console.print(f"{summary}: all match their recorded sha256")
-        return EXIT_OK
-    console.print(f"{summary}: {len(report.mismatches)} changed; their stages are recomputed by the next run")
-    return EXIT_FAILED
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from rac.reporting.compare import write_comparison
-
-    work = _work_dir(args)
-    out = Path(args.out) if args.out else work / "compare"
-    for p in write_comparison(work, out, treat=args.treat, bases=tuple(args.base or ("prompt", "generic"))):
-        console.print(str(p))
-    return EXIT_OK
+def _global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """--work-dir and --debug, on the main parser (defaults) and on every command (SUPPRESS: unset there
+    keeps what was given before the command)."""
+    parser.add_argument("--work-dir", default=default,
+                        help="work dir with rac.duckdb, stages/ and runs/ (default $RAC_WORK_DIR or ./work)")
+    parser.add_argument("--debug", action="store_true", default=default if default is not None else False,
+                        help="show the tracebacks of failed stages")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rac", description="Reasoning-Aware Compression pipeline")
-    p.add_argument("--work-dir", help="work dir with rac.duckdb, stages/ and runs/ (default $RAC_WORK_DIR or ./work)")
-    p.add_argument("--debug", action="store_true", help="show the tracebacks of failed stages")
+    _global_options(p, None)
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run a YAML config (a new run, or continue --run-id)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        _global_options(c, argparse.SUPPRESS)
+        return c
+
+    r = command("run", "run a YAML config (a new run, or continue --run-id)")
     r.add_argument("config")
     r.add_argument("--run-id", help="run id; an existing id resumes that run (same model and config only)")
-    rs = sub.add_parser("resume", help="continue an interrupted run with its stored config")
-    rs.add_argument("run")
-    st = sub.add_parser("status", help="list runs, or one run's stages and results")
-    st.add_argument("run", nargs="?")
-    q = sub.add_parser("sql", help="read-only SQL over the index and the Parquet views")
+    command("resume", "continue an interrupted run with its stored config").add_argument("run")
+    command("status", "list runs, or one run's stages and results").add_argument("run", nargs="?")
+    q = command("sql", "read-only SQL over the index and the Parquet views (docs/schema.md)")
     q.add_argument("query")
-    rp = sub.add_parser("report", help="write a run's Markdown + PNG report")
-    rp.add_argument("run")
-    cp = sub.add_parser("compare", help="compare calibrations over every evaluated model of the work dir")
+    q.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help=f"table (cells over {wd.SQL_CELL_WIDTH} characters cut), csv or json (whole values)")
+    command("report", "write a run's Markdown + PNG report").add_argument("run")
+    cp = command("compare", "compare calibrations over every evaluated model of the work dir")
     cp.add_argument("--out", help="output folder (default <work dir>/compare)")
     cp.add_argument("--treat", default="rac", help="calibration whose accuracy is compared (default rac)")
     cp.add_argument("--base", action="append", help="calibration(s) compared against (default prompt, generic)")
-    vf = sub.add_parser("verify", help="re-hash every recorded artifact (of one run) and list what changed")
-    vf.add_argument("run", nargs="?")
-    sv = sub.add_parser("serve", help="serve the flow on a cron schedule (Prefect deployment)")
+    command("verify", "re-hash every recorded artifact (of one run) and list what changed").add_argument(
+        "run", nargs="?")
+    sv = command("serve", "serve the flow on a cron schedule (Prefect deployment)")
     sv.add_argument("config")
     sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
     sv.add_argument("--name", default="rac-scheduled")
     return p
 
 
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "resume": lambda a: cmd_run(a, resume=True), "serve": cmd_serve,
+    "status": wd.cmd_status, "sql": wd.cmd_sql, "report": wd.cmd_report, "compare": wd.cmd_compare,
+    "verify": wd.cmd_verify,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import duckdb
+
+    from rac.store.index import IndexBusyError, ReadOnlyQueryError
+
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "resume":
-            return cmd_run(args, resume=True)
-        handlers = {"status": cmd_status, "sql": cmd_sql, "report": cmd_report, "serve": cmd_serve,
-                    "compare": cmd_compare, "verify": cmd_verify}
-        return handlers[args.command](args)
-    except RunLockedError as err:
-        err_console.print(f"[red]error:[/] {err}")
+        return HANDLERS[args.command](args)
+    except (RunLockedError, IndexBusyError) as err:
+        wd.err().print(f"[red]error:[/] {err}")
         return EXIT_LOCKED
     except (ReadOnlyQueryError, duckdb.Error) as err:
-        err_console.print(f"[red]error:[/] {err}")
+        wd.err().print(f"[red]error:[/] {err}")
         return EXIT_BAD_INPUT
-    except IndexBusyError as err:
-        err_console.print(f"[red]error:[/] {err}")
-        return EXIT_LOCKED
     except BAD_INPUT as err:
-        err_console.print(f"[red]error:[/] {err}")
+        wd.err().print(f"[red]error:[/] {err}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted[/]; continue with: rac resume RUN")
+        wd.err().print("[yellow]interrupted[/]; continue with: rac resume RUN")
         return 130
 
 
