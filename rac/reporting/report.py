@@ -5,16 +5,24 @@ Files in `<work_dir>/runs/<run_id>/report/`:
   metrics.png       accuracy (95% CI), mean CoT tokens, runaway share, eval wall time per model
   layer_error.png   mean relative reconstruction error per decoder layer (rows: pruned models)
   tokerror-*.png    per-token reconstruction-error heatmaps, when the run computed them (copied in)
+
+The report is written by the run's last task, before the run row is closed: the status it shows is the one
+passed to `write_report(status=...)`, else derived (`report_status`). The Markdown names images by relative
+path; `report_markdown_for_artifact` gives the same text with every image inlined as a data URI, for places
+where relative paths do not resolve (a Prefect Markdown artifact).
 """
 
 from __future__ import annotations
 
+import base64
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from rac.runs.workdir import WorkDir
+from rac.reporting.export import export_command, pruned_models
+from rac.runs.workdir import FileLock, WorkDir
 from rac.store.artifacts import atomic_path, atomic_write_text
 from rac.store.index import Index
 
@@ -123,8 +131,70 @@ def plot_layer_errors(errors: dict[str, list[float]], out: Path) -> Path:
     return out
 
 
-def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
-    """Write report.md and its PNGs for a run from the index; returns the written paths."""
+def report_status(work_dir: Path | str, run: dict[str, Any], stages: list[dict[str, Any]]) -> str:
+    """The status a report shows when none is given: a closed run's row status (`done`, `failed`); for a
+    row still `running`/`starting` (the report is the run's last task, written before the row is closed):
+    `failed` if a stage failed, `interrupted (rac resume)` when nobody holds the run lock, `in progress` while
+    a stage is running, else `done` (every recorded stage done, the run still holding its lock)."""
+    if run["status"] not in ("running", "starting"):
+        return str(run["status"])
+    if any(s["status"] == "failed" for s in stages):
+        return "failed"
+    if not FileLock(WorkDir(Path(work_dir).resolve()).lock_file(run["run_id"]), "run").is_held():
+        return "interrupted (rac resume)"
+    if not stages or any(s["status"] != "done" for s in stages):
+        return "in progress"
+    return "done"
+
+
+def pruned_section(work_dir: Path | str, run_id: str) -> list[str]:
+    """Markdown lines: each finished pruned model's folder and the `rac export` command for it."""
+    models = pruned_models(work_dir, run_id, verify=False)
+    if not models:
+        return []
+    lines = ["## Pruned models", "",
+             "Each is a Hugging Face folder (weights stored dense, pruned weights as zeros) with "
+             "`rac_provenance.json`; `rac export` copies one out with a model card.", "",
+             "| model | calibration | method | setting | folder | export |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m.label} | {m.calibration or '-'} | {m.method or '-'} | {m.setting} | `{m.folder}` "
+              f"| `{export_command(work_dir, run_id, m.label)}` |" for m in models]
+    return [*lines, ""]
+
+
+_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def inline_images(markdown: str, folder: Path | str) -> str:
+    """`markdown` with every image whose target is a relative path of a file under `folder` replaced by a
+    base64 data URI of that file (PNG: `data:image/png;base64,...`); URLs and data URIs stay."""
+    root = Path(folder).resolve()
+
+    def sub(m: re.Match[str]) -> str:
+        target = m.group(2)
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", target) or target.startswith("/"):
+            return m.group(0)
+        path = (root / target).resolve()
+        if root not in path.parents or not path.is_file():
+            return m.group(0)
+        mime = "image/png" if path.suffix.lower() == ".png" else f"image/{path.suffix.lower().lstrip('.') or 'png'}"
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f"{m.group(1)}data:{mime};base64,{data}{m.group(3)}"
+
+    return _IMAGE.sub(sub, markdown)
+
+
+def report_markdown_for_artifact(path: Path | str) -> str:
+    """The text of report.md at `path` with its images inlined (`inline_images`), for a Prefect Markdown
+    artifact (where relative image paths do not resolve); the file itself keeps its relative paths."""
+    p = Path(path)
+    return inline_images(p.read_text(), p.parent)
+
+
+def write_report(work_dir: Path | str, run_id: str, status: str | None = None) -> list[Path]:
+    """Write report.md and its PNGs for a run from the index; returns the written paths (report.md first).
+
+    `status`: what the report says about the run (the flow's last task passes "done": the run is closed
+    right after); None: derived from the run row, its stages and its lock (`report_status`)."""
     index = Index(work_dir)
     run = index.get_run(run_id)
     if run is None:
@@ -133,10 +203,11 @@ def write_report(work_dir: Path | str, run_id: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     evals, stages = index.evals(run_id), index.run_stages(run_id)
     written: list[Path] = []
-    status = "in progress (this report is its last step)" if run["status"] == "running" else run["status"]
+    status = status or report_status(work_dir, run, stages)
     md = [f"# rac run `{run_id}`", "",
           f"status **{status}**; model `{run['fingerprint'].get('model_dir')}` "
           f"(revision {str(run['fingerprint'].get('model_revision'))[:12]}); rac {run['fingerprint'].get('rac_version')}", ""]
+    md += pruned_section(work_dir, run_id)
     if evals:
         md += ["## Evaluation", "", eval_table(evals), "", "![metrics](metrics.png)", ""]
         written.append(plot_metrics(evals, out_dir / "metrics.png"))
