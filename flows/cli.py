@@ -1,4 +1,5 @@
-"""`rac` console script: run, resume, serve (they start flows), and status, sql, report, compare, verify.
+"""`rac` console script: run, resume, serve (they start flows), and status, sql, report, compare, verify,
+export, export-calibration.
 
 Exit codes: 0 done; 1 the run failed in a stage (or `rac verify` found changed artifacts); 2 bad input
 (config, data, model folder, run id, fingerprint mismatch, a refused `rac sql` statement), nothing
@@ -31,7 +32,6 @@ BAD_INPUT = (FileNotFoundError, ValueError)  # RunConfigError, PreflightError, .
 def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -73,6 +73,7 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
         wd.err().print(f"continue with: rac --work-dir {work} resume {run_id}")
         return EXIT_FAILED
     wd.print_evals(Index(work), run_id)
+    wd.print_pruned_models(work, run_id)
     wd.out().print(f"report: {result.get('report', '-')}")
     wd.out().print(f"index:  {Index(work).path}   (try: rac sql \"select * from evals\")")
     return EXIT_OK
@@ -151,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--base", action="append", help="calibration(s) compared against (default prompt, generic)")
     command("verify", "re-hash every recorded artifact (of one run) and list what changed").add_argument(
         "run", nargs="?")
+    ex = command("export", "write a pruned model as a self-contained HF folder with a model card")
+    ex.add_argument("run")
+    ex.add_argument("label", help="the pruned model, e.g. rac-sparsegpt-50pct (rac status RUN lists them)")
+    ex.add_argument("dest")
+    ec = command("export-calibration", "write a run's calibration set as a datasets dataset (docs/export.md)")
+    ec.add_argument("run")
+    ec.add_argument("name", help="the calibration set, e.g. rac or prompt")
+    ec.add_argument("dest")
     sv = command("serve", "serve the flow on a cron schedule (Prefect deployment)")
     sv.add_argument("config")
     sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
@@ -161,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "resume": lambda a: cmd_run(a, resume=True), "serve": cmd_serve,
     "status": wd.cmd_status, "sql": wd.cmd_sql, "report": wd.cmd_report, "compare": wd.cmd_compare,
-    "verify": wd.cmd_verify,
+    "verify": wd.cmd_verify, "export": wd.cmd_export, "export-calibration": wd.cmd_export_calibration,
 }
 
 

@@ -1,4 +1,4 @@
-"""The `rac` commands that read a work dir and start no flow: status, sql, report, compare, verify.
+"""The `rac` commands that read a work dir and start no flow: status, sql, report, compare, verify, export.
 
 They import no Prefect and no torch: `rac status` and `rac sql` answer in well under a second. Output goes
 through rich consoles made on first use (a piped or logged stdout gets 160 columns, not 80).
@@ -47,7 +47,7 @@ def work_dir(args: argparse.Namespace) -> Path:
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
-    from rac.reporting.report import fmt
+    from rac.reporting.numbers import fmt
 
     return fmt(x, digits)
 
@@ -184,3 +184,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_OK
     out().print(f"{summary}: {len(report.mismatches)} changed; their stages are recomputed by the next run")
     return EXIT_FAILED
+
+
+def print_pruned_models(work: Path, run_id: str) -> None:
+    """Where a run's pruned models are, and how to export one (the end of `rac run`)."""
+    from rac.reporting.export import export_command, pruned_models
+
+    models = pruned_models(work, run_id, verify=False)
+    for m in models:
+        out().print(f"pruned model {m.label}: {m.folder}")
+    if models:
+        out().print(f"export one with its model card: {export_command(work, run_id, models[0].label)}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """A pruned model as a self-contained HF folder with a model card."""
+    from rac.reporting.export import export_model
+
+    out().print(str(export_model(work_dir(args), args.run, args.label, Path(args.dest))))
+    return EXIT_OK
+
+
+def cmd_export_calibration(args: argparse.Namespace) -> int:
+    """A run's calibration set as a `datasets` dataset (llm-compressor's `oneshot` takes it; docs/export.md)."""
+    from rac.runs.calibration_export import export_run_calibration
+
+    exported = export_run_calibration(work_dir(args), args.run, args.name, Path(args.dest))
+    out().print(f"{exported.path}: {exported.n_seqs} sequences, {exported.n_tokens} tokens "
+                f"(load it with datasets.load_from_disk)")
+    return EXIT_OK

@@ -21,7 +21,7 @@ from rac.data.generate import GenerateConfig
 from rac.data.prompts import PromptsConfig
 from rac.eval.evaluate import EvalConfig
 from rac.eval.proxies import ProxyConfig
-from rac.reporting.report import write_report
+from rac.reporting.report import report_markdown_for_artifact, write_report
 from rac.runs import stages as steps
 from rac.runs.memo import StageOutput
 from rac.runs.run_config import PruneJob, ReportConfig
@@ -84,7 +84,7 @@ def proxies_task(env: RunRef, label: str, cfg: ProxyConfig, pruned: StageOutput,
 @task(name="report", persist_result=False, cache_policy=NO_CACHE)
 def report_task(env: RunRef) -> list[str]:
     """Write the run's Markdown + PNG report and publish the Markdown as a Prefect artifact."""
-    paths = write_report(Path(env.work_dir), env.run_id)
-    create_markdown_artifact(paths[0].read_text(), key=artifact_key(f"{env.run_id}-report"),
+    paths = write_report(Path(env.work_dir), env.run_id, status="done")  # the run's last step
+    create_markdown_artifact(report_markdown_for_artifact(paths[0]), key=artifact_key(f"{env.run_id}-report"),
                              description=f"rac report of run {env.run_id}")
     return [str(p) for p in paths]

@@ -80,7 +80,7 @@ ALLOWED: dict[str, frozenset[str]] = {
                               "rac.eval"},
     # reports read the index and the work-dir layout (rac.runs.workdir) and reuse eval's intervals;
     # rac.runs never imports rac.reporting (the report is a Prefect task over write_report, not a stage)
-    "rac.reporting": FOUNDATION | {"rac.store.index", "rac.eval", "rac.runs"},
+    "rac.reporting": FOUNDATION | {"rac.store.index", "rac.eval", "rac.runs", "rac.models"},
     # the Prefect layer: flows -> tasks -> rac, never the other way
     "rac_prefect.tasks": _RAC_UNITS,
     "rac_prefect.flows": _RAC_UNITS | {"rac_prefect.tasks"},

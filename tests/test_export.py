@@ -255,3 +255,25 @@ def test_report_of_a_finished_run_says_done_lists_the_folders_and_inlines_its_im
         assert base64.b64decode(uri.split(",", 1)[1]) == (report.parent / name).read_bytes(), name
     assert not any(re.search(rf"\]\({re.escape(n)}\)", inlined) for n in images)
     assert inlined.replace("\n", "") != md.replace("\n", "") and report.read_text() == md  # the file keeps paths
+
+
+def test_the_cli_exports_the_model_and_its_calibration(work: dict[str, Any], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from datasets import load_from_disk
+
+    from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    label, wd = work["job"].label, str(work["dir"])
+    assert main(["export", RUN, label, str(tmp_path / "m"), "--work-dir", wd]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    got, want = _tensors(tmp_path / "m"), _tensors(work["pruned"].output("model").path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert (tmp_path / "m" / "README.md").is_file()
+    assert main(["export", RUN, label, str(tmp_path / "m"), "--work-dir", wd]) == EXIT_BAD_INPUT  # not empty
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export-calibration", RUN, "rac", str(tmp_path / "c"), "--work-dir", wd]) == EXIT_OK
+    ds = load_from_disk(str(tmp_path / "c"))
+    calib = pq.read_table(str(work["calib"].output("calibration").path))
+    assert ds["input_ids"] == calib.column("input_ids").to_pylist()
+    assert f"{calib.num_rows} sequences" in capsys.readouterr().out
+    assert main(["export-calibration", RUN, "nope", str(tmp_path / "d"), "--work-dir", wd]) == EXIT_BAD_INPUT

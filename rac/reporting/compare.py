@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
-from rac.reporting.report import fmt
+from rac.reporting.numbers import fmt
 from rac.store.artifacts import atomic_path, atomic_write_text
 from rac.store.index import Index
 

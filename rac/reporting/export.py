@@ -13,11 +13,9 @@ must give the sha256 the index recorded for the folder.
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
+import math
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +23,12 @@ from typing import Any
 import yaml
 
 import rac
-from rac.store.artifacts import ArtifactError, ArtifactRef, atomic_dir, tree_files
+from rac.reporting.numbers import fmt
+from rac.store.artifacts import ArtifactError, ArtifactRef, atomic_dir, sha256_tree
 from rac.store.index import Index
 
 CARD_NAME = "README.md"
 PROVENANCE_NAME = "rac_provenance.json"  # rac.engine.output.PROVENANCE_NAME (rac.reporting may not import it)
-_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -119,19 +117,9 @@ def run_command(work_dir: Path | str, run: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ numbers for the card
 def safetensors_numels(folder: Path) -> dict[str, int]:
     """Tensor name -> element count, from the headers of the folder's safetensors files (no data read)."""
-    out: dict[str, int] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for d in info["shape"]:
-                numel *= int(d)
-            out[name] = numel
-    return out
+    from rac.models.streaming import WeightFiles
+
+    return {name: math.prod(shape) for name, (_, shape) in WeightFiles(Path(folder)).specs.items()}
 
 
 def achieved_sparsity(layer_rows: list[dict[str, Any]], numels: dict[str, int]) -> float | None:
@@ -156,7 +144,7 @@ def _calib_summary(index: Index, run_id: str, calibration: str | None) -> dict[s
 
 
 def _f(x: Any, digits: int = 4) -> str:
-    return "-" if x is None else f"{float(x):.{digits}f}"
+    return fmt(x, digits)  # the card shows 4 decimals
 
 
 def _metrics(row: dict[str, Any]) -> dict[str, Any]:
@@ -257,24 +245,12 @@ def _check_dest(dest: Path, source: Path) -> None:
         raise ValueError(f"export destination {dest} is inside the model folder {source}")
 
 
-def _copy_hashed(src: Path, dst: Path, patterns: tuple[str, ...]) -> str:
-    """Copy every file of `src` into `dst` and return the tree sha256 of the copied files matching `patterns`
-    (`rac.store.artifacts.sha256_tree`'s format), computed from the bytes as they were written."""
-    digest = hashlib.sha256()
-    for path in tree_files(src):
-        rel = path.relative_to(src).as_posix()
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        file_digest, size = hashlib.sha256(), 0
-        with open(path, "rb") as fin, open(target, "wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                fout.write(chunk)
-                file_digest.update(chunk)
-                size += len(chunk)
-        shutil.copystat(path, target)
-        if any(fnmatch.fnmatch(rel, pat) for pat in patterns):
-            digest.update(f"{rel}\0{size}\0{file_digest.hexdigest()}\n".encode())
-    return digest.hexdigest()
+def _copy_verified(src: Path, dst: Path, ref: ArtifactRef) -> None:
+    """Copy every file of `src` into `dst`; the copy must hash to what the index recorded for `src`."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    sha, _ = sha256_tree(dst, ref.patterns)
+    if sha != ref.sha256:
+        raise ArtifactError(f"the copy of {src} has sha256 {sha[:12]}, recorded {ref.sha256[:12]}")
 
 
 def export_model(work_dir: Path | str, run_id: str, label: str, dest: Path | str) -> Path:
@@ -298,10 +274,7 @@ def export_model(work_dir: Path | str, run_id: str, label: str, dest: Path | str
     card = model_card(work_dir, run_id, model)
     try:
         with atomic_dir(dest) as tmp:
-            sha = _copy_hashed(model.folder, tmp, model.ref.patterns)
-            if sha != model.ref.sha256:
-                raise ArtifactError(f"artifact {model.ref.uri} has sha256 {sha[:12]}, recorded "
-                                    f"{model.ref.sha256[:12]}")
+            _copy_verified(model.folder, tmp, model.ref)
             (tmp / CARD_NAME).write_text(card)
     except ArtifactError as err:
         raise ValueError(f"model folder {model.folder} of {label!r} changed while it was copied ({err}); "

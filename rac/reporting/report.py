@@ -22,14 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from rac.reporting.export import export_command, pruned_models
+from rac.reporting.numbers import fmt
 from rac.runs.workdir import FileLock, WorkDir
 from rac.store.artifacts import atomic_path, atomic_write_text
 from rac.store.index import Index
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number with `digits` decimals for tables; "-" for a missing one."""
-    return "-" if x is None else f"{float(x):.{digits}f}"
 
 
 def eval_table(evals: list[dict[str, Any]]) -> str:
