@@ -31,14 +31,24 @@ class FingerprintMismatchError(ValueError):
 
 
 def fingerprint(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """What a run is bound to: model revision, canonical config (hash) and rac version."""
-    return {
-        "model_dir": str(Path(model_dir).resolve()),
+    """What a run is bound to: model revision, canonical config (hash) and rac version. A model from the
+    Hugging Face hub cache (a `models--owner--name/snapshots/<commit>` folder) also records
+    `model: owner/name@commit`, `model_repo` and `model_commit` (the revision still names the weights)."""
+    from rac.models.assets import hub_snapshot_of
+
+    resolved = Path(model_dir).resolve()
+    fp: dict[str, Any] = {
+        "model_dir": str(resolved),
         "model_revision": model_revision(model_dir),
         "config_hash": sha256_json(config),
         "rac_version": rac.__version__,
         "calibrations": {},
     }
+    snapshot = hub_snapshot_of(resolved)
+    if snapshot is not None:
+        repo_id, commit = snapshot
+        fp.update(model=f"{repo_id}@{commit}", model_repo=repo_id, model_commit=commit)
+    return fp
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -79,10 +89,13 @@ def check_fingerprint(run_id: str, stored: dict[str, Any], stored_config: dict[s
 
 
 def resolve_model_dir(model: str) -> Path:
-    """The dense model folder of a model alias or path; FileNotFoundError/ValueError when missing."""
-    from rac.models.assets import resolve_model
+    """The dense model folder of a model alias, path or hub id (`owner/name[@revision]`, resolved through
+    huggingface_hub into its cache, as the environment's HF_HUB_OFFLINE / HF_ENDPOINT / HF_HOME say);
+    FileNotFoundError/ValueError when missing. `fingerprint` reads a hub model's repo and commit back from
+    the snapshot folder's path."""
+    from rac.models.assets import resolve_model_ref
 
-    return Path(resolve_model(model)).resolve()
+    return Path(resolve_model_ref(model).path).resolve()
 
 
 @dataclass
