@@ -85,7 +85,7 @@ def check_model(model: str) -> tuple[Path, dict[str, Any]]:
     try:
         folder = resolve_model_dir(model)
     except (OSError, ValueError) as exc:
-        _fail(f"model = {model!r}: {exc}; give a shipped alias or a Hugging Face model folder")
+        _fail(f"model = {model!r}: {exc}; give a shipped alias, a Hugging Face model folder or a hub id owner/name[@revision]")
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text())
