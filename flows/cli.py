@@ -102,16 +102,28 @@ def _one_line(err: BaseException) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve the rac_prune flow as a deployment that runs the config on a cron schedule (blocks)."""
+    """Serve the rac_prune flow as a deployment that runs the config on a schedule (blocks; docs/scheduling.md).
+
+    Scheduling needs a Prefect server (PREFECT_API_URL): the embedded one cannot schedule, so serving
+    against it would register a schedule that never fires. Refused before anything is served."""
+    from datetime import timedelta
+
     from rac.runs.preflight import preflight
     from rac.runs.run_config import load_run_config
 
     preflight(load_run_config(args.config), wd.work_dir(args))  # bad configs and data refused before serving
     _prefect_env()
+    from prefect.settings import PREFECT_API_URL
+
     from rac_prefect.flows.prune import rac_prune
 
+    if not PREFECT_API_URL.value():
+        raise ValueError("rac serve needs a Prefect server to schedule runs (the embedded one cannot): start one "
+                         "with `prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    schedule = ({"interval": timedelta(seconds=args.interval)} if args.interval is not None
+                else {"cron": args.cron or "0 3 * * *"})
     rac_prune.serve(
-        name=args.name, cron=args.cron,
+        name=args.name, **schedule,
         parameters={"config_path": str(Path(args.config).resolve()), "work_dir": str(wd.work_dir(args))},
     )
     return EXIT_OK
@@ -160,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("run")
     ec.add_argument("name", help="the calibration set, e.g. rac or prompt")
     ec.add_argument("dest")
-    sv = command("serve", "serve the flow on a cron schedule (Prefect deployment)")
+    sv = command("serve", "serve the flow on a schedule (a Prefect deployment; needs PREFECT_API_URL)")
     sv.add_argument("config")
-    sv.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily 03:00)")
+    when = sv.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="cron schedule (default: daily 03:00)")
+    when.add_argument("--interval", type=float, help="seconds between runs, instead of --cron")
     sv.add_argument("--name", default="rac-scheduled")
     return p
 

@@ -425,15 +425,27 @@ def test_corrupted_shard_is_detected_and_recomputed(ref: dict[str, Any], work_co
     assert idx.get_run("after-corruption")["status"] == "done"  # type: ignore[index]
 
 
-def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_serve_registers_cron_deployment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import timedelta
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     seen: dict[str, Any] = {}
     import rac_prefect.flows.prune
 
     monkeypatch.setattr(type(rac_prefect.flows.prune.rac_prune), "serve", lambda self, **kw: seen.update(kw))
-    assert main(["--work-dir", str(tmp_path), "serve", str(TINY), "--cron", "15 4 * * 1"]) == EXIT_OK
-    assert seen == {"name": "rac-scheduled", "cron": "15 4 * * 1",
-                    "parameters": {"config_path": str(TINY), "work_dir": str(tmp_path)}}
+    with temporary_settings({PREFECT_API_URL: None}):  # the embedded server cannot schedule: refused
+        assert main(["--work-dir", str(tmp_path), "serve", str(TINY)]) == EXIT_BAD_INPUT
+        assert "needs a Prefect server" in capsys.readouterr().err and not seen
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # a server (never contacted here)
+        assert main(["--work-dir", str(tmp_path), "serve", str(TINY), "--cron", "15 4 * * 1"]) == EXIT_OK
+        assert seen == {"name": "rac-scheduled", "cron": "15 4 * * 1",
+                        "parameters": {"config_path": str(TINY), "work_dir": str(tmp_path)}}
+        seen.clear()
+        assert main(["--work-dir", str(tmp_path), "serve", str(TINY), "--interval", "30"]) == EXIT_OK
+        assert seen == {"name": "rac-scheduled", "interval": timedelta(seconds=30),
+                        "parameters": {"config_path": str(TINY), "work_dir": str(tmp_path)}}
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: x\n")
     assert main(["serve", str(bad)]) == EXIT_BAD_INPUT
