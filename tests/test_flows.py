@@ -249,7 +249,11 @@ def test_flow_publishes_prefect_artifacts(ref: dict[str, Any]) -> None:
     by_key = {a.key: a for a in arts}
     assert sorted(a.key for a in arts) == sorted(keys)  # one of each
     assert by_key["ref-report"].type == "markdown"
-    assert by_key["ref-report"].data == Path(ref["result"]["report"]).read_text()
+    from rac.reporting.report import report_markdown_for_artifact
+
+    report = Path(ref["result"]["report"])  # the artifact is the file with its images inlined
+    assert by_key["ref-report"].data == report_markdown_for_artifact(report) != report.read_text()
+    assert "](data:image/png;base64," in str(by_key["ref-report"].data)
     for key in ("ref-prune-rac-sparsegpt-50pct", "ref-generation"):
         assert by_key[key].type == "progress" and float(by_key[key].data) == 100.0  # type: ignore[arg-type]
     dense = {e["label"]: e for e in Index(ref["work"]).evals("ref")}["dense"]
