@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from rac.models import assets
+from rac.models import assets, hub
 from rac.models.streaming import model_revision
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -97,7 +97,7 @@ def _prepare_cache(hf_home: Path, repo: str, commit: str, files: dict[str, bytes
 
 
 def test_hub_id_syntax_and_snapshot_paths(tmp_path: Path) -> None:
-    match = assets._HUB_ID.fullmatch
+    match = hub.HUB_ID.fullmatch
     assert match("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")
     assert match("owner/tiny@main")["rev"] == "main"  # type: ignore[index]
     assert match(f"owner/tiny@{COMMIT}")["rev"] == COMMIT  # type: ignore[index]
@@ -107,9 +107,9 @@ def test_hub_id_syntax_and_snapshot_paths(tmp_path: Path) -> None:
         assets.resolve_model(str(tmp_path / "missing" / "model"))  # a path, not a hub id: no hub call
     assert "\n" not in str(err.value)
     snap = tmp_path / "models--owner--tiny" / "snapshots" / COMMIT
-    assert assets.hub_snapshot_of(snap) == ("owner/tiny", COMMIT)
-    assert assets.hub_snapshot_of(tmp_path / "models--owner--tiny" / "snapshots" / "main") is None
-    assert assets.hub_snapshot_of(tmp_path / "owner" / "snapshots" / COMMIT) is None
+    assert hub.hub_snapshot_of(snap) == ("owner/tiny", COMMIT)
+    assert hub.hub_snapshot_of(tmp_path / "models--owner--tiny" / "snapshots" / "main") is None
+    assert hub.hub_snapshot_of(tmp_path / "owner" / "snapshots" / COMMIT) is None
     assert assets.resolve_model_ref("tiny-llama").repo_id is None
 
 
@@ -120,8 +120,8 @@ def test_allow_patterns_never_take_pickles_or_code() -> None:
              "tokenizer.json", "chat_template.jinja", "additional_chat_templates/tool.jinja",
              "pytorch_model.bin", "training_args.bin", "optimizer.pt", "modeling_x.py", "configuration_x.py",
              "original/consolidated.safetensors", "README.md", "flax_model.msgpack", "rng_state.pth"]
-    kept = set(filter_repo_objects(names, allow_patterns=assets.HUB_ALLOW_PATTERNS,
-                                   ignore_patterns=assets.HUB_IGNORE_PATTERNS))
+    kept = set(filter_repo_objects(names, allow_patterns=hub.HUB_ALLOW_PATTERNS,
+                                   ignore_patterns=hub.HUB_IGNORE_PATTERNS))
     assert kept == {"config.json", "model.safetensors", "model-00001-of-00002.safetensors",
                     "model.safetensors.index.json", "tokenizer.json", "chat_template.jinja",
                     "additional_chat_templates/tool.jinja"}

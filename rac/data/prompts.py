@@ -79,7 +79,7 @@ class PromptsSummary:
     template: dict[str, str]
 
 
-def _select(records: list[Record], cfg: PromptsConfig) -> list[Record]:
+def select_prompts(records: list[Record], cfg: PromptsConfig) -> list[Record]:
     """Split/exclude by group, then a seeded sample of `cfg.n` (all when n is None), in sampled order."""
     excluded: set[str] = set()
     for other in cfg.exclude_from:
@@ -106,7 +106,7 @@ def sample_prompts(cfg: PromptsConfig, model_dir: Path, out_path: Path) -> Promp
         answer_col=cfg.answer_col, id_col=cfg.id_col, variants=cfg.variants, seed=cfg.seed,
         keep_original=cfg.keep_original,
     )
-    chosen = _select(records, cfg)
+    chosen = select_prompts(records, cfg)
     ids_seen = [r.problem_id for r in chosen]
     if len(set(ids_seen)) != len(ids_seen):
         dup = next(i for i in ids_seen if ids_seen.count(i) > 1)

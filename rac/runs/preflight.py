@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from rac.data.calib import CalibConfig, generic_texts
 from rac.data.generate import GenerateConfig, build_requests
-from rac.data.prompts import PromptsConfig, _select
+from rac.data.prompts import PromptsConfig, select_prompts
 from rac.data.sources import EmptySourceError, MissingColumnError, Record, load_records
 from rac.data.templates import (
     TemplateConfig,
@@ -186,7 +186,7 @@ def check_prompts(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
     where = _where(key, pc)
     records = _load(key, pc, gold)
     try:
-        chosen = _select(records, pc)
+        chosen = select_prompts(records, pc)
     except EmptySourceError as exc:
         _fail(f"{where}: {exc}; change {key}.holdout/eval_fraction/exclude_from or use a larger source")
     except (OSError, ValueError) as exc:

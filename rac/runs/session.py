@@ -34,7 +34,7 @@ def fingerprint(model_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     """What a run is bound to: model revision, canonical config (hash) and rac version. A model from the
     Hugging Face hub cache (a `models--owner--name/snapshots/<commit>` folder) also records
     `model: owner/name@commit`, `model_repo` and `model_commit` (the revision still names the weights)."""
-    from rac.models.assets import hub_snapshot_of
+    from rac.models.hub import hub_snapshot_of
 
     resolved = Path(model_dir).resolve()
     fp: dict[str, Any] = {
