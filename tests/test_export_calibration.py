@@ -27,18 +27,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers import default_data_collator
+from workdirs import calibration_stages
 
 from rac.data.calib_export import SIDECAR, ExportError, export_calibration, exported_metadata
 from rac.data.segments import CALIB_META_KEY, SEGMENT_IDS
-from rac.models.assets import tiny_model
 from rac.models.loading import load_causal_lm
-from rac.models.streaming import model_revision
-from rac.runs import stages as steps
 from rac.runs.calibration_export import CalibrationNotFoundError, calibration_of_run, export_run_calibration
-from rac.runs.run_config import load_run_config
-from rac.runs.workdir import RunRef
 from rac.store.artifacts import TEMP_MARK, ArtifactError
-from rac.store.index import Index
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "data" / "configs" / "tiny.yaml"
@@ -48,16 +43,9 @@ TINY = REPO / "data" / "configs" / "tiny.yaml"
 def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """prompts -> CoTs -> `prompt` and `rac` calibrations through the stage steps (no Prefect, no pruning)."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = load_run_config(TINY)
-    model = tiny_model("llama")
-    env = RunRef(str(tmp), "v", str(model), model_revision(model))
-    Index(tmp).create_run("v", "t", {}, {}, "", 1)
-    assert cfg.generate is not None
-    prompts = steps.prompts_step(env, cfg.prompts, log=lambda m: None)
-    cots = steps.cots_step(env, cfg.generate, prompts, log=lambda m: None)
-    calibs = {name: steps.calib_step(env, name, cfg.calibrations[name], prompts, cots, log=lambda m: None)
-              for name in ("prompt", "rac")}
-    return {"dir": tmp, "model": model, "calib": {n: c.output("calibration").path for n, c in calibs.items()}}
+    built = calibration_stages(tmp, "v", ("prompt", "rac"))
+    return {"dir": tmp, "model": built["model"],
+            "calib": {n: c.output("calibration").path for n, c in built["calib"].items()}}
 
 
 def _parquet(path: Path) -> dict[str, list[Any]]:

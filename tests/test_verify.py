@@ -11,12 +11,9 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
+from workdirs import calibration_stages
 
-from rac.models.assets import tiny_model
-from rac.models.streaming import model_revision
 from rac.runs import stages as steps
-from rac.runs.run_config import load_run_config
-from rac.runs.workdir import RunRef
 from rac.store.index import Index
 from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 
@@ -34,17 +31,11 @@ def _flip(path: Path) -> None:
 @pytest.fixture()
 def work(tmp_path: Path) -> dict[str, Any]:
     """prompts -> CoTs -> rac calibration -> one pruned model, run through the stage steps (no Prefect)."""
-    cfg = load_run_config(TINY)
-    model = tiny_model("llama")
-    env = RunRef(str(tmp_path), "v", str(model), model_revision(model))
-    Index(tmp_path).create_run("v", "t", {}, {}, "", 1)
-    assert cfg.generate is not None
-    prompts = steps.prompts_step(env, cfg.prompts, log=lambda m: None)
-    cots = steps.cots_step(env, cfg.generate, prompts, log=lambda m: None)
-    calib = steps.calib_step(env, "rac", cfg.calibrations["rac"], prompts, cots, log=lambda m: None)
-    job = next(j for j in cfg.jobs if j.calibration == "rac")
-    pruned = steps.prune_step(env, job, calib, log=lambda m: None)
-    return {"dir": tmp_path, "cots": cots, "calib": calib, "pruned": pruned, "job": job}
+    built = calibration_stages(tmp_path, "v")
+    calib = built["calib"]["rac"]
+    job = next(j for j in built["cfg"].jobs if j.calibration == "rac")
+    pruned = steps.prune_step(built["env"], job, calib, log=lambda m: None)
+    return {"dir": tmp_path, "cots": built["cots"], "calib": calib, "pruned": pruned, "job": job}
 
 
 def test_verify_finds_a_flipped_byte_in_cots_calibration_and_model(work: dict[str, Any],
@@ -106,14 +97,6 @@ def test_a_finished_prune_keeps_its_layer_rows_but_no_checkpoint_rows(work: dict
     assert len(index.layer_rows(key)) == 2 * 7  # 2 layers x 7 linears of the tiny model
     # the calibration names its inputs by content, so the same inputs give the same file anywhere
     calib = work["calib"].output("calibration").path
-    cfg = load_run_config(TINY)
-    model = tiny_model("llama")
-    other = work["dir"] / "elsewhere"
-    env = RunRef(str(other), "w", str(model), model_revision(model))
-    Index(other).create_run("w", "t", {}, {}, "", 1)
-    assert cfg.generate is not None
-    prompts = steps.prompts_step(env, cfg.prompts, log=lambda m: None)
-    cots = steps.cots_step(env, cfg.generate, prompts, log=lambda m: None)
-    again = steps.calib_step(env, "rac", cfg.calibrations["rac"], prompts, cots, log=lambda m: None)
+    again = calibration_stages(work["dir"] / "elsewhere", "w")["calib"]["rac"]
     assert sha256_file(again.output("calibration").path) == sha256_file(calib)
     assert again.stage_key == work["calib"].stage_key

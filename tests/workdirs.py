@@ -140,3 +140,25 @@ def snapshot(work: Path | str) -> dict[str, Any]:
              for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(INDEX_NAME)}
     rows = {t: sorted(repr(sorted(r.items())) for r in rs) for t, rs in index_rows(root).items()}
     return {"files": files, "index": rows}
+
+
+def calibration_stages(root: Path, run_id: str, names: tuple[str, ...] = ("rac",)) -> dict[str, Any]:
+    """tiny.yaml's prompts -> CoTs -> the calibration sets `names`, through the stage steps (no Prefect), in a
+    fresh run `run_id` of work dir `root`: {"env", "cfg", "prompts", "cots", "calib": {name: StageOutput}}."""
+    from rac.models.assets import tiny_model
+    from rac.models.streaming import model_revision
+    from rac.runs import stages as steps
+    from rac.runs.run_config import load_run_config
+    from rac.runs.workdir import RunRef
+    from rac.store.index import Index
+
+    cfg = load_run_config(Path(__file__).resolve().parent.parent / "data" / "configs" / "tiny.yaml")
+    model = tiny_model("llama")
+    env = RunRef(str(root), run_id, str(model), model_revision(model))
+    Index(root).create_run(run_id, "t", {}, {}, "", 1)
+    assert cfg.generate is not None
+    prompts = steps.prompts_step(env, cfg.prompts, log=lambda m: None)
+    cots = steps.cots_step(env, cfg.generate, prompts, log=lambda m: None)
+    calib = {n: steps.calib_step(env, n, cfg.calibrations[n], prompts, cots if n == "rac" else None,
+                                 log=lambda m: None) for n in names}
+    return {"env": env, "cfg": cfg, "prompts": prompts, "cots": cots, "calib": calib, "model": model}
