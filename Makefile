@@ -11,7 +11,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 # torch threads sleep instead of spinning while waiting: on 2 shared cores spinning slowed solvers 30x
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install test lint typecheck pytest bench demo clean
+.PHONY: install test lint typecheck pytest bench bench-peer demo clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all
+
+# rac vs llm-compressor side by side; llm-compressor gets its own venv under bench/ (it pins transformers)
+bench-peer: $(STAMP)
+	$(PY) -m bench.peer
 
 demo: $(STAMP)
 	$(VENV)/bin/rac run data/configs/demo.yaml
