@@ -155,3 +155,31 @@ def test_bad_inputs_name_the_value(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(1)}, str(bad), metadata={"format": "other"})
     with pytest.raises(ValueError, match="format 'other'"):
         HessianAccumulator.load(bad)
+
+
+@pytest.mark.parametrize("d", [1024, 1300])
+def test_wide_inputs_accumulate_upper_blocks_and_mirror(d: int) -> None:
+    """Wide inputs take the upper-block-triangle path: per segment it equals float64 X_s^T X_s over the bf16
+    tokens (more tokens than one upcast chunk), H is exactly symmetric, and merging mirrors both sides."""
+    from rac.pruners import stats
+
+    assert d >= stats.SYMMETRIC_MIN
+    g = torch.Generator().manual_seed(d)
+    n = stats.UPCAST_TOKENS + 300
+    x = torch.randn(n, d, generator=g).to(torch.bfloat16)
+    seg = torch.randint(0, 2, (n,), generator=g)  # prompt / decode ids
+    acc = HessianAccumulator(d, segments=("prompt", "decode"))
+    acc.add(x[: n // 2], segment_ids=seg[: n // 2])
+    acc.add(x[n // 2 :], segment_ids=seg[n // 2 :])
+    for slot, name in enumerate(("prompt", "decode")):
+        xs = x[seg == SEGMENT_IDS[name]].double()
+        ref = xs.T @ xs
+        H = acc.hessians[slot]
+        assert torch.equal(H, H.T)
+        torch.testing.assert_close(H.double(), ref, rtol=1e-5, atol=1e-3)
+        assert acc.tokens(name) == xs.shape[0]
+    other = HessianAccumulator(d, segments=("prompt", "decode"))
+    other.add(x[:10], segment_ids=seg[:10])
+    before = acc.hessians.clone()
+    acc.merge(other)
+    torch.testing.assert_close(acc.hessians, before + other.hessians, rtol=0, atol=0)

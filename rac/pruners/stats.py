@@ -8,6 +8,13 @@ scaling that segment's tokens by sqrt(w). Wanda's column norms are ||X_j||_2 = s
 
 Accumulators merge by summation. `state()` exposes the live buffers (one [S, d, d] tensor and one
 int64 [S] count tensor) so data-parallel workers can `torch.distributed.all_reduce` them in place.
+
+Cost. The outer products are the statistics pass's largest cost (about a layer forward's FLOPs, in float32).
+Since H is symmetric, wide inputs (d >= `SYMMETRIC_MIN`) get only the blocks on and above the diagonal,
+one GEMM per block row of `GRAM_BLOCK` columns (H[i, i:] += X_i^T X_{i:}: about half the multiply-adds),
+and the strict lower triangle is mirrored from the upper one when the sums are read (`hessians`, `state()`,
+`hessian()`), so H is exactly symmetric. Low-precision inputs are upcast to float32 in chunks of
+`UPCAST_TOKENS` tokens, never as one full float32 copy of the batch.
 Files are safetensors with metadata {format, n_features, dtype, segments, tokens}.
 """
 
@@ -30,6 +37,32 @@ from rac.store.artifacts import atomic_path
 FILE_FORMAT = "rac.hessian.v1"
 DEFAULT_SEGMENT = "other"
 _ACC_DTYPES = ("float32", "float64")
+SYMMETRIC_MIN = 1024  # input width from which only the upper block triangle is accumulated
+GRAM_BLOCK = 256  # columns per block row of the upper-triangle accumulation
+UPCAST_TOKENS = 1024  # tokens upcast to the accumulator dtype at a time
+
+
+def add_gram(H: Tensor, x: Tensor, upper_only: bool) -> None:
+    """H += x^T x for x [T, d] (already in H's dtype). With `upper_only`, only the blocks on and above the
+    diagonal are written (block rows of GRAM_BLOCK columns): the strict lower triangle of H is then stale."""
+    d = x.shape[1]
+    if not upper_only:
+        H.addmm_(x.T, x)
+        return
+    for i0 in range(0, d, GRAM_BLOCK):
+        i1 = min(i0 + GRAM_BLOCK, d)
+        H[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])  # [b, d - i0] += [b, T] @ [T, d - i0]
+
+
+def mirror_upper(H: Tensor) -> None:
+    """Copy the upper triangle of H [d, d] onto its strict lower triangle, in place (blocks of GRAM_BLOCK)."""
+    d = H.shape[0]
+    for i0 in range(0, d, GRAM_BLOCK):
+        i1 = min(i0 + GRAM_BLOCK, d)
+        if i1 < d:
+            H[i1:, i0:i1] = H[i0:i1, i1:].T  # the block column below the diagonal block
+        blk = H[i0:i1, i0:i1]
+        blk.copy_(blk.triu() + blk.triu(1).T)
 
 
 class HessianAccumulator:
@@ -54,8 +87,19 @@ class HessianAccumulator:
         self.dtype = dtype
         self.segments = names
         self._slot = {SEGMENT_IDS[name]: i for i, name in enumerate(names)}  # segment id -> slot
-        self.hessians = torch.zeros(len(names), n_features, n_features, dtype=dtype, device=device)
+        self._sums = torch.zeros(len(names), n_features, n_features, dtype=dtype, device=device)  # [S, d, d]
         self.counts = torch.zeros(len(names), dtype=torch.int64, device=device)  # [S] tokens
+        self._upper_only = n_features >= SYMMETRIC_MIN
+        self._stale = False  # lower triangles of `_sums` not yet mirrored from the upper ones
+
+    @property
+    def hessians(self) -> Tensor:
+        """The per-segment sums H_s [S, d, d] (live buffer; symmetric)."""
+        if self._stale:
+            for slot in range(self._sums.shape[0]):
+                mirror_upper(self._sums[slot])
+            self._stale = False
+        return self._sums
 
     def add(self, x: Tensor, segment_ids: Tensor | None = None, token_mask: Tensor | None = None) -> None:
         """Add the tokens of `x` [..., d]; `segment_ids`/`token_mask` [...] label and filter them.
@@ -65,7 +109,7 @@ class HessianAccumulator:
         if x.dim() < 1 or x.shape[-1] != self.n_features:
             raise ValueError(f"x must be [..., {self.n_features}], got shape {tuple(x.shape)}")
         lead = tuple(x.shape[:-1])
-        dev = self.hessians.device
+        dev = self._sums.device
         xs = x.detach().reshape(-1, self.n_features).to(dev)  # [T, d]
         seg = self._segment_ids(segment_ids, lead).to(dev)  # [T] int64
         if token_mask is not None:
@@ -75,15 +119,17 @@ class HessianAccumulator:
                 )
             keep = token_mask.reshape(-1).to(dev)
             xs, seg = xs[keep], seg[keep]
-        xs = xs.to(self.dtype)  # upcast (e.g. from bf16) before the outer product
         if not all_finite(xs):
             raise ValueError(f"x contains {int((~torch.isfinite(xs)).sum())} NaN/Inf values")
         present = torch.unique(seg).tolist()
         for sid in present:
             slot = self._slot[sid]
             xt = xs if len(present) == 1 else xs[seg == sid]  # [T_s, d]
-            self.hessians[slot].addmm_(xt.T, xt)
+            for t0 in range(0, xt.shape[0], UPCAST_TOKENS):
+                chunk = xt[t0 : t0 + UPCAST_TOKENS].to(self.dtype)  # [<=UPCAST_TOKENS, d] upcast (e.g. from bf16)
+                add_gram(self._sums[slot], chunk, self._upper_only)
             self.counts[slot] += xt.shape[0]
+        self._stale = self._stale or self._upper_only
 
     def hessian(self, weights: Mapping[str, float] | None = None, normalize: bool = False) -> Tensor:
         """H = sum_s w_s H_s [d, d] (default: all weights 1; a segment missing from `weights` gets 0).
@@ -119,7 +165,7 @@ class HessianAccumulator:
                 f"cannot merge accumulator (d={other.n_features}, {other.dtype}, {other.segments}) "
                 f"into (d={self.n_features}, {self.dtype}, {self.segments})"
             )
-        self.hessians += other.hessians.to(self.hessians.device)
+        self.hessians.add_(other.hessians.to(self._sums.device))  # both mirrored first
         self.counts += other.counts.to(self.counts.device)
         return self
 
