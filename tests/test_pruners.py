@@ -1,4 +1,4 @@
-"""Pruners: config rules, registry, input validation, exact counts, golden masks, dtype handling."""
+"""Pruners: config rules, default mask scopes, registry, input validation, exact counts, golden masks, dtypes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from rac.pruners import PRUNERS, PruneConfig, get_pruner, magnitude, prune, sparsegpt, wanda
+from rac.pruners.base import DEFAULT_SCOPE
 from rac.pruners.masks import n_pruned, prune_lowest
 from rac.pruners.wanda import col_norms_from_hessian
 
-METHODS = sorted(PRUNERS)
+METHODS = sorted(m for m in PRUNERS if m != "gptq")  # the pruning methods (gptq: tests/test_gptq.py)
 
 
 def _layer(rows: int, cols: int, seed: int = 0, dead: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +56,43 @@ def test_bad_config_names_the_value(kwargs: dict, match: str) -> None:
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"'obs'.*\['alps', 'magnitude', 'sparsegpt', 'wanda'\]"):
+    known = r"'obs'.*\['alps', 'gptq', 'magnitude', 'sparsegpt', 'wanda'\]"
+    with pytest.raises(ValueError, match=known):
         get_pruner("obs")
-    with pytest.raises(ValueError, match=r"'obs'.*\['alps', 'magnitude', 'sparsegpt', 'wanda'\]"):
+    with pytest.raises(ValueError, match=known):
         PruneConfig(method="obs", sparsity=0.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [("sparsegpt", "matrix"), ("wanda", "row"), ("magnitude", "row"), ("alps", "row"), ("gptq", "matrix")],
+)
+def test_scope_defaults_to_the_methods_choice_and_is_named_in_the_canonical_form(method: str, expected: str) -> None:
+    amount = {} if method == "gptq" else {"sparsity": 0.5}
+    unset = PruneConfig(method=method, **amount)
+    assert unset.scope == expected == DEFAULT_SCOPE[method]
+    assert unset.canonical()["scope"] == expected
+    explicit_none = PruneConfig.model_validate({"method": method, "scope": None, **amount})
+    assert explicit_none == unset and explicit_none.stable_hash() == unset.stable_hash()
+    assert PruneConfig.model_validate(unset.canonical()) == unset  # the stored form validates back
+    other = "row" if expected == "matrix" else "matrix"
+    chosen = PruneConfig(method=method, scope=other, **amount)  # type: ignore[arg-type]
+    assert chosen.scope == other and chosen.stable_hash() != unset.stable_hash()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nm_scope_is_row_when_unset(method: str) -> None:
+    assert PruneConfig(method=method, nm=(2, 4)).scope == "row"
+    assert PruneConfig.model_validate({"method": method, "nm": [2, 4], "scope": None}).scope == "row"
+
+
+def test_pure_pruning_configs_hash_without_a_quant_key() -> None:
+    """`quant: None` is left out of the canonical form, so configs that existed before quantization keep
+    their hashes (here: the canonical dict has exactly the pruning fields)."""
+    cfg = PruneConfig(method="wanda", sparsity=0.5)
+    assert "quant" not in cfg.canonical()
+    assert set(cfg.canonical()) == set(PruneConfig.model_fields) - {"quant"}
+    assert PruneConfig.model_validate(cfg.canonical()) == cfg
 
 
 # --- input validation --------------------------------------------------------------------------
@@ -92,7 +126,9 @@ def test_bad_inputs_name_the_value(method: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
-    "spec", [{"sparsity": 0.5}, {"sparsity": 0.37}, {"sparsity": 0.6, "scope": "matrix"}, {"nm": (2, 4)}, {"nm": (4, 8)}]
+    "spec",
+    [{"sparsity": 0.5}, {"sparsity": 0.37}, {"sparsity": 0.37, "scope": "row"}, {"sparsity": 0.6, "scope": "matrix"},
+     {"nm": (2, 4)}, {"nm": (4, 8)}],
 )
 def test_exact_counts_with_dead_columns_and_ragged_blocks(method: str, spec: dict) -> None:
     rows, cols = 10, 72  # 72 = 2 blocks of 32 + a block of 8
@@ -107,6 +143,10 @@ def test_exact_counts_with_dead_columns_and_ragged_blocks(method: str, spec: dic
         assert int(pruned.sum()) == n_pruned(cfg.target_sparsity, rows * cols)
     else:
         assert (pruned.sum(1) == n_pruned(cfg.target_sparsity, cols)).all()
+    if method == "sparsegpt" and cfg.nm is None and cfg.scope == "matrix":  # exact share of every block
+        for i1, i2 in ((0, 32), (32, 64), (64, 72)):
+            share = n_pruned(cfg.target_sparsity, rows * i2) - n_pruned(cfg.target_sparsity, rows * i1)
+            assert int(pruned[:, i1:i2].sum()) == share
     assert (res.weight[pruned] == 0).all()
     assert res.mask.dtype == torch.bool and res.weight.shape == W.shape
     assert res.loss is not None and res.loss >= 0 and res.seconds > 0
@@ -165,15 +205,24 @@ def test_wanda_through_the_registry_uses_sqrt_diag_h() -> None:
 def test_sparsegpt_with_identity_h_is_magnitude_without_update() -> None:
     W, _ = _layer(9, 40, seed=4)
     H = torch.eye(40)
-    for spec in ({"sparsity": 0.5}, {"nm": (2, 4)}):  # one block covers the row
-        res = sparsegpt(W, H, PruneConfig(method="sparsegpt", **spec))
-        mag = magnitude(W, PruneConfig(method="magnitude", **spec))
+    for spec in ({"sparsity": 0.5}, {"sparsity": 0.5, "scope": "row"}, {"nm": (2, 4)}):  # one block covers the row
+        cfg = PruneConfig(method="sparsegpt", **spec)
+        res = sparsegpt(W, H, cfg)
+        mag = magnitude(W, PruneConfig(method="magnitude", scope=cfg.scope, **{k: v for k, v in spec.items() if k != "scope"}))
         assert torch.equal(res.mask, mag.mask)
         torch.testing.assert_close(res.weight, W * res.mask, rtol=0, atol=1e-6)
         assert res.loss == pytest.approx(float(W[~res.mask].square().sum()), rel=1e-4)
     # blocks of 16: the mask is magnitude inside each block, which gets its share of the row's count
-    res = sparsegpt(W, H, PruneConfig(method="sparsegpt", sparsity=0.3, blocksize=16))
+    res = sparsegpt(W, H, PruneConfig(method="sparsegpt", sparsity=0.3, blocksize=16, scope="row"))
     shares = [n_pruned(0.3, 16), n_pruned(0.3, 32) - n_pruned(0.3, 16), n_pruned(0.3, 40) - n_pruned(0.3, 32)]
     expected = torch.cat([prune_lowest(W[:, i : i + 16].abs(), k, dim=1) for i, k in zip((0, 16, 32), shares, strict=True)], 1)
     assert shares == [5, 5, 2] and torch.equal(res.mask, expected)
+    torch.testing.assert_close(res.weight, W * res.mask, rtol=0, atol=1e-6)
+    # the default (per block over all rows): each block gets its share of the matrix's count, over all 9 rows
+    res = sparsegpt(W, H, PruneConfig(method="sparsegpt", sparsity=0.3, blocksize=16))
+    shares = [n_pruned(0.3, 9 * 16), n_pruned(0.3, 9 * 32) - n_pruned(0.3, 9 * 16), n_pruned(0.3, 9 * 40) - n_pruned(0.3, 9 * 32)]
+    blocks = [W[:, i : i + 16].abs() for i in (0, 16, 32)]
+    expected = torch.cat([prune_lowest(b.reshape(-1), k, dim=0).reshape(b.shape) for b, k in zip(blocks, shares, strict=True)], 1)
+    assert shares == [43, 43, 22] and torch.equal(res.mask, expected)
+    assert len(set((~res.mask).sum(1).tolist())) > 1  # rows differ: the count is per block, not per row
     torch.testing.assert_close(res.weight, W * res.mask, rtol=0, atol=1e-6)

@@ -2,7 +2,8 @@
 
 Every entry of `PRUNERS` has the signature (W [out, in], H [in, in], cfg) -> PruneResult:
 magnitude ignores H for the mask (it only reports the loss), wanda takes its column norms from
-sqrt(diag H), sparsegpt and alps use H fully.
+sqrt(diag H), sparsegpt, alps and gptq use H fully. gptq (and sparsegpt with `cfg.quant`) also return the
+integer codes and scales in `PruneResult.quant` (see `rac.pruners.quant`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from torch import Tensor
 
 from rac.pruners.alps import alps
 from rac.pruners.base import METHODS, FactorizationError, PruneConfig, PruneResult, Retry, check_layer
+from rac.pruners.gptq import gptq
 from rac.pruners.magnitude import magnitude
+from rac.pruners.quant import QuantizedWeight, QuantSpec, rtn
 from rac.pruners.sparsegpt import sparsegpt
 from rac.pruners.wanda import col_norms_from_hessian, wanda
 
@@ -34,6 +37,7 @@ PRUNERS: dict[str, Pruner] = {
     "wanda": _wanda,
     "sparsegpt": sparsegpt,
     "alps": alps,
+    "gptq": gptq,
 }
 assert tuple(PRUNERS) == METHODS, f"the registry {tuple(PRUNERS)} must list exactly PruneConfig's methods {METHODS}"
 
@@ -47,7 +51,7 @@ def get_pruner(name: str) -> Pruner:
 
 
 def prune(W: Tensor, H: Tensor, cfg: PruneConfig) -> PruneResult:
-    """Prune one linear layer's weight W with input second moment H, as `cfg.method` says."""
+    """Prune (and / or quantize) one linear layer's weight W with input second moment H, as `cfg` says."""
     return get_pruner(cfg.method)(W, H, cfg)
 
 
@@ -57,11 +61,15 @@ __all__ = [
     "PruneConfig",
     "PruneResult",
     "Pruner",
+    "QuantSpec",
+    "QuantizedWeight",
     "Retry",
     "alps",
     "get_pruner",
+    "gptq",
     "magnitude",
     "prune",
+    "rtn",
     "sparsegpt",
     "wanda",
 ]

@@ -4,6 +4,17 @@ Sparsity rule: give either `sparsity` (unstructured, fraction pruned in [0, 1)) 
 (keep N of every M consecutive input columns, see `rac.pruners.masks`). With `nm`, the sparsity is implied
 as 1 - N/M: leave `sparsity` unset (it is filled in) or set it to exactly that value.
 
+Quantization: `quant` (a `QuantSpec`) rounds the kept weights onto a symmetric integer grid; method "gptq"
+quantizes only (sparsity implied 0.0), "sparsegpt" with `quant` prunes and quantizes in one sweep (joint mode).
+Both YAML forms are accepted: flat ``{method: gptq, bits: 4, group_size: 128, act_order: false}`` (bits,
+group_size and act_order at the top level are moved into `quant`; gptq without them gets `QuantSpec()`) and
+nested ``{method: sparsegpt, sparsity: 0.5, quant: {bits: 4, group_size: 128}}`` (or with ``nm: [2, 4]``).
+
+Mask scope (unstructured only): unset = the method's default (`DEFAULT_SCOPE`): SparseGPT and its joint mode
+choose the mask per block over all rows ("matrix", as the paper and llm-compressor), Wanda per output row
+(its comparison group), magnitude and ALPS per row. After validation `scope` always holds a concrete value,
+so the canonical config names it; N:M is always per row.
+
 Damping: Hessian-based pruners factor H + λI with λ = damp * mean(diag H). When the factorization
 fails, they retry with damp multiplied by `damp_growth`, at most `max_retries` times; every failed
 attempt is recorded in `PruneResult.retries`, and the last failure raises `FactorizationError`.
@@ -15,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from pydantic import field_validator, model_validator
@@ -23,7 +34,8 @@ from torch import Tensor
 
 from rac.config import StageConfig
 from rac.pruners.error import reconstruction_loss
-from rac.pruners.masks import all_finite, check_nm, check_sparsity
+from rac.pruners.masks import Scope, all_finite, check_nm, check_sparsity
+from rac.pruners.quant import QuantizedWeight, QuantSpec
 
 T = TypeVar("T")
 SYMMETRY_RTOL = 1e-4  # tolerated |H - H^T| relative to max |H| (float32 X^T X is symmetric up to rounding)
@@ -34,7 +46,11 @@ class FactorizationError(ValueError):
 
 
 # the pruning methods; rac/pruners/__init__.py registers one solver under each name (checked at import)
-METHODS = ("magnitude", "wanda", "sparsegpt", "alps")
+METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "gptq")
+QUANT_METHODS = ("sparsegpt", "gptq")  # the methods that accept `quant`
+FLAT_QUANT_KEYS = ("bits", "group_size", "act_order")  # gptq's top-level shorthand for quant: {...}
+DEFAULT_SCOPE: dict[str, Scope] = {"magnitude": "row", "wanda": "row", "sparsegpt": "matrix", "alps": "row",
+                                   "gptq": "matrix"}  # gptq prunes nothing: its scope is only named
 
 
 class PruneConfig(StageConfig):
@@ -43,7 +59,10 @@ class PruneConfig(StageConfig):
     method: str = "sparsegpt"
     sparsity: float | None = None
     nm: tuple[int, int] | None = None
-    scope: Literal["row", "matrix"] = "row"  # unstructured only: exact count per output row or per matrix
+    # unstructured only: exact count per output row, or per matrix (SparseGPT: per block over all rows);
+    # None / unset = the method's default (DEFAULT_SCOPE), filled in before validation
+    scope: Scope = None  # type: ignore[assignment]
+    quant: QuantSpec | None = None  # gptq / sparsegpt: round the kept weights onto this grid
     blocksize: int = 128  # SparseGPT: columns per lazy-update block (mask chosen per block)
     damp: float = 0.01  # relative to mean(diag H)
     damp_growth: float = 10.0
@@ -55,12 +74,19 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _imply_sparsity(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and data.get("nm") is not None and data.get("sparsity") is None:
-            nm = data["nm"]
+    def _fill_in(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        data = _flat_quant(dict(data))
+        method, nm = data.get("method", "sparsegpt"), data.get("nm")
+        if nm is not None and data.get("sparsity") is None:
             if isinstance(nm, tuple | list) and len(nm) == 2 and all(isinstance(v, int) for v in nm):
                 if 0 < nm[0] < nm[1]:
-                    data = {**data, "sparsity": 1.0 - nm[0] / nm[1]}
+                    data["sparsity"] = 1.0 - nm[0] / nm[1]
+        if method == "gptq" and nm is None and data.get("sparsity") is None:
+            data["sparsity"] = 0.0
+        if data.get("scope") is None:
+            data["scope"] = "row" if nm is not None else DEFAULT_SCOPE.get(method, "row")
         return data
 
     @field_validator("method")
@@ -108,6 +134,7 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
+        self._check_quant()
         if self.nm is None:
             if self.sparsity is None:
                 raise ValueError("give sparsity (unstructured) or nm=(N, M); got neither")
@@ -121,11 +148,53 @@ class PruneConfig(StageConfig):
             raise ValueError(f"blocksize={self.blocksize} must be a multiple of M={m} for N:M")
         return self
 
+    def _check_quant(self) -> None:
+        q = self.quant
+        if self.method == "gptq" and (self.nm is not None or (self.sparsity or 0.0) > 0):
+            amount = f"nm: {list(self.nm)}" if self.nm is not None else f"sparsity: {self.sparsity}"
+            grid = f"bits: {q.bits}, group_size: {q.group_size or 'null'}" if q is not None else "bits: 4, group_size: 128"
+            raise ValueError(f"method 'gptq' only quantizes, got {amount}; to prune and quantize use "
+                             f"{{method: sparsegpt, {amount}, quant: {{{grid}}}}}")
+        if q is None:
+            return
+        if self.method not in QUANT_METHODS:
+            raise ValueError(f"quant applies to methods {list(QUANT_METHODS)} only, got method={self.method!r}")
+        if q.act_order and self.nm is not None:
+            raise ValueError(f"quant.act_order=true does not combine with nm={list(self.nm)}: "
+                             "N:M groups are consecutive columns in the original order")
+        if q.group_size is not None and self.blocksize % q.group_size != 0:
+            raise ValueError(f"blocksize={self.blocksize} must be a multiple of quant.group_size={q.group_size} "
+                             "(a group is quantized inside one block)")
+        if q.group_size is not None and self.nm is not None and q.group_size % self.nm[1] != 0:
+            raise ValueError(f"quant.group_size={q.group_size} must be a multiple of M={self.nm[1]} for N:M")
+
+    def canonical(self) -> dict[str, Any]:
+        """As StageConfig's, without `quant` when it is None (pure-pruning configs keep their hashes)."""
+        data = super().canonical()
+        if data.get("quant") is None:
+            data.pop("quant", None)
+        return data
+
     @property
     def target_sparsity(self) -> float:
         """Fraction of weights pruned (1 - N/M for N:M)."""
         assert self.sparsity is not None  # guaranteed by _consistent
         return self.sparsity
+
+
+def _flat_quant(data: dict[str, Any]) -> dict[str, Any]:
+    """gptq's flat form: move bits / group_size / act_order into `quant` (QuantSpec() when none is given)."""
+    flat = {k: data.pop(k) for k in FLAT_QUANT_KEYS if k in data}
+    method = data.get("method", "sparsegpt")
+    if flat and method != "gptq":
+        raise ValueError(f"top-level {sorted(flat)} are gptq's shorthand; with method={method!r} "
+                         f"give them under quant: {{{', '.join(f'{k}: ...' for k in sorted(flat))}}}")
+    if flat and data.get("quant") is not None:
+        raise ValueError(f"give bits/group_size/act_order either at the top level ({sorted(flat)}) or under quant, "
+                         f"not both (quant={data['quant']!r})")
+    if method == "gptq" and data.get("quant") is None:
+        data["quant"] = flat
+    return data
 
 
 @dataclass(frozen=True)
@@ -140,7 +209,9 @@ class Retry:
 class PruneResult:
     """Output of a pruner. `weight` has the input dtype; `mask` True = kept.
 
-    `loss` is tr((W-Ŵ) H (W-Ŵ)^T) with the undamped H (None when no H was given), computed from the
+    `quant` is set by the quantizing solvers (gptq, sparsegpt with `quant`): then `weight` is
+    `quant.dequantize()` cast to the input dtype, `mask` is True where kept (all True when nothing is
+    pruned) and the pruned entries have code 0. `loss` is tr((W-Ŵ) H (W-Ŵ)^T) with the undamped H (None when no H was given), computed from the
     float32 solution before the cast to the input dtype. `damp` is the relative damping actually
     used (0.0 for methods that do not factor H).
     """
@@ -153,6 +224,7 @@ class PruneResult:
     retries: tuple[Retry, ...]
     seconds: float
     info: Mapping[str, float | int | bool | str] = field(default_factory=dict)
+    quant: QuantizedWeight | None = None  # codes and scales when quantized; None for pure pruning
 
 
 def check_weight(W: Tensor) -> None:
@@ -239,6 +311,7 @@ def make_result(
     retries: tuple[Retry, ...] = (),
     info: Mapping[str, float | int | bool | str] | None = None,
     loss: float | None = None,
+    quant: QuantizedWeight | None = None,
 ) -> PruneResult:
     """Cast Ŵ (float32) back to W's dtype and record the loss (computed from H unless given)."""
     if loss is None and H is not None:
@@ -252,6 +325,7 @@ def make_result(
         retries=retries,
         seconds=time.perf_counter() - start,
         info=dict(info or {}),
+        quant=quant,
     )
 
 

@@ -6,9 +6,11 @@ Higher score = more important; the lowest scores are pruned. Ties are broken by 
 Exact counts
 ------------
 * Pruned count. For n weights at sparsity s the number pruned is k = floor(s * n + 1/2), i.e. s * n
-  rounded half up (`n_pruned`). Scope "row" (the default, like SparseGPT and Wanda) prunes exactly
-  k = n_pruned(s, in_features) weights in every output row; scope "matrix" prunes exactly
-  n_pruned(s, out_features * in_features) weights over the whole matrix (rows may differ).
+  rounded half up (`n_pruned`). Scope "row" (the default of these functions, and of Wanda, magnitude and
+  ALPS) prunes exactly k = n_pruned(s, in_features) weights in every output row; scope "matrix" prunes
+  exactly n_pruned(s, out_features * in_features) weights over the whole matrix (rows may differ).
+  SparseGPT's default is "matrix" applied per block of columns (exact count per block over all rows, as
+  the paper and llm-compressor; see `rac.pruners.base.DEFAULT_SCOPE` and `rac.pruners.sparsegpt`).
 * N:M. ``nm = (N, M)`` means: keep at most N non-zeros in every M consecutive input columns of each
   row. The groups are columns [g*M, (g+1)*M) of one output row and exactly M - N entries of each group
   are pruned (a kept weight may itself be zero, hence "at most"). 2:4 keeps 2 of every 4 (50 % sparse),
