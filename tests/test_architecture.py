@@ -54,6 +54,7 @@ UNITS: dict[str, tuple[str, ...]] = {
     "rac.eval": ("rac.eval",),
     "rac.runs": ("rac.runs",),
     "rac.reporting": ("rac.reporting",),
+    "rac.api": ("rac.api",),  # the notebook door: calibrate / prune / evaluate / harness over rac.runs
     "rac_prefect.tasks": ("rac_prefect.tasks",),
     "rac_prefect.flows": ("rac_prefect.flows",),
 }
@@ -81,6 +82,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     # reports read the index and the work-dir layout (rac.runs.workdir) and reuse eval's intervals;
     # rac.runs never imports rac.reporting (the report is a Prefect task over write_report, not a stage)
     "rac.reporting": FOUNDATION | {"rac.store.index", "rac.eval", "rac.runs", "rac.models"},
+    # the Python API sits on top of the library: it runs the rac.runs steps and finds a run's pruned models
+    # like `rac export` (rac.reporting.export); nothing in rac imports it, only the CLI (rac_prefect) does
+    "rac.api": FOUNDATION | {"rac.store.index", "rac.models", "rac.pruners", "rac.data", "rac.engine", "rac.eval",
+                             "rac.runs", "rac.reporting"},
     # the Prefect layer: flows -> tasks -> rac, never the other way
     "rac_prefect.tasks": _RAC_UNITS,
     "rac_prefect.flows": _RAC_UNITS | {"rac_prefect.tasks"},

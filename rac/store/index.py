@@ -1,4 +1,5 @@
-"""DuckDB index of runs, stages, artifacts, per-layer pruning records and evaluations (`rac.duckdb`).
+"""DuckDB index of runs, stages, artifacts, per-layer pruning records, evaluations and standard-benchmark
+(lm-eval) numbers (`rac.duckdb`).
 
 Every table and view, column by column (meaning, unit, the library field it comes from), is documented in
 docs/schema.md; `rac.store.schema.SCHEMA` is the one definition. A run is `run_id` and a stage cache key `stage_key`
@@ -11,8 +12,9 @@ read-write connection to one file inside one process).
 
 Schema versions: the `meta` table holds `schema_version` (SCHEMA_VERSION). Tables without it are version 1
 (before one vocabulary: `run`, `key`/`stage` holding stage keys, `error`, `damping`, `n`); the first
-connection to such a file renames those columns in one transaction (`rac.store.schema.migrate`); a read-only connection
-first opens the file read-write for that. Every read-only connection gets TEMP views over the stage Parquet
+connection to such a file renames those columns in one transaction (`rac.store.schema.migrate`), and a
+version-2 file gains `harness_results` the same way; a read-only connection first opens the file read-write
+for that. Every read-only connection gets TEMP views over the stage Parquet
 files under the work dir (the files `VIEW_GLOBS` matches): prompts, cots, calibration, eval_rows, each with
 the files' own columns plus `stage_key` (the stage that wrote the file). It is then locked down
 (`rac.store.sql.lock_down`): it reaches only the index file and those Parquet files, no other file, directory or URL,
@@ -28,7 +30,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,11 @@ from typing import Any
 import duckdb
 
 from rac.store.artifacts import ArtifactRef
-from rac.store.schema import SCHEMA_VERSION, migrate, schema_version
+from rac.store.schema import SCHEMA_VERSION, HarnessRow, LayerRow, migrate, schema_version
 from rac.store.sql import READ_ONLY_STATEMENTS, VIEW_GLOBS, create_views, lock_down
 
 INDEX_NAME = "rac.duckdb"
 _PROCESS_LOCK = threading.RLock()
-
 
 
 class IndexBusyError(RuntimeError):
@@ -54,21 +54,6 @@ class ReadOnlyQueryError(ValueError):
 
 class IndexSchemaError(ValueError):
     """The index file has a schema this rac cannot use (a newer version, or an old one it cannot migrate)."""
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One pruned linear of one (layer, group) step."""
-
-    layer: int
-    group: int
-    linear: str
-    sparsity: float
-    rel_error: float  # LinearRecord.rel_error
-    loss: float
-    damp: float  # LinearRecord.damp
-    retries: int
-    seconds: float
 
 
 def _now() -> datetime:
@@ -379,6 +364,25 @@ class Index:
 
     def proxies(self, run_id: str) -> list[dict[str, Any]]:
         return self._fetch("SELECT * FROM proxies WHERE run_id = ? ORDER BY created", [run_id])
+
+    # ---------------------------------------------------------------- standard benchmarks
+    def record_harness(self, run_id: str, label: str, stage_key: str, rows: Sequence[HarnessRow],
+                       config: dict[str, Any]) -> None:
+        """Insert or replace the benchmark rows of model `label` in a run (keyed by harness, backend, task,
+        metric, filter), in one transaction; `config` is the harness stage config the key hashes."""
+        with self.transaction() as con:
+            now = _now()
+            for r in rows:
+                con.execute(
+                    "INSERT OR REPLACE INTO harness_results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [run_id, label, stage_key, r.harness, r.harness_version, r.backend, r.task, r.metric, r.filter,
+                     r.value, r.stderr, r.n, r.n_total, r.num_fewshot, r.higher_is_better, r.model,
+                     json.dumps(config), now],
+                )
+
+    def harness_results(self, run_id: str) -> list[dict[str, Any]]:
+        return self._fetch("SELECT * FROM harness_results WHERE run_id = ? ORDER BY label, task, metric, filter",
+                           [run_id])
 
     def _upsert_metrics(self, table: str, run_id: str, label: str, stage_key: str, values: list[Any],
                         row: dict[str, Any]) -> None:

@@ -3,13 +3,17 @@
 Version 2 is one vocabulary with the library: `run_id` and `stage_key` in every table, `rel_error` and
 `damp` as in `rac.engine.checkpoint.LinearRecord` (columns documented in docs/schema.md). A file without
 the `meta` table is version 1 (the column names before); `migrate` renames in one transaction.
+Version 3 adds the table `harness_results` (lm-eval numbers, `rac eval RUN --harness lm-eval`); a version-2
+file gains it, empty, in the same one-transaction `migrate` (every other table and row is kept as it is).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS runs (
@@ -36,7 +40,47 @@ CREATE TABLE IF NOT EXISTS proxies (
   dense_nll DOUBLE, pruned_nll DOUBLE, nll_gap DOUBLE, top1_agreement DOUBLE, kl DOUBLE,
   n_positions INTEGER, recon_prompt DOUBLE, recon_decode DOUBLE, metrics JSON, created TIMESTAMP,
   PRIMARY KEY (run_id, label));
+CREATE TABLE IF NOT EXISTS harness_results (
+  run_id VARCHAR, label VARCHAR, stage_key VARCHAR, harness VARCHAR, harness_version VARCHAR, backend VARCHAR,
+  task VARCHAR, metric VARCHAR, filter VARCHAR, value DOUBLE, stderr DOUBLE, n INTEGER, n_total INTEGER,
+  num_fewshot INTEGER, higher_is_better BOOLEAN, model VARCHAR, config JSON, created TIMESTAMP,
+  PRIMARY KEY (run_id, label, harness, backend, task, metric, filter));
 """
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One pruned linear of one (layer, group) step."""
+
+    layer: int
+    group: int
+    linear: str
+    sparsity: float
+    rel_error: float  # LinearRecord.rel_error
+    loss: float
+    damp: float  # LinearRecord.damp
+    retries: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class HarnessRow:
+    """One standard-benchmark number of one model (`rac.eval.harness.HarnessMetric` plus where it came from)."""
+
+    harness: str  # "lm-eval"
+    harness_version: str
+    backend: str  # "hf" | "vllm"
+    task: str
+    metric: str
+    filter: str
+    value: float | None
+    stderr: float | None
+    n: int | None
+    n_total: int | None
+    num_fewshot: int | None
+    higher_is_better: bool | None
+    model: str  # the evaluated model folder
+
+
 # version 1 -> 2, per table: (old column, new column)
 RENAMES_V1: dict[str, tuple[tuple[str, str], ...]] = {
     "stages": (("key", "stage_key"),),
@@ -61,8 +105,8 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
 
 def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
     """Bring the file of a read-write connection from `version` to SCHEMA_VERSION in one transaction: rename
-    the version-1 columns present (DuckDB renames primary-key columns in place), create the missing tables,
-    record the version."""
+    the version-1 columns present (DuckDB renames primary-key columns in place), create the missing tables
+    (version 2 -> 3: `harness_results`), record the version."""
     con.execute("BEGIN TRANSACTION")
     try:
         if version == 1:
