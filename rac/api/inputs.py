@@ -53,12 +53,13 @@ def config_of(cls: type[C], where: str, **values: object) -> C:
         return cls(**given)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"]) or cls.__name__
+        loc = ".".join(str(x) for x in first["loc"])
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         if first["type"] == "extra_forbidden":
             raise ApiError(f"{where}: unknown key {loc!r}; known: {', '.join(sorted(cls.model_fields))}") from None
         msg = str(first["msg"]).replace("Value error, ", "").splitlines()[0]
-        raise ApiError(f"{where}: {loc} = {first.get('input')!r}: {msg}{more}") from None
+        value = f"{loc} = {first.get('input')!r}: " if loc else ""  # a check across fields names no one field
+        raise ApiError(f"{where}: {value}{msg}{more}") from None
     except (TypeError, ValueError) as err:
         raise ApiError(f"{where}: {str(err).splitlines()[0]}") from None
 

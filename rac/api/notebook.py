@@ -168,6 +168,7 @@ def evaluate(model: PrunedModel | Path | str, problems: Prompts, *, generation: 
     where = "evaluate"
     ecfg = config_of(EvalConfig, where, generation=generation, bootstrap=bootstrap, seed=seed)
     pruned: PrunedModel | None = None
+    expect: str | None = None  # the template hash the eval prompts must carry (a pruned model's calibration's)
     if isinstance(model, PrunedModel):
         pruned = model
         model_dir, work, run = model.base_model, model.work_dir, model.run_id
@@ -177,7 +178,7 @@ def evaluate(model: PrunedModel | Path | str, problems: Prompts, *, generation: 
                                 "method": model.method, "sparsity": model.sparsity}
     else:
         model_dir, _ = model_of(model, where)
-        work, run, expect = work_dir_of(work_dir), run_id, None
+        work, run = work_dir_of(work_dir), run_id
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
     name = label or (pruned.label if pruned is not None else "dense")
     pcfg = prompts_config(problems, work, template, where, need_answers=True)
