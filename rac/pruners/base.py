@@ -54,7 +54,7 @@ DEFAULT_SCOPE: dict[str, Scope] = {"magnitude": "row", "wanda": "row", "sparsegp
 
 
 class PruneConfig(StageConfig):
-    """What to prune and how: method, target sparsity or N:M, and solver knobs."""
+    """What to prune and / or quantize and how: method, target sparsity or N:M, quantization grid, solver knobs."""
 
     method: str = "sparsegpt"
     sparsity: float | None = None

@@ -63,7 +63,7 @@ def quantized_obs(W: Tensor, H: Tensor, cfg: PruneConfig, method: str) -> PruneR
     _, keep_t, err_sq, delta_sq = obs_sweep(W0_t, R, cfg, grid)
     qw = quantized_weight(grid, perm)
     keep = _unpermute(keep_t, perm).T.contiguous()  # [rows, cols]
-    info = {"dead_columns": int(dead.sum()), "lambda": lam, "quant": spec.label}
+    info: dict[str, float | int | bool | str] = {"dead_columns": int(dead.sum()), "lambda": lam, "quant": spec.label}
     loss = err_sq - lam * delta_sq  # tr(ΔW (H+λI) ΔW^T) - λ ||ΔW||^2
     return make_result(method, W, qw.dequantize(), keep, None, start, damp, retries, info, loss, quant=qw)
 

@@ -177,7 +177,7 @@ def sweep_block(
             if grid is None:
                 _sweep_micro(W_t, E_t, U_b, S_t, keep_t, d, j0, j1, cfg.nm)
             else:
-                _sweep_micro_quant(W_t, E_t, U_b, keep_t, d, j0, j1, cfg.nm if prunes else None, grid, col0)
+                _sweep_micro_quant(W_t, E_t, U_b, keep_t, d, j0, j1, cfg.nm, prunes, grid, col0)
     if grid is None:
         W_t.mul_(keep_t)  # pruned entries exactly 0
     return E_t
@@ -203,23 +203,25 @@ def _sweep_micro(
 
 def _sweep_micro_quant(
     W_t: Tensor, E_t: Tensor, U_b: Tensor, keep_t: Tensor, d: Tensor,
-    j0: int, j1: int, nm: tuple[int, int] | None, grid: Grid, col0: int,
+    j0: int, j1: int, nm: tuple[int, int] | None, masked: bool, grid: Grid, col0: int,
 ) -> None:
     """Quantizing, columns j0..j1-1 in order: ŵ_j = m_j s_g round(w_j / s_g), e_j = (w_j - ŵ_j) / d_j, then
     w_{j+1:j1} -= U[j, j+1:j1]^T e_j; w_j becomes ŵ_j and its codes go to `grid` (in place).
 
-    `nm` (joint N:M) picks each M columns' mask when the sweep reaches them; an unstructured mask is already
-    in keep_t; with neither (nm None and keep_t all True) nothing is masked.
+    When `masked` (joint mode), N:M picks each M columns' mask when the sweep reaches them and an
+    unstructured mask is already in keep_t; otherwise nothing is masked.
     """
     W_m, E_m, U_m = W_t[j0:j1], E_t[j0:j1], U_b[j0:j1, j0:j1]  # [u, rows], [u, u]
     w, e, u = W_m.unbind(0), E_m.unbind(0), U_m.unbind(0)  # per-column views
     codes = grid.codes_t[col0 + j0 : col0 + j1].unbind(0)
     for a in range(j1 - j0):
         j = j0 + a
-        if nm is not None and a % nm[1] == 0:
+        if masked and nm is not None and a % nm[1] == 0:
             _nm_mask(W_t, None, keep_t, d, j, nm)
         scale = grid.scale_t[(col0 + j) // grid.width]  # [rows]
-        c = quantize_codes(w[a], scale, grid.spec).mul_(keep_t[j])  # [rows] codes, 0 where pruned
+        c = quantize_codes(w[a], scale, grid.spec)  # [rows] codes
+        if masked:
+            c.mul_(keep_t[j])  # 0 where pruned
         codes[a].copy_(c)
         q = c.mul_(scale)  # [rows] ŵ_j
         torch.sub(w[a], q, out=e[a]).div_(d[j])
