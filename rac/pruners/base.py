@@ -211,7 +211,9 @@ class PruneResult:
 
     `quant` is set by the quantizing solvers (gptq, sparsegpt with `quant`): then `weight` is
     `quant.dequantize()` cast to the input dtype, `mask` is True where kept (all True when nothing is
-    pruned) and the pruned entries have code 0. `loss` is tr((W-Ŵ) H (W-Ŵ)^T) with the undamped H (None when no H was given), computed from the
+    pruned) and the pruned entries have code 0.
+
+    `loss` is tr((W-Ŵ) H (W-Ŵ)^T) with the undamped H (None when no H was given), computed from the
     float32 solution before the cast to the input dtype. `damp` is the relative damping actually
     used (0.0 for methods that do not factor H).
     """

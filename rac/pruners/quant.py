@@ -8,8 +8,9 @@ q_ij = clamp(round(w_ij / s_ig), -q_max - 1, q_max), so ŵ_ij = s_ig q_ij. An al
 `channel` strategy), which vLLM serves as W4A16 / W8A16.
 
 Activation order. GPTQ may quantize columns in decreasing order of diag H; `g_idx[j]` then names the group
-of input column j in the original column order, so ŵ_ij = s_{i, g_idx[j]} q_ij whatever the order was.
-Without it column j belongs to group j // group_size.
+of input column j in the original column order, so ŵ_ij = s_{i, g_idx[j]} q_ij whatever the order was
+(`rac.pruners.gptq` sets g_idx exactly when act_order is on; per channel it is all 0: only the processing
+order changed). Without it column j belongs to group j // group_size.
 """
 
 from __future__ import annotations
