@@ -9,6 +9,7 @@ version-2 index gains the (empty) table and keeps every row.
 from __future__ import annotations
 
 import json
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -233,3 +234,17 @@ def test_version_2_index_gains_the_harness_table(tmp_path: Path, first: str,
                    capsys)
     assert got == [{"label": "dense", "task": "t", "metric": "acc", "value": 0.5, "stderr": 0.1, "n": 4,
                     "n_total": 7, "config": '{"tasks": ["t"]}'}]
+
+
+def test_schema_doc_lists_every_harness_column(tmp_path: Path) -> None:
+    """docs/schema.md's `harness_results` table names exactly the columns the index creates."""
+    with Index(tmp_path).connect():  # creates the file at the current schema
+        pass
+    with duckdb.connect(str(tmp_path / "rac.duckdb"), read_only=True) as con:
+        cols = [c for (c,) in con.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = "
+                                          "'harness_results' ORDER BY column_index").fetchall()]
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "schema.md").read_text()
+    section = doc.split("### `harness_results`", 1)[1].split("\n## ", 1)[0]
+    documented = [c for line in section.splitlines() if line.startswith("| `")
+                  for c in re.findall(r"`([a-z_]+)`", line.split("|")[1])]
+    assert documented == cols and len(cols) == 18

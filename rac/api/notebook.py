@@ -169,6 +169,7 @@ def evaluate(model: PrunedModel | Path | str, problems: Prompts, *, generation: 
     ecfg = config_of(EvalConfig, where, generation=generation, bootstrap=bootstrap, seed=seed)
     pruned: PrunedModel | None = None
     expect: str | None = None  # the template hash the eval prompts must carry (a pruned model's calibration's)
+    run: str | None = run_id  # the run to continue (None: a new one)
     if isinstance(model, PrunedModel):
         pruned = model
         model_dir, work, run = model.base_model, model.work_dir, model.run_id
@@ -178,7 +179,7 @@ def evaluate(model: PrunedModel | Path | str, problems: Prompts, *, generation: 
                                 "method": model.method, "sparsity": model.sparsity}
     else:
         model_dir, _ = model_of(model, where)
-        work, run = work_dir_of(work_dir), run_id
+        work = work_dir_of(work_dir)
         meta = {"model": "dense", "calibration": None, "method": None, "sparsity": 0.0}
     name = label or (pruned.label if pruned is not None else "dense")
     pcfg = prompts_config(problems, work, template, where, need_answers=True)
