@@ -1,7 +1,7 @@
 """rac vs llm-compressor side by side on identical inputs (`make bench-peer`; rac issue 14, item 1).
 
     .venv/bin/python -m bench.peer [--quick] [--parts solver,e2e] [--threads 1,2]
-        [--methods sgpt50,sgpt24,wanda50] [--rac-variants default,matrix,layer] [--out DIR]
+        [--methods sgpt50,sgpt24,wanda50] [--rac-variants default,matrix,layer] [--rounds 1] [--out DIR]
     .venv/bin/python -m bench.peer --readme-table      # the README comparison table from peer.json
 
 llm-compressor 0.14 lives in its own venv, bench/.venv-peer (created here on first use: the CPU torch wheel
@@ -56,6 +56,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "sgpt24": {"method": "sparsegpt", "nm": (2, 4)},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
 }
+DEFAULT_VARIANTS = {"sgpt50": ["default", "matrix", "layer"], "sgpt24": ["default"], "wanda50": ["default"]}
 RAC_VARIANTS: dict[str, dict[str, Any]] = {  # applied on top of rac's defaults (float32 compute/activations)
     "default": {},
     "matrix": {"prune": {"scope": "matrix"}},  # unstructured SparseGPT only
@@ -91,9 +92,11 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_child(tool: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One measurement in a fresh process of `tool`'s venv; the child's result plus load averages."""
-    py, module = (sys.executable, "bench.peer_rac") if tool == "rac" else (str(PEER_PY), "bench.peer_child")
+def run_child(tool: str, args: dict[str, Any], threads: int, module: str | None = None) -> dict[str, Any]:
+    """One measurement in a fresh process of `tool`'s venv (rac: `module`, default bench.peer_rac; peer:
+    bench.peer_child); the child's result plus load averages."""
+    py, default = (sys.executable, "bench.peer_rac") if tool == "rac" else (str(PEER_PY), "bench.peer_child")
+    module = module or default
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run([py, "-m", module, json.dumps({**args, "threads": threads})], cwd=ROOT,
@@ -166,39 +169,63 @@ def rac_label(cfg: CompressConfig) -> str:
 def _score(res: dict[str, Any], out: Path, sets: Sets) -> None:
     res["heldout"] = heldout_nll(out, sets.heldout)
     shutil.rmtree(out, ignore_errors=True)
-    print(f"  e2e t={res['threads']} {res['method']} {res['label']}: wall {res['wall_s']:.1f} s, solver "
+    cpu = res["usage"]["user_s"] + res["usage"]["system_s"]
+    print(f"  e2e t={res['threads']} {res['method']} {res['label']}: wall {res['wall_s']:.1f} s, cpu {cpu:.1f} s, solver "
           f"{res['solver_s']:.1f} s, peak {res['peak_rss_mb']:.0f} MiB, PPL {res['heldout']['ppl']:.4f}", flush=True)
 
 
 def e2e_part(tmp: Path, model: Path, sets: Sets, threads: list[int], methods: list[str],
-             variants: list[str]) -> list[dict[str, Any]]:
-    """rac compress and llm-compressor oneshot on SmolLM2, interleaved per method and thread count."""
-    records = []
+             variants: dict[str, list[str]], rounds: int) -> list[dict[str, Any]]:
+    """rac compress and llm-compressor oneshot on SmolLM2, interleaved per method and thread count; `rounds`
+    repetitions of the whole sequence, every other one in reverse order (the peer first)."""
+    plan: list[tuple[int, str, str, str, CompressConfig | None]] = []
     for t in threads:
         for method in methods:
-            cfgs = rac_configs(method, variants)
+            cfgs = rac_configs(method, variants[method])
             jobs: list[tuple[str, str, CompressConfig | None]] = [("rac", cfgs[0][0], cfgs[0][1]),
                                                                  ("peer", "oneshot", None)]
             jobs += [("rac", name, cfg) for name, cfg in cfgs[1:]]
-            for tool, variant, cfg in jobs:
-                out = tmp / "out"
-                if tool == "rac":
-                    assert cfg is not None
-                    args = {"kind": "compress", "model": str(model), "calib": str(sets.calib), "out": str(out),
-                            "work": str(tmp / "work"), "cfg": cfg.canonical()}
-                    label = rac_label(cfg)
-                else:
-                    spec = METHODS[method]
-                    args = {"kind": "oneshot", "model": str(model), "calib": str(sets.calib_export),
-                            "out": str(out), "method": spec["method"], "sparsity": 0.5,
-                            "nm": list(spec["nm"]) if "nm" in spec else None}
-                    label = "llm-compressor oneshot (layer-sequential, float32)"
-                res = run_child(tool, args, t)
-                shutil.rmtree(tmp / "work", ignore_errors=True)
-                res.update(label=label, method=method, variant=variant)
-                _score(res, out, sets)
-                records.append(res)
+            plan += [(t, method, *job) for job in jobs]
+    records = []
+    for r in range(rounds):
+        for t, method, tool, variant, cfg in (plan if r % 2 == 0 else _reversed_per_method(plan)):
+            res = _e2e_run(tmp, model, sets, t, method, tool, cfg)
+            res.update(variant=variant, round=r)
+            _score(res, tmp / "out", sets)
+            records.append(res)
     return records
+
+
+def _reversed_per_method(plan: list[Any]) -> list[Any]:
+    """The plan with the jobs of each (threads, method) block in reverse order."""
+    out: list[Any] = []
+    i = 0
+    while i < len(plan):
+        j = i
+        while j < len(plan) and plan[j][:2] == plan[i][:2]:
+            j += 1
+        out += plan[i:j][::-1]
+        i = j
+    return out
+
+
+def _e2e_run(tmp: Path, model: Path, sets: Sets, t: int, method: str, tool: str,
+             cfg: CompressConfig | None) -> dict[str, Any]:
+    out = tmp / "out"
+    if tool == "rac":
+        assert cfg is not None
+        args = {"kind": "compress", "model": str(model), "calib": str(sets.calib), "out": str(out),
+                "work": str(tmp / "work"), "cfg": cfg.canonical()}
+        label = rac_label(cfg)
+    else:
+        spec = METHODS[method]
+        args = {"kind": "oneshot", "model": str(model), "calib": str(sets.calib_export), "out": str(out),
+                "method": spec["method"], "sparsity": 0.5, "nm": list(spec["nm"]) if "nm" in spec else None}
+        label = "llm-compressor oneshot (layer-sequential, float32)"
+    res = run_child(tool, args, t)
+    shutil.rmtree(tmp / "work", ignore_errors=True)
+    res.update(label=label, method=method)
+    return res
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -207,8 +234,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     spec = SetsSpec(calib_prompts=16, calib_tokens=3000, heldout_prompts=8, max_new_tokens=128) if a.quick \
         else SetsSpec()
     parts, threads = a.parts.split(","), [int(x) for x in a.threads.split(",")]
-    methods, variants = a.methods.split(","), a.rac_variants.split(",")
-    bad = [m for m in methods if m not in METHODS] + [v for v in variants if v not in RAC_VARIANTS]
+    methods = a.methods.split(",")
+    variants = {m: (a.rac_variants.split(",") if a.rac_variants else DEFAULT_VARIANTS[m]) for m in METHODS}
+    bad = [m for m in methods if m not in METHODS] + [v for vs in variants.values() for v in vs
+                                                      if v not in RAC_VARIANTS]
     if bad:
         raise SystemExit(f"unknown method/variant {bad}; methods {list(METHODS)}, variants {list(RAC_VARIANTS)}")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sets = build_sets(model, spec)
             results.update(model={"alias": MODEL, "path": str(model)}, sets=sets.info)
             results["dense"] = {"heldout": heldout_nll(model, sets.heldout)}
-            results["e2e"] = e2e_part(tmp, model, sets, threads, methods, variants)
+            results["e2e"] = e2e_part(tmp, model, sets, threads, methods, variants, a.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), load_at_end=list(os.getloadavg()))
@@ -265,7 +294,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", default="solver,e2e")
     p.add_argument("--threads", default=None)
     p.add_argument("--methods", default=None)
-    p.add_argument("--rac-variants", default="default,matrix,layer")
+    p.add_argument("--rac-variants", default=None,
+                   help="rac variants for every method (default: sgpt50 default,matrix,layer; others default)")
+    p.add_argument("--rounds", type=int, default=1, help="repetitions of the e2e sequence (alternating order)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--readme-table", action="store_true", help="print the README table from peer.json and exit")
     a = p.parse_args(argv)

@@ -13,7 +13,8 @@ Imports only the standard library, torch, transformers, datasets, safetensors an
            SparseGPTModifier or WandaPruningModifier with lm_head ignored (rac excludes it too). The
            measured region is model load + oneshot + `save_pretrained(out, save_compressed=False)` (cast to
            the checkpoint's storage dtype first, as rac writes it). Solver seconds are the time spent inside
-           the modifiers' `sparsify_weight` calls (wrapped here).
+           the modifiers' `sparsify_weight` calls (wrapped here); `stats_accumulate_s` the time inside their
+           `accumulate_hessian` / `accumulate_row_scalars` calls (the statistics hooks).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def _recipe(method: str, sparsity: float, nm: list[int] | None) -> Any:
 
 def oneshot_run(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
     """llm-compressor's oneshot on the exported calibration set; writes the pruned model to `out`."""
+    import datasets
     import llmcompressor.modifiers.pruning.sparsegpt.base as sgpt_base
     import llmcompressor.modifiers.pruning.wanda.base as wanda_base
     import torch
@@ -99,9 +101,14 @@ def oneshot_run(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(int(args["threads"]))
+    datasets.disable_caching()  # never write cache files into the exported calibration folder
     solver_acc = {"seconds": 0.0, "calls": 0.0}
+    stats_acc = {"seconds": 0.0, "calls": 0.0}
     sgpt_base.sparsify_weight = _timed(sgpt_base.sparsify_weight, solver_acc)  # type: ignore[attr-defined]
     wanda_base.sparsify_weight = _timed(wanda_base.sparsify_weight, solver_acc)  # type: ignore[attr-defined]
+    sgpt_base.accumulate_hessian = _timed(sgpt_base.accumulate_hessian, stats_acc)  # type: ignore[attr-defined]
+    wanda_base.accumulate_row_scalars = _timed(wanda_base.accumulate_row_scalars,  # type: ignore[attr-defined]
+                                               stats_acc)
     recipe = _recipe(args["method"], float(args["sparsity"]), args.get("nm"))
     meter.start()
     stamps = {}
@@ -117,6 +124,7 @@ def oneshot_run(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
     stamps["save_s"] = time.perf_counter() - meter.t0 - stamps["load_s"] - stamps["oneshot_s"]
     n_tokens = sum(len(x) for x in ds["input_ids"])
     return meter.result(solver_s=solver_acc["seconds"], solver_calls=int(solver_acc["calls"]), stages=stamps,
+                        stats_accumulate_s=stats_acc["seconds"], stats_calls=int(stats_acc["calls"]),
                         n_tokens=n_tokens, n_seqs=len(ds), versions=_versions(),
                         torch_threads=torch.get_num_threads(), storage_dtype=storage)
 
