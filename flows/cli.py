@@ -45,6 +45,11 @@ def cmd_run(args: argparse.Namespace, resume: bool = False) -> int:
     work = wd.work_dir(args)
     if resume:
         stored, config_path = stored_run(work, args.run)
+        from rac.api.inputs import API_SOURCE
+
+        if stored.get("source") == API_SOURCE:
+            raise ValueError(f"run {args.run!r} was made by rac.api and has no run config to resume: call the same "
+                             "rac.api functions again (its completed stages are reused)")
         cfg = parse_run_config(stored, source=f"run {args.run}")
         run_id = args.run
     else:

@@ -17,7 +17,7 @@ import rac.api
 from rac.data.generate import GenerateConfig
 from rac.data.templates import TemplateConfig
 from rac.store.index import Index
-from rac_prefect.flows.cli import EXIT_OK, main
+from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from tests.workdirs import calibration_stages
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,16 @@ def test_prompt_forms_share_one_file_and_key(tmp_path: Path) -> None:
     texts = [s.input_ids for s in first.sequences()]
     assert texts != [s.input_ids for s in r1.sequences()]
     assert all(set(s.segment_names()) == {"prompt"} for s in first.sequences())
+
+
+def test_api_runs_are_listed_and_not_resumed_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cal = rac.api.calibrate("tiny-llama", PROBLEMS, kind="prompt", token_budget=500, work_dir=tmp_path, **QUIET)
+    runs = sql(tmp_path, "select run_id, name, status, config->>'$.source' as source from runs", capsys)
+    assert runs == [{"run_id": cal.run_id, "name": "api", "status": "done", "source": "rac.api"}]
+    capsys.readouterr()
+    assert main(["--work-dir", str(tmp_path), "resume", cal.run_id]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"run {cal.run_id!r} was made by rac.api" in err, err
 
 
 def first_input(work: Path) -> str:

@@ -152,6 +152,9 @@ def test_same_evaluation_again_is_reused(pruned_work: tuple[Path, str], tmp_path
     assert any("already done harness/" in m for m in logged), logged
     stored = sql_rows(work, "select value from harness_results where metric = 'acc'", capsys)
     assert [r["value"] for r in stored] == [first[0].value("rac_test_mc", "acc")]
+    assert main(["--work-dir", str(work), "status", pruned_work[1]]) == EXIT_OK  # stages and numbers listed
+    status = capsys.readouterr().out
+    assert "harness/dense/" in status and "rac_test_mc" in status and "acc_norm" in status
     # a changed task file is another input: evaluated anew
     (tasks / "rac_test_mc.yaml").write_text((tasks / "rac_test_mc.yaml").read_text().replace("Answer:", "A:"))
     changed = rac.api.harness(pruned_work[1], "rac_test_mc", include_path=tasks, limit=3, models=["dense"],

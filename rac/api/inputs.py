@@ -33,6 +33,7 @@ Scalar: TypeAlias = str | int | float | bool
 # a value of a config mapping (`solver=` / `engine=`): what a YAML section holds
 ConfigValue: TypeAlias = Scalar | None | Sequence[Scalar] | Mapping[str, float]
 Prompts: TypeAlias = "PromptsConfig | Sequence[str] | Sequence[Mapping[str, Scalar]] | Dataset"
+API_SOURCE = "rac.api"  # the `source` of the config an API run is bound to (`rac resume` refuses such runs)
 TEXT_KEYS = ("prompt", "question")
 INPUTS_DIR = "inputs"
 

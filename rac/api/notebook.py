@@ -20,7 +20,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rac.api.inputs import ApiError, ConfigValue, Prompts, config_of, model_of, prompts_config, work_dir_of
+from rac.api.inputs import (
+    API_SOURCE,
+    ApiError,
+    ConfigValue,
+    Prompts,
+    config_of,
+    model_of,
+    prompts_config,
+    work_dir_of,
+)
 from rac.api.results import Calibration, EvalResult, PrunedModel
 from rac.data.calib import CalibConfig
 from rac.data.generate import GenerateConfig
@@ -42,7 +51,7 @@ LogFn = Callable[[str], None]
 
 def _run_config(model_dir: Path) -> dict[str, str]:
     """The config an API run is bound to (with the model revision, through the fingerprint)."""
-    return {"source": "rac.api", "model": str(model_dir)}
+    return {"source": API_SOURCE, "model": str(model_dir)}
 
 
 @contextmanager
