@@ -135,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     err().print(f"[bold]{args.harness}[/] {','.join(plan.cfg.tasks)} on {', '.join(m.label for m in plan.models)} "
                 f"of run {args.run}")
     try:
-        run_plan(plan, log=lambda m: err().print(m))
+        run_plan(plan, log=lambda m: err().print(m, markup=False))
     except Exception as exc:  # a model failed to evaluate: the stage row says so
         first = (str(exc).strip().splitlines() or [""])[0]
         err().print(f"[red]evaluation failed:[/] {type(exc).__name__}: {first}")

