@@ -40,7 +40,7 @@ from rac.pruners.base import PruneConfig
 from rac.reporting.export import safetensors_numels
 from rac.runs import stages as steps
 from rac.runs.memo import StageOutput
-from rac.runs.run_config import PruneJob, _prune_label
+from rac.runs.run_config import PruneJob, prune_label
 from rac.runs.session import RunSession
 from rac.runs.workdir import new_run_id
 from rac.store.index import Index, LayerRow
@@ -149,7 +149,7 @@ def prune(model: Path | str, calibration: Calibration, method: str = "sparsegpt"
         raise ApiError(f"{where}: model {str(model)!r} (revision {revision[:12]}) is not the model calibration "
                        f"{calibration.name!r} was built with ({calibration.model}, revision "
                        f"{calibration.model_revision[:12]})")
-    job = PruneJob(label or _prune_label(calibration.name, pcfg), calibration.name, ccfg)
+    job = PruneJob(label or prune_label(calibration.name, pcfg), calibration.name, ccfg)
     with _session(calibration.work_dir, calibration.run_id, calibration.model) as session:
         out = steps.prune_step(session.run, job, _calib_output(calibration), log=log)
     folder = out.output("model").path

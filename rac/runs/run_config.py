@@ -215,9 +215,11 @@ def _build(cls: type[C], data: Any, where: str, problems: list[str], drop: tuple
     return None
 
 
-def _prune_label(calib: str, prune: PruneConfig) -> str:
+def prune_label(calib: str, prune: PruneConfig) -> str:
+    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only)."""
     amount = f"{prune.nm[0]}of{prune.nm[1]}" if prune.nm else f"{round(float(prune.sparsity or 0.0) * 100):d}pct"
-    return f"{calib}-{prune.method}-{amount}"
+    parts = [calib, prune.method] + ([amount] if prune.method != "gptq" else [])
+    return "-".join(parts + ([prune.quant.label] if prune.quant is not None else []))
 
 
 def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
@@ -302,7 +304,7 @@ def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, CalibConfig], problem
     first = _build(CompressConfig, compress, "compress", problems, drop=("prune",), extra={"prune": valid[0]})
     if first is None or len(problems) > n_before:
         return []
-    jobs = [PruneJob(_prune_label(cname, p), cname, first.model_copy(update={"prune": p}))
+    jobs = [PruneJob(prune_label(cname, p), cname, first.model_copy(update={"prune": p}))
             for p in valid for cname in calibs]
     labels = [j.label for j in jobs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
