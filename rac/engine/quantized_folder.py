@@ -85,8 +85,8 @@ def linear_specs(name: str, out_features: int, in_features: int, spec: QuantSpec
     return specs
 
 
-def folder_specs(dense: Specs, linears: Collection[str], spec: QuantSpec, scale_dtype: torch.dtype) -> dict[
-        str, tuple[str, list[int]]]:
+def folder_specs(dense: Specs, linears: Collection[str], spec: QuantSpec,
+                 scale_dtype: torch.dtype) -> dict[str, tuple[str, list[int]]]:
     """The dense folder's specs with ``<m>.weight`` of every module in `linears` replaced by its quantized
     tensors; every other tensor (biases, norms, embeddings, LM head) is kept as it is."""
     out = {k: v for k, v in dense.items()}
