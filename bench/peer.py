@@ -1,7 +1,7 @@
 """rac vs llm-compressor side by side on identical inputs (`make bench-peer`; rac issue 14, item 1).
 
     .venv/bin/python -m bench.peer [--quick] [--parts solver,e2e] [--threads 1,2]
-        [--methods sgpt50,sgpt24,wanda50] [--rac-variants default,matrix,layer] [--rounds 1] [--out DIR]
+        [--methods sgpt50,sgpt24,wanda50] [--rac-variants default,matrix,row,layer] [--rounds 1] [--out DIR]
     .venv/bin/python -m bench.peer --readme-table      # the README comparison table from peer.json
 
 llm-compressor 0.14 lives in its own venv, bench/.venv-peer (created here on first use: the CPU torch wheel
@@ -56,10 +56,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "sgpt24": {"method": "sparsegpt", "nm": (2, 4)},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
 }
-DEFAULT_VARIANTS = {"sgpt50": ["default", "matrix", "layer"], "sgpt24": ["default"], "wanda50": ["default"]}
+DEFAULT_VARIANTS = {"sgpt50": ["default", "matrix", "row", "layer"], "sgpt24": ["default"], "wanda50": ["default"]}
 RAC_VARIANTS: dict[str, dict[str, Any]] = {  # applied on top of rac's defaults (float32 compute/activations)
     "default": {},
-    "matrix": {"prune": {"scope": "matrix"}},  # unstructured SparseGPT only
+    "matrix": {"prune": {"scope": "matrix"}},  # unstructured SparseGPT only: per block over all rows
+    "row": {"prune": {"scope": "row"}},  # unstructured SparseGPT only: exactly the target share per row
     "layer": {"sequential": "layer"},
 }
 SOLVER_SHAPES = ((1536, 576), (576, 1536))

@@ -10,7 +10,7 @@ two fresh child processes run the same `rac.engine.compress`:
      (getrusage deltas) under its call path (`stats_pass/layer_forward/HessianAccumulator.add`), so the
      table shows inclusive and self time per path. The wrappers cost about 2 us per call.
   2. sampling: py-spy (installed once into bench/.cache/tools, never the project venv) samples an
-     uninstrumented `bench.peer_rac` child at 100 Hz with native frames; each sample is attributed to the
+     uninstrumented `bench.peer_rac` child at 10 Hz with native frames; each sample is attributed to the
      innermost rac function on its stack and to the library of its leaf frame (torch kernels, libc =
      memcpy / memset / page-fault touching, OpenMP, Python interpreter ...).
 llm-compressor's `oneshot` gets the sampling run too (innermost llmcompressor / compressed_tensors frame),
@@ -40,7 +40,7 @@ from bench.peer_proc import Meter, emit, parse
 TOOLS = Path(__file__).resolve().parent / ".cache" / "tools"
 PYSPY = TOOLS / "bin" / "py-spy"
 PYSPY_PIN = "py-spy==0.4.3"
-SAMPLE_HZ = 100
+SAMPLE_HZ = 10  # native unwinding pauses the child per sample: 100 Hz tripled its wall time here
 
 
 class Timers:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "bench.peer_rac", json.dumps({"kind": "compress", **args})]
             load0 = os.getloadavg()[0]
             run["sampled"], run["sampled_process_s"] = sampled(cmd, env, tmp / "spy.txt", ROOT)
-            run["samples"] = summarize_samples(tmp / "spy.txt", ("rac/",))
+            run["samples"] = summarize_samples(tmp / "spy.txt", ("rac/",), SAMPLE_HZ)
             run["sampled_load"] = [load0, os.getloadavg()[0]]
             _clean(tmp)
             res["runs"].append(run)
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [str(PEER_PY), "-m", "bench.peer_child", json.dumps(pargs)]
             peer: dict[str, Any] = {"tool": "llm-compressor", "label": "llm-compressor oneshot (float32)"}
             peer["sampled"], peer["sampled_process_s"] = sampled(cmd, env, tmp / "spy.txt", ROOT)
-            peer["samples"] = summarize_samples(tmp / "spy.txt", ("llmcompressor/", "compressed_tensors/"))
+            peer["samples"] = summarize_samples(tmp / "spy.txt", ("llmcompressor/", "compressed_tensors/"), SAMPLE_HZ)
             res["peer"] = peer
             _clean(tmp)
     finally:

@@ -97,7 +97,7 @@ def leaf_kind(frame: str) -> str:
     return next((label for key, label in LIBS if key in loc), f"other native ({loc})")
 
 
-def summarize_samples(raw: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
+def summarize_samples(raw: Path, prefixes: tuple[str, ...], hz: int) -> dict[str, Any]:
     """Shares of py-spy raw samples: by innermost project frame (file:function), leaf library, leaf symbol."""
     inner: Counter[str] = Counter()
     libs: Counter[str] = Counter()
@@ -120,7 +120,7 @@ def summarize_samples(raw: Path, prefixes: tuple[str, ...]) -> dict[str, Any]:
                 where = f"{m.group(1)}:{name}"
                 break
         inner[where] += n
-    return {"total": total, "hz": 100, "innermost": inner.most_common(25), "leaf_libs": libs.most_common(),
+    return {"total": total, "hz": hz, "innermost": inner.most_common(25), "leaf_libs": libs.most_common(),
             "native_leaf": native.most_common(12)}
 
 
