@@ -33,9 +33,10 @@ def _problem(rows: int, cols: int, seed: int, mix: float = 0.3, dead: tuple[int,
 
 
 def _amax_scale(block: torch.Tensor, q_max: int) -> torch.Tensor:
-    """Scales [rows, 1] of a group block [rows, c] in float64: max |w| / q_max, 1 for an all-zero row."""
+    """Scales [rows, 1] of a group block [rows, c] in float64: max |w| / q_max rounded to bf16, 1 for an all-zero row."""
     amax = block.abs().amax(1, keepdim=True)
-    return torch.where(amax > 0, amax / q_max, torch.ones_like(amax))
+    rounded = (amax / q_max).float().to(torch.bfloat16).double()  # the served scale dtype (QuantSpec default)
+    return torch.where(amax > 0, rounded, torch.ones_like(amax))
 
 
 def reference_gptq(
@@ -114,7 +115,9 @@ def test_gptq_equals_the_papers_loop(bits: int, group_size: int | None, act_orde
         assert torch.equal(res.quant.groups(), groups)
         W_ref = codes * scales[:, groups]
         ref_loss = reconstruction_loss(W, W_ref.float(), H)
-        torch.testing.assert_close(res.weight.double(), W_ref, rtol=0, atol=2e-3 * float(W_ref.abs().max()))
+        same = res.quant.q.double() == codes  # the rare rounding ties _assert_matches_reference allows differ
+        torch.testing.assert_close(res.weight.double()[same], W_ref[same], rtol=0,
+                                   atol=2e-3 * float(W_ref.abs().max()))
         assert res.loss == pytest.approx(ref_loss, rel=2e-3)
         assert res.loss == pytest.approx(reconstruction_loss(W, res.weight, H), rel=1e-4)  # OBS identity
 
@@ -157,7 +160,7 @@ def test_gptq_loss_is_at_least_the_exhaustive_optimum(cols: int) -> None:
         res = gptq(W, H, PruneConfig(method="gptq", quant=spec, damp=1e-6))
         assert res.quant is not None
         s = float(res.quant.scale[0, 0])
-        assert s == pytest.approx(float(W.abs().max()) / 7, rel=1e-6)
+        assert s == pytest.approx(float(W.abs().max()) / 7, rel=2**-8)  # rounded to the bf16 scale dtype
         D = W.double() - s * grid  # [16^c, c]
         optimum = float(((D @ H.double()) * D).sum(1).min())
         direct = float(((W.double() - res.weight.double()) @ H.double() @ (W.double() - res.weight.double()).T).item())

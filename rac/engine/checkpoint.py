@@ -23,9 +23,28 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rac.pruners.quant import QuantizedWeight, QuantSpec
 from rac.store.artifacts import atomic_path, atomic_write_text, sha256_file
 
 Step = tuple[int, int]
+# a quantized linear <m> is checkpointed as <m>.weight (Ŵ, storage dtype) plus its codes and scales:
+QUANT_SUFFIXES = ("weight_codes", "weight_scales", "weight_groups")  # int8 [out, in], f32 [out, G], i32 [in]
+
+
+def quant_checkpoint_tensors(module: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a quantized linear `module` (codes, scales, and g_idx with act order)."""
+    out = {f"{module}.weight_codes": qw.q, f"{module}.weight_scales": qw.scale}
+    if qw.g_idx is not None:
+        out[f"{module}.weight_groups"] = qw.g_idx
+    return out
+
+
+def quant_from_checkpoint(module: str, tensors: Mapping[str, torch.Tensor], spec: QuantSpec) -> QuantizedWeight:
+    """The `QuantizedWeight` of `module` back from its step's checkpoint tensors (ValueError if absent)."""
+    codes, scales = tensors.get(f"{module}.weight_codes"), tensors.get(f"{module}.weight_scales")
+    if codes is None or scales is None:
+        raise ValueError(f"checkpoint has no codes/scales for quantized linear {module!r}")
+    return QuantizedWeight(q=codes, scale=scales, g_idx=tensors.get(f"{module}.weight_groups"), spec=spec)
 
 
 def resume_point(done: Callable[[int, int], bool], has_acts: Callable[[int], bool], n_layers: int,

@@ -122,10 +122,12 @@ def write_hf_folder(
     fetch: Callable[[str], torch.Tensor],
     provenance: Mapping[str, Any],
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    edit_config: Callable[[Path], None] | None = None,
 ) -> Path:
     """Assemble the HF folder in a temp dir beside `out_dir` and rename it into place; returns `out_dir`.
 
     `specs` maps every tensor name to (dtype, shape); `fetch(name)` returns its (possibly pruned) data.
+    `edit_config(path)` may rewrite the copied config.json in the temp dir (e.g. add a quantization config).
     `out_dir` must not exist or be an empty directory.
     """
     out_dir = Path(out_dir)
@@ -135,6 +137,8 @@ def write_hf_folder(
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out_dir) as tmp:
         copy_side_files(model_dir, tmp)
+        if edit_config is not None:
+            edit_config(tmp / "config.json")
         shards = plan_shards(specs, max_shard_bytes)
         weight_map: dict[str, str] = {}
         for k, names in enumerate(shards, start=1):

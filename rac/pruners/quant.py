@@ -4,7 +4,9 @@ Grid. A weight row is split into groups of `group_size` consecutive input column
 "per channel", when `group_size` is None). Each group g of row i has one scale
 s_ig = max_j |w_ij| / q_max with q_max = 2^(b-1) - 1 (7 for 4 bits, 127 for 8 bits), and the codes are
 q_ij = clamp(round(w_ij / s_ig), -q_max - 1, q_max), so ŵ_ij = s_ig q_ij. An all-zero group gets s = 1
-(its codes are 0). This is compressed-tensors' symmetric `int` scheme (zero point 0, `group` or
+(its codes are 0). Scales are rounded to `scale_dtype` (bf16 by default) when they are chosen, because the
+served folder stores them in that 16-bit dtype: codes are then chosen against the scale that is served, and
+Ŵ = q * scale is exactly what transformers and vLLM compute from the folder. This is compressed-tensors' symmetric `int` scheme (zero point 0, `group` or
 `channel` strategy), which vLLM serves as W4A16 / W8A16.
 
 Activation order. GPTQ may quantize columns in decreasing order of diag H; `g_idx[j]` then names the group
@@ -33,6 +35,7 @@ class QuantSpec(StageConfig):
     bits: Literal[4, 8] = 4
     group_size: int | None = 128
     act_order: bool = False  # GPTQ: quantize columns in decreasing diag H (recorded as g_idx)
+    scale_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # the dtype the folder stores scales in
 
     @field_validator("group_size")
     @classmethod
@@ -83,9 +86,12 @@ class QuantizedWeight:
 
 
 def group_scales(W: Tensor, spec: QuantSpec) -> Tensor:
-    """Scales [rows, 1] of the columns W [rows, c] taken as one group each row: max |w| / q_max (1 if all 0)."""
+    """Scales [rows, 1] of the columns W [rows, c] taken as one group each row: max |w| / q_max rounded to
+    `spec.scale_dtype` (1 if all 0), as float32."""
     amax = W.abs().amax(dim=1, keepdim=True)  # [rows, 1]
-    return torch.where(amax > 0, amax / spec.q_max, torch.ones_like(amax))
+    dtype = torch.bfloat16 if spec.scale_dtype == "bfloat16" else torch.float16
+    scale = (amax / spec.q_max).clamp_min(torch.finfo(dtype).tiny).to(dtype).float()  # representable in dtype
+    return torch.where(amax > 0, scale, torch.ones_like(amax))
 
 
 def quantize_codes(W: Tensor, scale: Tensor, spec: QuantSpec) -> Tensor:
