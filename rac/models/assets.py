@@ -204,7 +204,14 @@ _TINY_MOE: dict[str, dict[str, Any]] = {
 
 
 def _tiny_config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> Any:
-    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        LlamaConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig,
                "mixtral": MixtralConfig, "deepseek_v3": DeepseekV3Config}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # the highest migration step below (issue 15's expert_tokens step)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS runs (
@@ -37,6 +37,16 @@ CREATE TABLE IF NOT EXISTS proxies (
   n_positions INTEGER, recon_prompt DOUBLE, recon_decode DOUBLE, metrics JSON, created TIMESTAMP,
   PRIMARY KEY (run_id, label));
 """
+# ==== issue 15 (MoE expert coverage): one self-contained migration step; renumber at merge ====
+# Step to version EXPERT_TOKENS_VERSION: the table `expert_tokens` (calibration tokens the router sent to
+# each expert, per layer and segment; written with the prune step that pruned the expert's linears).
+EXPERT_TOKENS_VERSION = 3
+EXPERT_TOKENS_DDL = """
+CREATE TABLE IF NOT EXISTS expert_tokens (
+  run_id VARCHAR, stage_key VARCHAR, layer INTEGER, expert INTEGER, segment VARCHAR, tokens BIGINT,
+  created TIMESTAMP, PRIMARY KEY (stage_key, layer, expert, segment));
+"""
+# ==== end of issue 15's migration step ====
 # version 1 -> 2, per table: (old column, new column)
 RENAMES_V1: dict[str, tuple[tuple[str, str], ...]] = {
     "stages": (("key", "stage_key"),),
@@ -68,6 +78,8 @@ def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
         if version == 1:
             _rename_v1(con)
         con.execute(SCHEMA)
+        if version < EXPERT_TOKENS_VERSION:  # issue 15's step (a new file gets it too)
+            con.execute(EXPERT_TOKENS_DDL)
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     except BaseException:
         con.execute("ROLLBACK")
