@@ -61,11 +61,13 @@ def plot_expert_coverage(coverage: dict[str, dict[str, np.ndarray]], out: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import MaxNLocator
 
     labels = list(coverage)
     n_layers, n_experts = next(iter(coverage.values()))["prompt"].shape
-    fig, axes = plt.subplots(len(labels), len(SEGMENTS), squeeze=False,
-                             figsize=(max(6.0, 0.12 * n_experts * len(SEGMENTS) + 3), 0.18 * n_layers * len(labels) + 2.5))
+    fig, axes = plt.subplots(len(labels), len(SEGMENTS), squeeze=False, layout="constrained",
+                             figsize=(max(7.0, 0.08 * n_experts * len(SEGMENTS) + 3),
+                                      max(1.6, 0.12 * n_layers + 1.0) * len(labels) + 0.8))
     top = max(float(np.nanmax(g)) if np.isfinite(g).any() else 1.0 for grids in coverage.values()
               for g in grids.values())
     norm = LogNorm(vmin=1.0, vmax=max(top, 2.0))
@@ -75,10 +77,16 @@ def plot_expert_coverage(coverage: dict[str, dict[str, np.ndarray]], out: Path) 
             grid = coverage[label][seg]  # [layers, experts]
             im = ax.imshow(np.where(grid > 0, grid, np.nan), aspect="auto", cmap="viridis", norm=norm,
                            interpolation="nearest")
-            ax.set_title(f"{label}: {seg} tokens", fontsize=9)
-            ax.set_xlabel("expert", fontsize=8)
-            ax.set_ylabel("layer", fontsize=8)
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="routed tokens (white: none)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.set_title(f"{seg} tokens", fontsize=10)
+            if i == len(labels) - 1:
+                ax.set_xlabel("expert", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{label}\nlayer", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="routed calibration tokens (white: none)")
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
