@@ -93,7 +93,8 @@ def layer_candidates(adapter: Adapter, n_layers: int, weight_names: Collection[s
                       and (m := pattern.match(n, len(prefix))) is not None})
         per_group = []
         for group in adapter.groups:
-            names = [t.replace(EXPERT, str(e)) for t in group for e in (ids if EXPERT in t else [0])]
+            plain, templates = [t for t in group if EXPERT not in t], [t for t in group if EXPERT in t]
+            names = plain + [t.replace(EXPERT, str(e)) for e in ids for t in templates]  # expert by expert
             per_group.append(tuple(n for n in names if f"{prefix}{n}.weight" in present))
         out.append(per_group)
     return out
