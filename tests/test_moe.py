@@ -180,6 +180,8 @@ def test_expert_hessian_is_brute_force_over_routed_tokens(arch: str, weighting: 
                                            msg=f"{arch} expert {e} group {group} {name}")
         assert d.shape[1] == inputs[1].shape[1]
     assert sum(stats.counts.sum(dim=0).tolist()) == model.config.num_experts_per_tok * int(pad_f.sum())
+    held = sum(a.hessians.numel() * a.hessians.element_size() for a in stats.accs.values())
+    assert held == 8 * (64**2 + 32**2) * 4 * 2  # E x (H^2 + I^2) x float32 x 2 kept segment slots (docs/SCALING.md)
 
 
 # ---------------------------------------------------------------------------------------------- engine

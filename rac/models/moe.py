@@ -100,8 +100,10 @@ def layer_candidates(adapter: Adapter, n_layers: int, weight_names: Collection[s
     return out
 
 
-def _fused(spec: MoeSpec, tensors: dict[str, torch.Tensor], experts: nn.Module, where: str) -> dict[str, torch.Tensor]:
-    """The fused experts parameters from the per-expert checkpoint matrices (popped from `tensors`)."""
+def _fused(spec: MoeSpec, tensors: dict[str, torch.Tensor], experts: nn.Module, where: str, dtype: torch.dtype,
+           device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The fused experts parameters (`dtype` on `device`) from the per-expert checkpoint matrices, popped
+    from `tensors` one by one: the peak is one layer's checkpoint experts plus the fused copy."""
     count = n_experts(experts)
     missing = [spec.expert_name(e, r) for e in range(count) for r in ("gate", "up", "down")
                if spec.expert_name(e, r) + ".weight" not in tensors]
@@ -110,12 +112,15 @@ def _fused(spec: MoeSpec, tensors: dict[str, torch.Tensor], experts: nn.Module, 
         hint = " (the file holds fused experts: not supported, rac reads per-expert checkpoints)" \
             if fused in tensors else ""
         raise ShardError(f"{where}: expert tensors {missing[:3]} not found{hint}")
-    take = {r: [tensors.pop(spec.expert_name(e, r) + ".weight") for e in range(count)]
-            for r in ("gate", "up", "down")}
+    inter, hidden = tensors[spec.expert_name(0, "gate") + ".weight"].shape
+    gate_up = torch.empty(count, 2 * inter, hidden, dtype=dtype, device=device)  # [E, 2I, H]
+    down = torch.empty(count, hidden, inter, dtype=dtype, device=device)  # [E, H, I]
+    for e in range(count):
+        gate_up[e, :inter] = tensors.pop(spec.expert_name(e, "gate") + ".weight")
+        gate_up[e, inter:] = tensors.pop(spec.expert_name(e, "up") + ".weight")
+        down[e] = tensors.pop(spec.expert_name(e, "down") + ".weight")
     key = f"{spec.block}.{spec.experts}."
-    return {key + "gate_up_proj": torch.stack([torch.cat([g, u], dim=0) for g, u in zip(take["gate"], take["up"],
-                                                                                       strict=True)]),
-            key + "down_proj": torch.stack(take["down"])}  # [E, 2I, H], [E, H, I]
+    return {key + "gate_up_proj": gate_up, key + "down_proj": down}
 
 
 def materialize_layer(layer: nn.Module, prefix: str, files: WeightFiles, spec: MoeSpec, dtype: torch.dtype,
@@ -125,7 +130,8 @@ def materialize_layer(layer: nn.Module, prefix: str, files: WeightFiles, spec: M
     model keeps in float32 (DeepSeek's `e_score_correction_bias`) keep their checkpoint dtype."""
     tensors = files.load_prefix(prefix)
     experts = experts_module(layer, spec)
-    state = _fused(spec, tensors, experts, f"{files.model_dir}: {prefix}") if experts is not None else {}
+    where = f"{files.model_dir}: {prefix}"
+    state = _fused(spec, tensors, experts, where, dtype, device) if experts is not None else {}
     state.update({spec.module_path(k): v for k, v in tensors.items()})
     wanted = set(layer.state_dict().keys())
     missing = sorted(wanted - set(state))
