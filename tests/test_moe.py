@@ -354,8 +354,8 @@ def test_expert_tokens_table_migration_and_forget(tmp_path: Path) -> None:
         con.execute(SCHEMA)
         con.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     index = Index(tmp_path)
-    assert index.query("select count(*) from expert_tokens")[1] == [(0,)]
-    assert index.query("select value from meta where name = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
+    assert index.query("select value, (select count(*) from expert_tokens) from meta where name = 'schema_version'"
+                       )[1] == [(str(SCHEMA_VERSION), 0)]
     for layer in range(3):
         index.record_step("r", "k", layer, 2, [], [], [(e, seg, 10 * layer + e) for e in range(2)
                                                     for seg in ("prompt", "decode")])

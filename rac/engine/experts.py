@@ -52,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 
 from rac.config import StageConfig
 from rac.data.segments import SEGMENT_IDS, SEGMENT_NAMES
-from rac.engine.checkpoint import StepRecord
+from rac.engine.checkpoint import ExpertRecord, StepRecord
 from rac.engine.layer import SegmentPlan
 from rac.models.adapters import MoeSpec
 from rac.models.moe import expert_intermediate, expert_weight, experts_module, n_experts
@@ -112,6 +112,18 @@ def expert_members(spec: MoeSpec | None, names: Sequence[str]) -> dict[int, tupl
     return {e: tuple(v) for e, v in sorted(out.items())}
 
 
+def pass_members(spec: MoeSpec | None, selected: Mapping[int, Sequence[str]], present: Mapping[int, Sequence[str]],
+                 chunk: frozenset[int] | None, plain: bool) -> tuple[dict[int, tuple[str, ...]],
+                                                                    dict[int, dict[int, tuple[str, ...]]]]:
+    """What one statistics pass collects, per group: the plain linears to hook (every one `present`, if
+    `plain`) and expert -> its `selected` linears (the experts of `chunk` only, when given)."""
+    hooked = {g: tuple(n for n in names if spec is None or spec.parse(n) is None) if plain else ()
+              for g, names in present.items()}
+    members = {g: {e: v for e, v in expert_members(spec, names).items() if chunk is None or e in chunk}
+               for g, names in selected.items()}
+    return hooked, {g: m for g, m in members.items() if m}
+
+
 def expert_chunks(experts: Sequence[int], per_pass: int | None) -> list[frozenset[int] | None]:
     """The statistics passes of one group: None (every expert, one pass) or chunks of `per_pass` experts."""
     if per_pass is None or len(experts) <= per_pass:
@@ -127,6 +139,22 @@ def expert_treatment(tokens: int, moe: ExpertConfig, prune: PruneConfig) -> tupl
     if moe.low_tokens == "damp" and tokens > 0:
         return prune.model_copy(update={"damp": moe.low_token_damp}), f"damp={moe.low_token_damp:g}"
     return prune.model_copy(update={"method": "magnitude"}), "magnitude"
+
+
+def prune_experts(stats: ExpertStats, group: int, members: Mapping[int, Sequence[str]], plan: SegmentPlan,
+                  moe: ExpertConfig, prune: PruneConfig,
+                  prune_linear: Callable[[str, Tensor, int, PruneConfig], None]) -> list[ExpertRecord]:
+    """Prune every expert of `group` that `stats` holds: its linears `members[e]` by `prune_linear(rel, H_e,
+    tokens, cfg)` with its own H_e and the config its token count calls for; their records, by expert."""
+    records = []
+    for e, acc in stats.take(group).items():
+        tokens = acc.tokens()
+        cfg, treatment = expert_treatment(tokens, moe, prune)
+        H = plan.hessian(acc)  # [d_in, d_in] float32: this expert's routed tokens only
+        for rel in members[e]:
+            prune_linear(rel, H, tokens, cfg)
+        records.append(ExpertRecord(e, stats.segment_tokens(e), tokens, treatment))
+    return records
 
 
 def _bind(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:

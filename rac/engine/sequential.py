@@ -40,7 +40,8 @@ from rac.engine.experts import (
     expert_chunks,
     expert_members,
     expert_provenance,
-    expert_treatment,
+    pass_members,
+    prune_experts,
 )
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import memory_hygiene as _memory_hygiene
@@ -195,25 +196,24 @@ def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module, acc
     its own (`rac.engine.experts`); update the module in place."""
     prefix = run.adapter.layer_prefix(layer)
     members = expert_members(run.adapter.moe, run.table[layer][group])
-    tensors, records, expert_records = {}, [], []
+    tensors: dict[str, torch.Tensor] = {}
+    records: list[LinearRecord] = []
+    expert_records: list[ExpertRecord] = []
+
+    def one(rel: str, H: torch.Tensor, tokens: int, cfg: PruneConfig) -> None:
+        key, W_hat, record = _prune_linear(run, prefix, rel, H, tokens, module, cfg)
+        tensors[key] = W_hat
+        records.append(record)
+
     plain = [r for r in run.table[layer][group] if not any(r in v for v in members.values())]
     if acc is not None and plain:
         H = run.plan.hessian(acc)  # [d_in, d_in] float32
         tokens = acc.tokens()
         del acc  # free the per-segment sums before the pruner's workspace is allocated
         for rel in plain:
-            key, W_hat, record = _prune_linear(run, prefix, rel, H, tokens, module, run.cfg.prune)
-            tensors[key] = W_hat
-            records.append(record)
-    for e, acc_e in (experts.take(group) if experts is not None else {}).items():
-        tokens = acc_e.tokens()
-        cfg, treatment = expert_treatment(tokens, run.cfg.moe, run.cfg.prune)
-        H = run.plan.hessian(acc_e)  # [d_in, d_in] float32: this expert's routed tokens only
-        for rel in members[e]:
-            key, W_hat, record = _prune_linear(run, prefix, rel, H, tokens, module, cfg)
-            tensors[key] = W_hat
-            records.append(record)
-        expert_records.append(ExpertRecord(e, experts.segment_tokens(e), tokens, treatment))  # type: ignore[union-attr]
+            one(rel, H, tokens, run.cfg.prune)
+    if experts is not None:
+        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, run.cfg.prune, one)
     return tensors, records, expert_records
 
 
@@ -223,12 +223,8 @@ def _collect(run: _Run, module: torch.nn.Module, layer: int, groups: dict[int, t
     """One statistics pass: the plain linears' group Hessians (if `plain`) and, in a MoE layer, those of
     the selected experts of `groups` (of `chunk` only, when given)."""
     spec = run.adapter.moe
-    members = {g: {e: v for e, v in expert_members(spec, run.table[layer][g]).items() if chunk is None or e in chunk}
-               for g in groups}
-    members = {g: m for g, m in members.items() if m}
+    hooked, members = pass_members(spec, {g: run.table[layer][g] for g in groups}, groups, chunk, plain)
     experts = ExpertStats(module, spec, members, run.plan, run.cfg.moe.weighting) if spec and members else None
-    hooked = {g: tuple(n for n in names if spec is None or spec.parse(n) is None) if plain else ()
-              for g, names in groups.items()}
     accs = stats_pass(module, layer, hooked, run.calib, src, run.kwargs, run.dtype, run.device, run.plan, experts)
     return _reduced(run, accs), experts
 
@@ -267,10 +263,7 @@ def _load_done_groups(run: _Run, layer: int, upto: int, module: torch.nn.Module)
 def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None) -> tuple[list[StepRecord], bool]:
     """Steps (layer, first_group..last) of one layer; returns their records and whether stop_after hit."""
     module = decoder_layers(run.model, run.adapter)[layer]
-    if run.adapter.moe is not None:  # per-expert checkpoint matrices -> fused expert parameters
-        materialize_layer(module, run.adapter.layer_prefix(layer), run.files, run.adapter.moe, run.dtype, run.device)
-    else:
-        materialize(module, run.adapter.layer_prefix(layer), run.files, run.dtype, run.device)
+    materialize_layer(module, run.adapter.layer_prefix(layer), run.files, run.adapter.moe, run.dtype, run.device)
     src = ActStore.open(run.ckpt.acts_path(layer))
     groups = run.layout[layer]
     todo = {g: groups[g] for g in range(first_group, len(groups)) if run.table[layer][g]}
@@ -287,8 +280,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
         records: list[LinearRecord] = []
         expert_records: list[ExpertRecord] = []
         if g in todo:
-            chunks = [None] if run.cfg.sequential == "layer" else \
-                expert_chunks(list(expert_members(run.adapter.moe, run.table[layer][g])), run.cfg.moe.experts_per_pass)
+            chunks = expert_chunks(list(expert_members(run.adapter.moe, run.table[layer][g])),
+                                   run.cfg.moe.experts_per_pass)  # [None] in layer order (validated)
             for i, chunk in enumerate(chunks):  # one pass, or one per chunk of experts (plain linears in the first)
                 if run.cfg.sequential == "group":
                     accs, experts = _collect(run, module, layer, {g: groups[g]}, src, chunk, plain=i == 0)

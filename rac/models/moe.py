@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from rac.models.adapters import EXPERT, Adapter, MoeSpec, Role
-from rac.models.streaming import ShardError, WeightFiles
+from rac.models.streaming import ShardError, WeightFiles, materialize
 
 
 def experts_module(layer: nn.Module, spec: MoeSpec) -> nn.Module | None:
@@ -123,11 +123,15 @@ def _fused(spec: MoeSpec, tensors: dict[str, torch.Tensor], experts: nn.Module, 
     return {key + "gate_up_proj": gate_up, key + "down_proj": down}
 
 
-def materialize_layer(layer: nn.Module, prefix: str, files: WeightFiles, spec: MoeSpec, dtype: torch.dtype,
+def materialize_layer(layer: nn.Module, prefix: str, files: WeightFiles, spec: MoeSpec | None, dtype: torch.dtype,
                       device: torch.device | str) -> None:
-    """`rac.models.streaming.materialize` for a decoder layer of a MoE model: per-expert checkpoint matrices
-    fused into the experts parameters, block names mapped (`block_sparse_moe.` -> `mlp.`). Buffers the
-    model keeps in float32 (DeepSeek's `e_score_correction_bias`) keep their checkpoint dtype."""
+    """`rac.models.streaming.materialize` for a decoder layer (`spec` None: exactly that). Of a MoE model:
+    per-expert checkpoint matrices fused into the experts parameters, block names mapped
+    (`block_sparse_moe.` -> `mlp.`); buffers the model keeps in float32 (DeepSeek's
+    `e_score_correction_bias`) keep their checkpoint dtype."""
+    if spec is None:
+        materialize(layer, prefix, files, dtype, device)
+        return
     tensors = files.load_prefix(prefix)
     experts = experts_module(layer, spec)
     where = f"{files.model_dir}: {prefix}"
