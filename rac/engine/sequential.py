@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 import rac
 from rac.config import StageConfig
@@ -102,10 +102,12 @@ class CompressConfig(StageConfig):
             raise ValueError(f"batch_tokens must be >= 1, got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _experts(self) -> CompressConfig:
-        check_expert_config(self.moe, self.prune.method, self.sequential)
-        return self
+    @field_validator("moe")
+    @classmethod
+    def _experts(cls, v: ExpertConfig, info: ValidationInfo) -> ExpertConfig:
+        if "prune" in info.data and "sequential" in info.data:  # declared before moe: validated first
+            check_expert_config(v, info.data["prune"].method, info.data["sequential"])
+        return v
 
 
 @dataclass(frozen=True)
