@@ -93,15 +93,16 @@ def _child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_child(tool: str, args: dict[str, Any], threads: int, module: str | None = None) -> dict[str, Any]:
+def run_child(tool: str, args: dict[str, Any], threads: int, module: str | None = None,
+              extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """One measurement in a fresh process of `tool`'s venv (rac: `module`, default bench.peer_rac; peer:
-    bench.peer_child); the child's result plus load averages."""
+    bench.peer_child; `extra_env` added to its environment); the child's result plus load averages."""
     py, default = (sys.executable, "bench.peer_rac") if tool == "rac" else (str(PEER_PY), "bench.peer_child")
     module = module or default
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.run([py, "-m", module, json.dumps({**args, "threads": threads})], cwd=ROOT,
-                          env=_child_env(threads), capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
+                          env={**_child_env(threads), **(extra_env or {})}, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S,
                           check=False)
     process_s = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -213,6 +214,7 @@ def _reversed_per_method(plan: list[Any]) -> list[Any]:
 def _e2e_run(tmp: Path, model: Path, sets: Sets, t: int, method: str, tool: str,
              cfg: CompressConfig | None) -> dict[str, Any]:
     out = tmp / "out"
+    args: dict[str, Any]
     if tool == "rac":
         assert cfg is not None
         args = {"kind": "compress", "model": str(model), "calib": str(sets.calib), "out": str(out),

@@ -13,6 +13,8 @@ two fresh child processes run the same `rac.engine.compress`:
      uninstrumented `bench.peer_rac` child at 10 Hz with native frames; each sample is attributed to the
      innermost rac function on its stack and to the library of its leaf frame (torch kernels, libc =
      memcpy / memset / page-fault touching, OpenMP, Python interpreter ...).
+For the default variant, three more timed runs try fixes from outside rac (`EXPERIMENTS`: glibc's mmap
+threshold, huge pages for its mmapped chunks, a second gc.freeze) and compare with the plain timed run.
 llm-compressor's `oneshot` gets the sampling run too (innermost llmcompressor / compressed_tensors frame),
 for comparison. The report and the fixes are in `bench.peer_profile_report`.
 """
@@ -142,11 +144,38 @@ def timers_child(args: dict[str, Any]) -> dict[str, Any]:
     cfg = CompressConfig.model_validate(args["cfg"])
     timers = Timers()
     missing = instrument(timers)
+    if args.get("refreeze_gc"):
+        _refreeze_after_skeleton()
     run = timers.wrap("compress", compress)
     meter.start()
     res = run(Path(args["model"]), Path(args["calib"]), Path(args["out"]), cfg, Path(args["work"]))
     return meter.result(timers=timers.as_json(), missing=missing, n_tokens=res.n_tokens,
                         cfg=cfg.canonical())
+
+
+def _refreeze_after_skeleton() -> None:
+    """Experiment: `gc.freeze()` once more right after the model skeleton is built, so the objects created by
+    the model code imported there are not walked by every later `gc.collect()`."""
+    import rac.engine.sequential as seq
+
+    build = seq.build_skeleton
+
+    @functools.wraps(build)
+    def build_then_freeze(*a: Any, **kw: Any) -> Any:
+        model = build(*a, **kw)
+        gc.freeze()
+        return model
+
+    seq.build_skeleton = build_then_freeze  # type: ignore[assignment]
+
+
+EXPERIMENTS: tuple[tuple[str, dict[str, str], dict[str, Any]], ...] = (  # (label, extra env, extra child args)
+    ("glibc mmap threshold 64 MiB instead of 4 MiB (MALLOC_MMAP_THRESHOLD_=67108864)",
+     {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}, {}),
+    ("huge pages for glibc's mmapped chunks (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; THP in madvise mode)",
+     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {}),
+    ("gc.freeze() again after the model skeleton is built (patched in the child)", {}, {"refreeze_gc": True}),
+)
 
 
 def ensure_pyspy() -> Path:
@@ -199,6 +228,15 @@ def main(argv: list[str] | None = None) -> None:
             _clean(tmp)
             res["runs"].append(run)
             print(f"  profiled {run['label']}", flush=True)
+            if variant == "default" and not a.no_experiments:
+                run["experiments"] = []
+                for label, extra_env, extra_args in EXPERIMENTS:
+                    exp = run_child("rac", {"kind": "timers", **args, **extra_args}, a.threads,
+                                    module="bench.peer_profile", extra_env=extra_env)
+                    exp["label"] = label
+                    run["experiments"].append(exp)
+                    _clean(tmp)
+                    print(f"  experiment {label}: {exp['wall_s']:.1f} s", flush=True)
         if not a.no_peer:
             pargs = {"kind": "oneshot", "model": str(model), "calib": str(sets.calib_export), "out": str(tmp / "out"),
                      "method": "sparsegpt", "sparsity": 0.5, "nm": None, "threads": a.threads}
@@ -235,6 +273,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--method", default="sgpt50")
     p.add_argument("--variants", default="default,layer")
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--no-experiments", action="store_true", help="skip the allocator / gc experiments")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 

@@ -144,9 +144,12 @@ def _tree(timers: dict[str, dict[str, float]], total: float, min_share: float = 
 
 
 def _phase_table(timers: dict[str, dict[str, float]], total: float) -> list[str]:
-    lines = ["| phase | wall s | % | user s | system s | minor faults (k) |", "|---|---|---|---|---|---|"]
+    cpu = sum(v["user_s"] + v["system_s"] for _, v in phases(timers)) or 1.0
+    lines = ["| phase | wall s | % of wall | % of CPU | user s | system s | minor faults (k) |",
+             "|---|---|---|---|---|---|---|"]
     for name, v in phases(timers):
-        lines.append(f"| {name} | {v['wall_s']:.2f} | {100 * v['wall_s'] / total:.1f} | {v['user_s']:.2f} "
+        lines.append(f"| {name} | {v['wall_s']:.2f} | {100 * v['wall_s'] / total:.1f} "
+                     f"| {100 * (v['user_s'] + v['system_s']) / cpu:.1f} | {v['user_s']:.2f} "
                      f"| {v['system_s']:.2f} | {v['minor_faults'] / 1e3:.0f} |")
     return lines
 
@@ -183,6 +186,26 @@ def _run_section(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _experiments(run: dict[str, Any]) -> list[str]:
+    exps = run.get("experiments") or []
+    if not exps:
+        return []
+    lines = [f"## Experiments on {run['label']} (timed runs; rac unchanged, the setting applied from outside)", "",
+             "| run | compress wall s | CPU s (user + system) | system s | minor faults (M) | gc.collect s "
+             "| statistics forward s | propagation forward s | peak RSS MiB | peak - import MiB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [{**run["timers"], "label": "as is"}, *exps]:
+        ph, u = dict(phases(r["timers"])), r["usage"]
+        gc_s = sum(v["wall_s"] for p, v in self_times(r["timers"]).items() if p.endswith("gc.collect"))
+        sf = ph.get(FORWARD["stats_pass"], {"wall_s": 0.0})["wall_s"]
+        pf = ph.get(FORWARD["output_pass"], {"wall_s": 0.0})["wall_s"]
+        lines.append(f"| {r['label']} | {r['timers']['compress']['wall_s']:.1f} | {u['user_s'] + u['system_s']:.1f} "
+                     f"| {u['system_s']:.1f} | {u['minor_faults'] / 1e6:.2f} | {gc_s:.1f} | {sf:.1f} | {pf:.1f} "
+                     f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} "
+                     f"| {r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |")
+    return [*lines, ""]
+
+
 def _findings(run: dict[str, Any]) -> list[str]:
     total = run["timers"]["timers"]["compress"]["wall_s"]
     lines = [f"## Largest items and fixes ({run['label']})", ""]
@@ -205,6 +228,8 @@ def profile_markdown(res: dict[str, Any]) -> str:
              "`bench/peer_profile_report.py` (phases, this report).", ""]
     for run in res["runs"]:
         lines += _findings(run)
+    for run in res["runs"]:
+        lines += _experiments(run)
     for run in res["runs"]:
         lines += _run_section(run)
     if res.get("peer"):

@@ -228,7 +228,7 @@ def test_version_2_index_gains_the_harness_table(tmp_path: Path, first: str,
         assert sql_rows(tmp_path, "select count(*) as n from harness_results", capsys) == [{"n": 0}]
     idx = Index(tmp_path)
     assert idx.query("SELECT value FROM meta WHERE name = 'schema_version'")[1] == [(str(SCHEMA_VERSION),)]
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION >= 3  # later versions add tables after harness_results
     assert [(r["run_id"], r["status"]) for r in idx.list_runs()] == [("r1", "done")]
     assert [(e["label"], e["n_problems"], e["runaway_share"]) for e in idx.evals("r1")] == [("dense", 20, 0.25)]
     row = HarnessRow("lm-eval", "0.4.13", "hf", "t", "acc", "none", 0.5, 0.1, 4, 7, 0, True, "/m")

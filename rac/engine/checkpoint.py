@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,16 @@ class LinearRecord:
 
 
 @dataclass(frozen=True)
+class ExpertRecord:
+    """One expert of a MoE layer in one step: its calibration coverage and how its linears were pruned."""
+
+    expert: int
+    segment_tokens: dict[str, int]  # real calibration tokens the router sent to it, per segment (all segments)
+    tokens: int  # tokens behind its Hessian (the kept segments)
+    treatment: str  # "hessian", or the low-token treatment of rac.engine.experts (e.g. "magnitude")
+
+
+@dataclass(frozen=True)
 class CheckpointFile:
     """A persisted checkpoint file with its content hash."""
 
@@ -104,6 +114,7 @@ class StepRecord:
     linears: tuple[LinearRecord, ...]
     files: tuple[CheckpointFile, ...]
     seconds: float
+    experts: tuple[ExpertRecord, ...] = ()  # MoE layers: the experts whose linears this step pruned
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,7 +128,8 @@ class StepRecord:
             for x in d["linears"]
         )
         files = tuple(CheckpointFile(Path(f["path"]), f["sha256"], int(f["bytes"])) for f in d["files"])
-        return cls(int(d["layer"]), int(d["group"]), linears, files, float(d["seconds"]))
+        experts = tuple(ExpertRecord(**x) for x in d.get("experts", ()))
+        return cls(int(d["layer"]), int(d["group"]), linears, files, float(d["seconds"]), experts)
 
 
 class Checkpoints:
@@ -174,7 +186,7 @@ class Checkpoints:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
                       metadata={"layer": str(layer), "group": str(group)})
         files = tuple(CheckpointFile.of(p) for p in (path, *extra_files))
-        full = StepRecord(record.layer, record.group, record.linears, files, record.seconds)
+        full = replace(record, files=files)
         atomic_write_text(self.record_path(layer, group), json.dumps(full.to_json(), indent=1))
         return full
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -160,10 +160,22 @@ class _Stop(Exception):
     """Raised by a statistics hook once every requested group has seen its input."""
 
 
+class RoutedHooks(Protocol):
+    """Statistics of a MoE layer's routed experts (`rac.engine.experts.ExpertStats`), counted as one more
+    member of the pass: `done()` after each batch's experts call."""
+
+    def attach(self, done: Callable[[], None]) -> Any: ...
+
+    def start_batch(self, segments: torch.Tensor, pad_mask: torch.Tensor) -> None: ...
+
+
 class _GroupHooks:
     """Pre-hooks on the linears of the requested groups: one Hessian per group, stop after the last."""
 
-    def __init__(self, module: nn.Module, groups: Mapping[int, Sequence[str]], plan: SegmentPlan) -> None:
+    def __init__(self, module: nn.Module, groups: Mapping[int, Sequence[str]], plan: SegmentPlan,
+                 routed: RoutedHooks | None = None) -> None:
+        groups = {g: names for g, names in groups.items() if names}  # a MoE group may hold only experts
+        self.routed = routed
         self.linears = {g: [get_submodule(module, n) for n in names] for g, names in groups.items()}
         for g, mods in self.linears.items():
             if not all(isinstance(m, nn.Linear) for m in mods):
@@ -180,6 +192,8 @@ class _GroupHooks:
         for g, mods in self.linears.items():
             for m in mods:
                 self._handles.append(m.register_forward_pre_hook(self._hook(g)))
+        if self.routed is not None:
+            self._handles.append(self.routed.attach(self._arrived))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -188,35 +202,43 @@ class _GroupHooks:
 
     def start_batch(self, segments: torch.Tensor | None, mask: torch.Tensor) -> None:
         self.segments, self.mask, self._seen = segments, mask, {}
-        self._pending = sum(len(m) for m in self.linears.values())
+        self._pending = sum(len(m) for m in self.linears.values()) + (self.routed is not None)
+
+    def _arrived(self) -> None:
+        self._pending -= 1
+        if self._pending == 0:
+            raise _Stop
 
     def _hook(self, g: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0]  # [B, L, d_in]
+            x = args[0]  # [B, L, d_in] (MLA's latent kv_b_proj input: [B, 1, L, d_in])
             if g not in self._seen:
-                self.accs[g].add(x, segment_ids=self.segments, token_mask=self.mask)
+                tokens = x.squeeze(1) if self.mask is not None and x.dim() == self.mask.dim() + 2 else x
+                self.accs[g].add(tokens, segment_ids=self.segments, token_mask=self.mask)
                 self._seen[g] = (x, 1)
             else:
                 first, count = self._seen[g]
                 if x is not first:
                     raise ValueError(f"linears {self.names[g]} of one group do not share their input")
                 self._seen[g] = (first, count + 1)
-            self._pending -= 1
-            if self._pending == 0:
-                raise _Stop
+            self._arrived()
 
         return hook
 
 
 def stats_pass(module: nn.Module, layer: int, groups: Mapping[int, Sequence[str]], calib: Calibration,
                src: ActStore, kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device,
-               plan: SegmentPlan) -> dict[int, HessianAccumulator]:
-    """One Hessian accumulator per requested group over the calibration tokens the plan keeps."""
-    hooks = _GroupHooks(module, groups, plan)
+               plan: SegmentPlan, routed: RoutedHooks | None = None) -> dict[int, HessianAccumulator]:
+    """One Hessian accumulator per requested group over the calibration tokens the plan keeps (and, with
+    `routed`, the per-expert statistics of a MoE layer in the same forward)."""
+    hooks = _GroupHooks(module, groups, plan, routed)
     with hooks, torch.no_grad():
         for batch in calib.batches:
             hidden = read_batch(src, batch, dtype, device)
-            hooks.start_batch(*plan.labels(calib.batch_segments(batch).to(device), batch.mask().to(device)))
+            segments, pad = calib.batch_segments(batch).to(device), batch.mask().to(device)
+            hooks.start_batch(*plan.labels(segments, pad))
+            if routed is not None:
+                routed.start_batch(segments, pad)
             try:
                 layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             except _Stop:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 import rac
 from rac.config import StageConfig
@@ -34,11 +34,22 @@ from rac.engine.actstore import ActStore
 from rac.engine.batches import Calibration, load_calibration
 from rac.engine.checkpoint import (
     Checkpoints,
+    ExpertRecord,
     LinearRecord,
     Step,
     StepRecord,
     quant_checkpoint_tensors,
     quant_from_checkpoint,
+)
+from rac.engine.experts import (
+    ExpertConfig,
+    ExpertStats,
+    check_expert_config,
+    expert_chunks,
+    expert_members,
+    expert_provenance,
+    pass_members,
+    prune_experts,
 )
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import memory_hygiene as _memory_hygiene
@@ -53,6 +64,8 @@ from rac.models.adapters import (
     get_submodule,
     select_groups,
 )
+from rac.models.moe import layer_candidates, materialize_layer
+from rac.models.moe import set_weight as set_moe_weight
 from rac.models.streaming import WeightFiles, build_skeleton, load_config, materialize, release
 from rac.pruners import prune
 from rac.pruners.base import PruneConfig
@@ -77,6 +90,8 @@ class CompressConfig(StageConfig):
     batch_tokens: int = 4096  # tokens per forward batch (equal-length sequences)
     device: Literal["cpu", "cuda"] = "cpu"
     trust_remote_code: bool = False
+    # mixture-of-experts models (rac.engine.experts); the defaults stay out of canonical(): dense keys unchanged
+    moe: ExpertConfig = Field(default_factory=ExpertConfig, exclude_if=lambda v: v == ExpertConfig())
 
     @field_validator("segment_weights")
     @classmethod
@@ -94,6 +109,13 @@ class CompressConfig(StageConfig):
     def _batch(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"batch_tokens must be >= 1, got {v}")
+        return v
+
+    @field_validator("moe")
+    @classmethod
+    def _experts(cls, v: ExpertConfig, info: ValidationInfo) -> ExpertConfig:
+        if "prune" in info.data and "sequential" in info.data:  # declared before moe: validated first
+            check_expert_config(v, info.data["prune"].method, info.data["sequential"])
         return v
 
 
@@ -120,6 +142,7 @@ class _Run:
     calib: Calibration
     ckpt: Checkpoints
     table: list[list[tuple[str, ...]]]
+    layout: list[list[tuple[str, ...]]]  # per layer, per group: every linear present (hooked for statistics)
     kwargs: LayerKwargs
     plan: SegmentPlan
     device: torch.device
@@ -146,40 +169,79 @@ def _energy(W: torch.Tensor, H: torch.Tensor, rows: int = 256) -> float:
     return total
 
 
-def _set_weight(module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
+def _set_weight(run: _Run, module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
     """Copy W into the weight of linear `rel` of `module` (cast to the module's compute dtype)."""
+    if run.adapter.moe is not None:  # checkpoint names: expert slices of fused parameters, renamed blocks
+        set_moe_weight(module, run.adapter.moe, rel, W)
+        return
     linear = cast(torch.nn.Linear, get_submodule(module, rel))
     with torch.no_grad():
         linear.weight.copy_(W.to(linear.weight.dtype))
 
 
-def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module,
-                 acc: HessianAccumulator) -> tuple[dict[str, torch.Tensor], list[LinearRecord]]:
-    """Prune the selected linears of one group with its Hessian; update the module in place."""
-    H = run.plan.hessian(acc)  # [d_in, d_in] float32
-    tokens = acc.tokens()
-    del acc  # free the per-segment sums before the pruner's workspace is allocated
+def _prune_linear(run: _Run, prefix: str, rel: str, H: torch.Tensor, tokens: int, module: torch.nn.Module,
+                  cfg: PruneConfig) -> tuple[dict[str, torch.Tensor], LinearRecord]:
+    """Prune one linear with H # [d_in, d_in] float32; update the module in place. Returns its checkpoint
+    tensors (Ŵ in the storage dtype, plus codes and scales when quantized) and its record."""
+    key = f"{prefix}{rel}.weight"
+    W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
+    res = prune(W, H, cfg)
+    W_hat = res.weight.to(W.dtype)
+    loss = res.loss if res.loss is not None else reconstruction_loss(W, W_hat, H)
+    energy = _energy(W, H)
+    _set_weight(run, module, rel, W_hat)
+    tensors = {key: W_hat}
+    if res.quant is not None:  # codes and scales for the compressed-tensors folder
+        tensors.update(quant_checkpoint_tensors(prefix + rel, res.quant))
+    return tensors, LinearRecord(
+        name=prefix + rel, shape=(int(W.shape[0]), int(W.shape[1])),
+        sparsity=float((W_hat == 0).sum()) / W_hat.numel(),
+        rel_error=loss / energy if energy > 0 else float("nan"), loss=loss, damp=float(res.damp),
+        retries=len(res.retries), retry_log=tuple(f"damp={r.damp}: {r.error}" for r in res.retries),
+        seconds=res.seconds, tokens=tokens,
+    )
+
+
+_Pruned = tuple[dict[str, torch.Tensor], list[LinearRecord], list[ExpertRecord]]
+
+
+def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module, acc: HessianAccumulator | None,
+                 experts: ExpertStats | None) -> _Pruned:
+    """Prune the selected linears of one group: the plain ones with the group's Hessian, each expert's with
+    its own (`rac.engine.experts`); update the module in place."""
     prefix = run.adapter.layer_prefix(layer)
-    tensors, records = {}, []
-    for rel in run.table[layer][group]:
-        key = f"{prefix}{rel}.weight"
-        W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
-        res = prune(W, H, run.cfg.prune)
-        W_hat = res.weight.to(W.dtype)
-        loss = res.loss if res.loss is not None else reconstruction_loss(W, W_hat, H)
-        energy = _energy(W, H)
-        _set_weight(module, rel, W_hat)
-        tensors[key] = W_hat
-        if res.quant is not None:  # codes and scales for the compressed-tensors folder
-            tensors.update(quant_checkpoint_tensors(prefix + rel, res.quant))
-        records.append(LinearRecord(
-            name=prefix + rel, shape=(int(W.shape[0]), int(W.shape[1])),
-            sparsity=float((W_hat == 0).sum()) / W_hat.numel(),
-            rel_error=loss / energy if energy > 0 else float("nan"), loss=loss, damp=float(res.damp),
-            retries=len(res.retries), retry_log=tuple(f"damp={r.damp}: {r.error}" for r in res.retries),
-            seconds=res.seconds, tokens=tokens,
-        ))
-    return tensors, records
+    members = expert_members(run.adapter.moe, run.table[layer][group])
+    tensors: dict[str, torch.Tensor] = {}
+    records: list[LinearRecord] = []
+    expert_records: list[ExpertRecord] = []
+
+    def one(rel: str, H: torch.Tensor, tokens: int, cfg: PruneConfig) -> None:
+        out, record = _prune_linear(run, prefix, rel, H, tokens, module, cfg)
+        tensors.update(out)
+        records.append(record)
+
+    plain = [r for r in run.table[layer][group] if not any(r in v for v in members.values())]
+    if acc is not None and plain:
+        H = run.plan.hessian(acc)  # [d_in, d_in] float32
+        tokens = acc.tokens()
+        del acc  # free the per-segment sums before the pruner's workspace is allocated
+        for rel in plain:
+            one(rel, H, tokens, run.cfg.prune)
+    if experts is not None:
+        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, run.cfg.prune, one)
+    return tensors, records, expert_records
+
+
+def _collect(run: _Run, module: torch.nn.Module, layer: int, groups: dict[int, tuple[str, ...]], src: ActStore,
+             chunk: frozenset[int] | None = None,
+             plain: bool = True) -> tuple[dict[int, HessianAccumulator], ExpertStats | None]:
+    """One statistics pass: the plain linears' group Hessians (if `plain`) and, in a MoE layer, those of
+    the selected experts of `groups` (of `chunk` only, when given)."""
+    spec = run.adapter.moe
+    hooked, members = pass_members(spec, {g: run.table[layer][g] for g in groups}, groups, chunk, plain)
+    experts = ExpertStats(module, spec, members, run.plan, run.cfg.moe.weighting) if spec and members else None
+    accs = stats_pass(module, layer, hooked, run.calib, src, run.kwargs, run.dtype, run.device, run.plan, experts)
+    return _reduced(run, accs), experts
 
 
 def _reduced(run: _Run, accs: dict[int, HessianAccumulator]) -> dict[int, HessianAccumulator]:
@@ -211,33 +273,37 @@ def _load_done_groups(run: _Run, layer: int, upto: int, module: torch.nn.Module)
     for g in range(upto):
         for key, t in run.ckpt.load_weights(layer, g).items():
             if key.endswith(".weight"):  # codes / scales of quantized linears are for the output only
-                _set_weight(module, key[len(prefix):].removesuffix(".weight"), t)
+                _set_weight(run, module, key[len(prefix):].removesuffix(".weight"), t)
 
 
 def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None) -> tuple[list[StepRecord], bool]:
     """Steps (layer, first_group..last) of one layer; returns their records and whether stop_after hit."""
     module = decoder_layers(run.model, run.adapter)[layer]
-    materialize(module, run.adapter.layer_prefix(layer), run.files, run.dtype, run.device)
+    materialize_layer(module, run.adapter.layer_prefix(layer), run.files, run.adapter.moe, run.dtype, run.device)
     src = ActStore.open(run.ckpt.acts_path(layer))
-    groups = run.adapter.groups
+    groups = run.layout[layer]
     todo = {g: groups[g] for g in range(first_group, len(groups)) if run.table[layer][g]}
     t_prev = time.perf_counter()  # step seconds run from the previous step's end (stats pass included)
     accs: dict[int, HessianAccumulator] = {}
+    experts: ExpertStats | None = None
     if run.cfg.sequential == "layer" and todo:  # dense statistics, before any pruned weight is loaded
-        accs = _reduced(run, stats_pass(module, layer, todo, run.calib, src, run.kwargs, run.dtype, run.device,
-                                         run.plan))
+        accs, experts = _collect(run, module, layer, todo, src)
         _trim_heap()
     _load_done_groups(run, layer, first_group, module)
     done: list[StepRecord] = []
     for g in range(first_group, len(groups)):
         tensors: dict[str, torch.Tensor] = {}
         records: list[LinearRecord] = []
+        expert_records: list[ExpertRecord] = []
         if g in todo:
-            if run.cfg.sequential == "group":
-                accs = _reduced(run, stats_pass(module, layer, {g: groups[g]}, run.calib, src, run.kwargs,
-                                                run.dtype, run.device, run.plan))
-                _trim_heap()
-            tensors, records = _prune_group(run, layer, g, module, accs.pop(g))
+            chunks = expert_chunks(list(expert_members(run.adapter.moe, run.table[layer][g])),
+                                   run.cfg.moe.experts_per_pass)  # [None] in layer order (validated)
+            for i, chunk in enumerate(chunks):  # one pass, or one per chunk of experts (plain linears in the first)
+                if run.cfg.sequential == "group":
+                    accs, experts = _collect(run, module, layer, {g: groups[g]}, src, chunk, plain=i == 0)
+                    _trim_heap()
+                t, r, x = _prune_group(run, layer, g, module, accs.pop(g, None), experts)
+                tensors, records, expert_records = {**tensors, **t}, records + r, expert_records + x
             if run.dist is not None:
                 run.dist.check_same(tensors, f"layer {layer} group {g}")
         extra: tuple[Path, ...] = ()
@@ -247,8 +313,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
             output_pass(module, layer, run.calib, src, dst, run.kwargs, run.dtype, run.device)
             dst.commit()
             extra = (dst.path, ActStore.sidecar(dst.path))
-        record = _save_step(run, StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev),
-                            tensors, extra)
+        record = _save_step(run, StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev,
+                                            tuple(expert_records)), tensors, extra)
         done.append(record)
         if g == len(groups) - 1:
             run.ckpt.drop_acts(layer)  # only after the step is reported: a resume at (layer, last) still finds it
@@ -348,11 +414,20 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     check_out_dir(out_dir)
     config, adapter = load_config(Path(model_dir), cfg.trust_remote_code)
+    if adapter.moe is not None and cfg.prune.quant is not None:
+        raise ValueError(f"quant={cfg.prune.quant.label} is not supported for mixture-of-experts models yet "
+                         f"(model_type {config.model_type!r}): prune without quant")
     files = WeightFiles(Path(model_dir))
     n_layers, n_groups = int(config.num_hidden_layers), len(adapter.groups)
     start = _check_step(start_at, n_layers, n_groups, "start_at") or (0, 0)
     stop = _check_step(stop_after, n_layers, n_groups, "stop_after")
-    table = select_groups(adapter, n_layers, cfg.include, cfg.exclude)
+    layout = [list(adapter.groups)] * n_layers
+    if adapter.moe is not None:  # templates expanded over each layer's experts, absent names dropped
+        layout = layer_candidates(adapter, n_layers, files.names())
+        if dist is not None:
+            raise ValueError(f"data-parallel compression of mixture-of-experts models ({adapter.family}) "
+                             "is not supported: run it in one process")
+    table = select_groups(adapter, n_layers, cfg.include, cfg.exclude, layout if adapter.moe else None)
     max_len = int(getattr(config, "max_position_embeddings", 0) or 2**31)
     full = load_calibration(Path(calib_path), int(config.vocab_size), max_len, cfg.batch_tokens)
     calib = full if dist is None else dist.shard(full, cfg.batch_tokens)
@@ -373,7 +448,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         ckpt.verify(fingerprint)
     if adapter.rotary is not None:
         get_submodule(model, adapter.rotary).to(device)  # real buffers (inv_freq), no weights
-    run = _Run(cfg, files, adapter, model, calib, ckpt, table,
+    run = _Run(cfg, files, adapter, model, calib, ckpt, table, layout,
                LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step, dist)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
@@ -391,6 +466,8 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         return CompressResult(None, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start)
     every = [ckpt.load_record(layer, g) for layer in range(n_layers) for g in range(n_groups)]
     provenance = build_provenance(cfg, stage_configs, files, full, every, time.perf_counter() - t_start)
+    if adapter.moe is not None:
+        provenance["experts"] = expert_provenance(every, cfg.moe)
     _write_output(run, every, out_dir, provenance)
     ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
     if dist is not None:

@@ -20,7 +20,7 @@ import fnmatch
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,57 @@ LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+
+
+# ---- mixture-of-experts rows (rac.models.moe: fused experts <-> per-expert checkpoint matrices) ----
+Role = Literal["gate", "up", "down"]
+EXPERT = "{e}"  # expert index placeholder in group templates, expanded per layer by rac.models.moe.layer_candidates
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Names of a sparse MoE block relative to a decoder layer: module path (transformers 5), checkpoint
+    name, the fused experts module, and the per-expert checkpoint names of its gate / up / down linears."""
+
+    block: str = "mlp"
+    file_block: str = "mlp"  # Mixtral checkpoints: block_sparse_moe
+    experts: str = "experts"
+    gate: str = "gate_proj"  # Mixtral: w1, w3, w2
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+    def expert_name(self, expert: int, role: Role) -> str:
+        """Checkpoint name of an expert linear relative to its layer, e.g. ``mlp.experts.3.gate_proj``."""
+        return f"{self.file_block}.{self.experts}.{expert}.{getattr(self, role)}"
+
+    def parse(self, rel: str) -> tuple[int, Role] | None:
+        """(expert, role) of an expert linear's relative checkpoint name; None for any other linear."""
+        head = f"{self.file_block}.{self.experts}."
+        index, _, linear = rel[len(head):].partition(".") if rel.startswith(head) else ("", "", "")
+        roles: dict[str, Role] = {self.gate: "gate", self.up: "up", self.down: "down"}
+        return (int(index), roles[linear]) if index.isdigit() and linear in roles else None
+
+    def module_path(self, rel: str) -> str:
+        """Module path of a non-expert checkpoint name (``block_sparse_moe.gate`` -> ``mlp.gate``)."""
+        head = self.file_block + "."
+        return self.block + "." + rel[len(head):] if rel.startswith(head) else rel
+
+
+ATTENTION = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+# dense-MLP names first: a MoE model's dense layers (mlp_only_layers, first_k_dense_replace) use them
+QWEN3_MOE_GROUPS = (*ATTENTION, ("mlp.gate_proj", "mlp.up_proj", "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+                    ("mlp.down_proj", "mlp.experts.{e}.down_proj"))
+MIXTRAL_GROUPS = (*ATTENTION, ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3"),
+                  ("block_sparse_moe.experts.{e}.w2",))
+# multi-head latent attention: [q (no q LoRA) | q_a, kv_a] -> [q_b] -> [kv_b] -> [o]; shared experts see every token
+DEEPSEEK_V3_GROUPS = (
+    ("self_attn.q_proj", "self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+    ("self_attn.kv_b_proj",), ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj", "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj",
+     "mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj"),
+    ("mlp.down_proj", "mlp.shared_experts.down_proj", "mlp.experts.{e}.down_proj"),
+)
+# ---- end of the mixture-of-experts rows ----
 
 
 @dataclass(frozen=True)
@@ -44,6 +95,7 @@ class Adapter:
     rotary: str | None = "model.rotary_emb"
     lm_head: str = "lm_head"
     groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
+    moe: MoeSpec | None = None  # MoE families: names are templates, expanded per layer (rac.models.moe)
 
     def layer_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer `index`, e.g. ``model.layers.3.``."""
@@ -60,6 +112,11 @@ ADAPTERS: dict[str, Adapter] = {
     "mistral": Adapter(family="mistral"),
     "qwen2": Adapter(family="qwen2"),
     "qwen3": Adapter(family="qwen3"),
+    # mixture of experts: the router (`mlp.gate`) is in no group, so it is never pruned
+    "qwen3_moe": Adapter(family="qwen3_moe", groups=QWEN3_MOE_GROUPS, moe=MoeSpec()),
+    "mixtral": Adapter(family="mixtral", groups=MIXTRAL_GROUPS,
+                       moe=MoeSpec(file_block="block_sparse_moe", gate="w1", up="w3", down="w2")),
+    "deepseek_v3": Adapter(family="deepseek_v3", groups=DEEPSEEK_V3_GROUPS, moe=MoeSpec()),
 }
 
 DEFAULT_INCLUDE: tuple[str, ...] = ("*",)
@@ -85,20 +142,27 @@ def select_groups(
     n_layers: int,
     include: Sequence[str] = DEFAULT_INCLUDE,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    candidates: Sequence[Sequence[tuple[str, ...]]] | None = None,
 ) -> list[list[tuple[str, ...]]]:
     """Per layer, per group: the relative names of the linears selected by the glob patterns.
 
     A linear is selected when its full name (``model.layers.3.mlp.up_proj``) matches some include pattern and
     no exclude pattern. An include pattern that matches no candidate linear raises ValueError naming it.
+    `candidates`: per layer, per group, the linears that exist (required for a MoE adapter, whose groups are
+    templates: `rac.models.moe.layer_candidates`); default: `adapter.groups` in every layer.
     """
     if n_layers < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if candidates is None and adapter.moe is not None:
+        raise ValueError(f"adapter {adapter.family!r} (mixture of experts) needs the per-layer candidates")
+    if candidates is not None and len(candidates) != n_layers:
+        raise ValueError(f"candidates cover {len(candidates)} layers, expected {n_layers}")
     used = {pattern: False for pattern in include}
     table: list[list[tuple[str, ...]]] = []
     for layer in range(n_layers):
         prefix = adapter.layer_prefix(layer)
         per_group: list[tuple[str, ...]] = []
-        for group in adapter.groups:
+        for group in (candidates[layer] if candidates is not None else adapter.groups):
             chosen = []
             for rel in group:
                 full = prefix + rel

@@ -189,10 +189,32 @@ def _train_tiny_tokenizer(out: Path, seed: int, vocab_size: int) -> Any:
     return fast
 
 
-def _tiny_config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> Any:
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3")
+# mixture-of-experts tiny models: 8 experts of width 32, top-2 routing
+_TINY_MOE: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(head_dim=16, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True),
+    "mixtral": dict(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    # DeepSeek-V3 style: layer 0 dense, then routed experts in 2 groups (top-1 group) plus one shared expert,
+    # multi-head latent attention with a q LoRA
+    "deepseek_v3": dict(num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+}
 
-    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+
+def _tiny_config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]) -> Any:
+    from transformers import (
+        DeepseekV3Config,
+        LlamaConfig,
+        MixtralConfig,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
+
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "qwen3_moe": Qwen3MoeConfig,
+               "mixtral": MixtralConfig, "deepseek_v3": DeepseekV3Config}
     if arch not in classes:
         raise ValueError(f"unknown tiny model arch {arch!r}; known: {sorted(classes)}")
     kw: dict[str, Any] = dict(
@@ -203,12 +225,13 @@ def _tiny_config(arch: str, vocab_size: int, tok: Any, overrides: dict[str, Any]
     )
     if arch == "qwen3":
         kw["head_dim"] = 16
+    kw.update(_TINY_MOE.get(arch, {}))
     kw.update(overrides)
     return classes[arch](**kw)
 
 
 def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
-    """HF folder of a tiny random-weight `arch` model (llama/qwen2/qwen3) with a trained tokenizer; cached."""
+    """HF folder of a tiny random-weight `arch` model (one of `TINY_ARCHS`) with a trained tokenizer; cached."""
     key = json.dumps({"arch": arch, "seed": seed, "overrides": config_overrides, "v": ASSET_VERSION},
                      sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -230,8 +253,8 @@ def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
         )
         model.save_pretrained(out)
 
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise ValueError(f"unknown tiny model arch {arch!r}; known: ['llama', 'qwen2', 'qwen3']")
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown tiny model arch {arch!r}; known: {list(TINY_ARCHS)}")
     return _build_once(cache_dir() / "models" / f"tiny-{arch}-{digest}", build)
 
 
@@ -241,6 +264,9 @@ ALIASES: dict[str, Callable[[], Path]] = {
     "tiny-llama": lambda: tiny_model("llama"),
     "tiny-qwen2": lambda: tiny_model("qwen2"),
     "tiny-qwen3": lambda: tiny_model("qwen3"),
+    "tiny-qwen3-moe": lambda: tiny_model("qwen3_moe"),
+    "tiny-mixtral": lambda: tiny_model("mixtral"),
+    "tiny-deepseek-v3": lambda: tiny_model("deepseek_v3"),
 }
 
 

@@ -4,6 +4,7 @@ Files in `<work_dir>/runs/<run_id>/report/`:
   report.md         the tables (evaluation of dense vs each calibration x sparsity, proxies, stages, layer errors)
   metrics.png       accuracy (95% CI), mean CoT tokens, runaway share, eval wall time per model
   layer_error.png   mean relative reconstruction error per decoder layer (rows: pruned models)
+  expert_tokens.png MoE models: routed calibration tokens per layer x expert, prompt vs decode (rac.reporting.coverage)
   tokerror-*.png    per-token reconstruction-error heatmaps, when the run computed them (copied in)
 
 The report is written by the run's last task, before the run row is closed: the status it shows is the one
@@ -21,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from rac.reporting.coverage import coverage_table, expert_coverage, plot_expert_coverage
 from rac.reporting.export import export_command, pruned_models
 from rac.reporting.numbers import fmt
 from rac.runs.workdir import FileLock, WorkDir
@@ -219,6 +221,14 @@ def write_report(work_dir: Path | str, run_id: str, status: str | None = None) -
         md += [f"| {lb} | " + " | ".join(f"{e:.4f}" for e in errs) + " |" for lb, errs in errors.items()]
         md += ["", "![layer error](layer_error.png)", ""]
         written.append(plot_layer_errors(errors, out_dir / "layer_error.png"))
+    coverage = expert_coverage(index, stages)
+    if coverage:  # mixture-of-experts models: which experts the prompt and the decode tokens reach
+        md += ["## Expert coverage (mixture of experts)", "",
+               "Calibration tokens the router sent to each expert (index table `expert_tokens`); experts below "
+               "`compress.moe.min_expert_tokens` and their treatment are listed in each model's rac_provenance.json "
+               "(`experts.low_token_experts`).", "", coverage_table(coverage), "",
+               "![expert tokens](expert_tokens.png)", ""]
+        written.append(plot_expert_coverage(coverage, out_dir / "expert_tokens.png"))
     md += _tokerror_section(index, stages, out_dir, written)
     md += ["## Stages", "", "| stage | stage_key | status | reused | seconds |", "|---|---|---|---|---|"]
     md += [f"| {s['name']} | `{s['stage_key']}` | {s['status']} | {bool(s['reused'])} | {fmt(s['seconds'], 1)} |" for s in stages]

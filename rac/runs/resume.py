@@ -136,8 +136,9 @@ class PruneResume:
             refs = [ArtifactRef.of(p, "ckpt-acts" if _ACTS_RE.search(p.name) else "ckpt-weights") for p in files]
             rows = [LayerRow(rec.layer, rec.group, lin.name, lin.sparsity, lin.rel_error, lin.loss, lin.damp,
                              lin.retries, lin.seconds) for lin in rec.linears]
+            experts = [(x.expert, seg, n) for x in rec.experts for seg, n in x.segment_tokens.items()]  # MoE
             crashpoint(f"prune.step:{rec.layer}:{rec.group}")
-            self.index.record_step(self.env.run_id, self.key, rec.layer, rec.group, rows, refs)
+            self.index.record_step(self.env.run_id, self.key, rec.layer, rec.group, rows, refs, experts)
             crashpoint(f"prune.row:{rec.layer}:{rec.group}")
             done = rec.layer * self.n_groups + rec.group + 1
             progress(done, self.n_layers * self.n_groups, f"layer {rec.layer} group {rec.group}")

@@ -295,8 +295,9 @@ class Index:
 
     # ---------------------------------------------------------------- layers
     def record_step(self, run_id: str, stage_key: str, layer: int, group: int, rows: list[LayerRow],
-                    checkpoints: list[ArtifactRef]) -> None:
-        """Write one (layer, group) step: its checkpoint artifacts and per-linear rows, in one transaction.
+                    checkpoints: list[ArtifactRef], experts: Sequence[tuple[int, str, int]] = ()) -> None:
+        """Write one (layer, group) step: its checkpoint artifacts, per-linear rows and, for a MoE layer,
+        the routed tokens `experts` = (expert, segment, tokens) of the experts it pruned, in one transaction.
 
         Call only after the checkpoint files are fsynced and hashed.
         """
@@ -310,6 +311,9 @@ class Index:
                     [run_id, stage_key, r.layer, r.group, r.linear, r.sparsity, r.rel_error, r.loss,
                      r.damp, r.retries, r.seconds, now],
                 )
+            for expert, segment, tokens in experts:  # the gate/up and down steps of a layer count the same routing
+                con.execute("INSERT OR REPLACE INTO expert_tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            [run_id, stage_key, layer, expert, segment, tokens, now])
 
     def steps(self, stage_key: str) -> list[tuple[int, int, list[ArtifactRef]]]:
         """Recorded (layer, group, checkpoint artifacts) of a prune stage, in step order."""
@@ -332,6 +336,8 @@ class Index:
         cond = 'stage_key = ? AND (layer > ? OR (layer = ? AND "group" >= ?))'
         with self.transaction() as con:
             con.execute(f"DELETE FROM layers WHERE {cond}", [stage_key, layer, layer, group])
+            con.execute("DELETE FROM expert_tokens WHERE stage_key = ? AND (layer > ? OR (layer = ? AND ? = 0))",
+                        [stage_key, layer, layer, group])  # mid-layer resume: later steps rewrite the same counts
             con.execute(f"DELETE FROM artifacts WHERE layer IS NOT NULL AND {cond}",
                         [stage_key, layer, layer, group])
 
@@ -343,6 +349,11 @@ class Index:
 
     def layer_rows(self, stage_key: str) -> list[dict[str, Any]]:
         return self._fetch('SELECT * FROM layers WHERE stage_key = ? ORDER BY layer, "group", linear', [stage_key])
+
+    def expert_tokens(self, stage_key: str) -> list[dict[str, Any]]:
+        """Routed calibration tokens per (layer, expert, segment) of a prune stage (MoE models)."""
+        return self._fetch("SELECT layer, expert, segment, tokens FROM expert_tokens WHERE stage_key = ? "
+                           "ORDER BY layer, expert, segment", [stage_key])
 
     # ---------------------------------------------------------------- evals
     def record_eval(self, run_id: str, label: str, stage_key: str, row: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ Version 2 is one vocabulary with the library: `run_id` and `stage_key` in every 
 the `meta` table is version 1 (the column names before); `migrate` renames in one transaction.
 Version 3 adds the table `harness_results` (lm-eval numbers, `rac eval RUN --harness lm-eval`); a version-2
 file gains it, empty, in the same one-transaction `migrate` (every other table and row is kept as it is).
+Version 4 adds `expert_tokens` (per layer, expert and segment, the calibration tokens the router sent there).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name VARCHAR PRIMARY KEY, value VARCHAR);
 CREATE TABLE IF NOT EXISTS runs (
@@ -45,6 +46,14 @@ CREATE TABLE IF NOT EXISTS harness_results (
   task VARCHAR, metric VARCHAR, filter VARCHAR, value DOUBLE, stderr DOUBLE, n INTEGER, n_total INTEGER,
   num_fewshot INTEGER, higher_is_better BOOLEAN, model VARCHAR, config JSON, created TIMESTAMP,
   PRIMARY KEY (run_id, label, harness, backend, task, metric, filter));
+"""
+# Version 4: the table `expert_tokens` (calibration tokens the router sent to
+# each expert, per layer and segment; written with the prune step that pruned the expert's linears).
+EXPERT_TOKENS_VERSION = 4
+EXPERT_TOKENS_DDL = """
+CREATE TABLE IF NOT EXISTS expert_tokens (
+  run_id VARCHAR, stage_key VARCHAR, layer INTEGER, expert INTEGER, segment VARCHAR, tokens BIGINT,
+  created TIMESTAMP, PRIMARY KEY (stage_key, layer, expert, segment));
 """
 
 @dataclass(frozen=True)
@@ -106,12 +115,14 @@ def schema_version(con: duckdb.DuckDBPyConnection) -> int:
 def migrate(con: duckdb.DuckDBPyConnection, version: int) -> None:
     """Bring the file of a read-write connection from `version` to SCHEMA_VERSION in one transaction: rename
     the version-1 columns present (DuckDB renames primary-key columns in place), create the missing tables
-    (version 2 -> 3: `harness_results`), record the version."""
+    (version 2 -> 3: `harness_results`; 3 -> 4: `expert_tokens`), record the version."""
     con.execute("BEGIN TRANSACTION")
     try:
         if version == 1:
             _rename_v1(con)
         con.execute(SCHEMA)
+        if version < EXPERT_TOKENS_VERSION:  # a new file gets it too
+            con.execute(EXPERT_TOKENS_DDL)
         con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
     except BaseException:
         con.execute("ROLLBACK")
