@@ -77,7 +77,7 @@ def test_sparsegpt_within_factor_of_brute_force(spec: dict) -> None:
     (Greedy left-to-right OBS is not optimal; with mix 0.1, equal column scales and seeds 0-11 the
     measured ratio is at most 1.57 and 1.17 on average.)
     """
-    cfg = PruneConfig(method="sparsegpt", damp=1e-4, **spec)
+    cfg = PruneConfig(method="sparsegpt", damp=1e-4, **{"scope": "row", **spec})  # brute force counts per row
     ratios = []
     for seed in range(12):
         _, H = _correlated_h(8, 64, 0.1, seed, spread=0.0)
@@ -104,7 +104,7 @@ def test_sparsegpt_matches_the_reference_loop(cols: int, spec: dict) -> None:
     H[:, [3, 50]] = 0.0  # dead inputs
     H[[3, 50], :] = 0.0
     W = torch.randn(20, cols, generator=torch.Generator().manual_seed(7))
-    cfg = PruneConfig(method="sparsegpt", **spec)
+    cfg = PruneConfig(method="sparsegpt", **{"scope": "row", **spec})  # the reference loop counts per row
     res = sparsegpt(W, H, cfg)
     W_ref, keep_ref, half_err_sq = reference_sparsegpt(W, H, cfg.target_sparsity, cfg.nm, cfg.blocksize, cfg.damp)
     assert torch.equal(res.mask, keep_ref)
