@@ -182,8 +182,8 @@ def e2e_part(tmp: Path, model: Path, sets: Sets, threads: list[int], methods: li
     repetitions of the whole sequence, every other one in reverse order (the peer first)."""
     plan: list[tuple[int, str, str, str, CompressConfig | None]] = []
     for t in threads:
-        for method in methods:
-            cfgs = rac_configs(method, variants[method])
+        for method in methods:  # the extra variants (row, layer) at the first thread count only
+            cfgs = rac_configs(method, [v for v in variants[method] if t == threads[0] or v in ("default", "matrix")])
             jobs: list[tuple[str, str, CompressConfig | None]] = [("rac", cfgs[0][0], cfgs[0][1]),
                                                                  ("peer", "oneshot", None)]
             jobs += [("rac", name, cfg) for name, cfg in cfgs[1:]]
