@@ -127,12 +127,13 @@ def solver_part(tmp: Path, threads: list[int], methods: list[str], repeats: int)
         for t in threads:
             for method in (m for m in methods if METHODS[m]["method"] == "sparsegpt"):
                 nm = METHODS[method].get("nm")
+                default = _prune_cfg(method)
                 jobs: list[tuple[str, str, dict[str, Any]]] = [
-                    ("rac", "rac sparsegpt, scope=row", {"cfg": _prune_cfg(method).canonical()}),
+                    ("rac", f"rac sparsegpt, {_pattern(default)}", {"cfg": default.canonical()}),
                     ("peer", "llm-compressor sparsify_weight", {"sparsity": 0.5, "nm": list(nm) if nm else None})]
-                if nm is None:
-                    jobs.append(("rac", "rac sparsegpt, scope=matrix",
-                                 {"cfg": _prune_cfg(method, RAC_VARIANTS["matrix"]).canonical()}))
+                if nm is None:  # the other unstructured mask scope too
+                    other = _prune_cfg(method, {"prune": {"scope": "row" if default.scope == "matrix" else "matrix"}})
+                    jobs.append(("rac", f"rac sparsegpt, {_pattern(other)}", {"cfg": other.canonical()}))
                 for tool, label, extra in jobs:
                     out = tmp / "w_hat.safetensors"
                     res = run_child(tool, {"kind": "solver", "problem": str(problem), "out": str(out),
@@ -161,11 +162,13 @@ def rac_configs(method: str, variants: list[str]) -> list[tuple[str, CompressCon
     return out
 
 
+def _pattern(p: PruneConfig) -> str:
+    return f"{p.nm[0]}:{p.nm[1]}" if p.nm else f"scope={p.scope}"
+
+
 def rac_label(cfg: CompressConfig) -> str:
     """A row label naming the settings the run actually used."""
-    p = cfg.prune
-    pattern = f"{p.nm[0]}:{p.nm[1]}" if p.nm else f"scope={p.scope}"
-    return f"rac compress ({cfg.sequential}-sequential, {pattern}, {cfg.compute_dtype})"
+    return f"rac compress ({cfg.sequential}-sequential, {_pattern(cfg.prune)}, {cfg.compute_dtype})"
 
 
 def _score(res: dict[str, Any], out: Path, sets: Sets) -> None:

@@ -22,7 +22,7 @@ def _header(res: dict[str, Any]) -> list[str]:
     return [
         "# rac vs llm-compressor, side by side (CPU)", "",
         f"Command: `{res['command']}` ({'quick mode' if res.get('quick') else 'full set'}), "
-        f"{res['started']} to {res['finished']}.",
+        f"{res['started']} to {res['finished']}; code: {res.get('source', 'unknown')}.",
         f"Machine: {m['cpu']}, {m['cores']} cores, shared with other jobs (load average "
         f"{res['load_at_start'][0]:.1f} at the start, {res['load_at_end'][0]:.1f} at the end; per run below as "
         "before / after). OMP_WAIT_POLICY=PASSIVE, OMP/MKL threads fixed per child process.",
