@@ -13,9 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rac.data.segments import CALIB_META_KEY, CALIB_SCHEMA
-from rac.eval.tokerror import layer_matrix, sequence_errors, token_error_heatmap
+from rac.eval.tokerror import layer_matrix, sequence_errors, served_weights, token_error_heatmap
 from rac.models.assets import tiny_model
-from rac.models.streaming import WeightFiles
 from rac.pruners.error import per_token_error
 
 TARGET = "model.layers.1.self_attn.q_proj.weight"
@@ -40,7 +39,7 @@ def test_sequence_errors_use_the_dense_layer_inputs(pruned: tuple[Path, Path]) -
     dense, out = pruned
     model = AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.float32).eval()
     ids = list(range(5, 25))
-    errs = sequence_errors(model, WeightFiles(out), ids)
+    errs = sequence_errors(model, served_weights(out), ids)
     assert all(float(e.abs().max()) == 0 for n, e in errs.items() if not n.startswith("model.layers.1.self_attn.q"))
     with torch.no_grad():  # independent: layer 1's q_proj input = its input norm of layer 0's output
         h = model.model.embed_tokens(torch.tensor([ids]))

@@ -3,14 +3,17 @@
 For every linear of every decoder layer and every token position t of a calibration sequence,
     e_t = ||(W - W_hat) x_t||^2 / ||W x_t||^2
 where x_t is the dense model's input to that linear (captured with forward pre-hooks on the dense model)
-and W_hat is the same tensor read from the pruned folder's safetensors. A layer's error is the mean over its
+and W_hat is the same tensor as the pruned folder serves it (read from its safetensors; from a quantized
+compressed-tensors folder, as transformers decompresses it). A layer's error is the mean over its
 linears. The heatmap (layers x token position, one panel per sequence, a line where decode starts) mirrors
 the paper's figure; the prompt and decode mean errors are returned.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,19 @@ from rac.store.artifacts import atomic_path
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def sequence_errors(model: Any, pruned: WeightFiles, input_ids: list[int]) -> dict[str, torch.Tensor]:
+def served_weights(pruned_dir: Path) -> Callable[[str], torch.Tensor]:
+    """`weight(name)` of the pruned folder as it is served: straight from the safetensors, or, for a quantized
+    (compressed-tensors) folder, the decompressed weights of the model transformers loads from it."""
+    config = json.loads((Path(pruned_dir) / "config.json").read_text())
+    if "quantization_config" not in config:
+        files = WeightFiles(Path(pruned_dir))
+        return lambda key: files.load([key])[key]
+    model = load_causal_lm(Path(pruned_dir), torch.float32, trust_remote_code=False)  # decompressed at load
+    weights = {f"{n}.weight": m.weight.detach() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return lambda key: weights[key]
+
+
+def sequence_errors(model: Any, pruned: Callable[[str], torch.Tensor], input_ids: list[int]) -> dict[str, torch.Tensor]:
     """Per-linear per-token relative error for one sequence: {linear name: [T]} (`per_token_error`; a token
     whose dense output is 0 counts as error 0)."""
     out: dict[str, torch.Tensor] = {}
@@ -37,7 +52,7 @@ def sequence_errors(model: Any, pruned: WeightFiles, input_ids: list[int]) -> di
             def hook(m: torch.nn.Module, args: tuple[Any, ...], name: str = name) -> None:
                 x = args[0].reshape(-1, args[0].shape[-1])  # [T, in]
                 key = f"{name}.weight"
-                err = per_token_error(m.weight, pruned.load([key])[key], x)  # type: ignore[arg-type]
+                err = per_token_error(m.weight, pruned(key), x)  # type: ignore[arg-type]
                 out[name] = err.nan_to_num(nan=0.0)
             handles.append(mod.register_forward_pre_hook(hook))
     try:
@@ -114,7 +129,7 @@ def token_error_heatmap(dense_dir: Path, pruned_dir: Path, calib_path: Path, out
     if not chosen:
         raise ValueError(f"calibration set {calib_path} has no sequences")
     model = load_causal_lm(dense_dir, torch.float32, trust_remote_code=False)  # no setting in ReportConfig
-    pruned = WeightFiles(Path(pruned_dir))
+    pruned = served_weights(Path(pruned_dir))
     mats, starts, p_err, d_err = [], [], [], []
     for i in chosen:
         ids = table.column("input_ids")[i].as_py()[:max_tokens]

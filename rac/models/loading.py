@@ -14,6 +14,8 @@ transformers is imported inside each function: importing this module stays cheap
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,19 +76,35 @@ def load_tokenizer(folder: str | Path, trust_remote_code: bool = False, *, gguf_
 def load_causal_lm(folder: str | Path, dtype: torch.dtype, trust_remote_code: bool = False, *,
                    gguf_file: str | None = None) -> PreTrainedModel:
     """The folder's `*ForCausalLM` with real weights in `dtype`, in eval mode. `gguf_file`: dequantise that
-    GGUF file in the folder instead."""
+    GGUF file in the folder instead. A compressed-tensors (quantized) folder is decompressed at load: every
+    linear holds exactly the weights the folder serves (q * scale), as a plain nn.Linear."""
     from transformers import AutoModelForCausalLM
 
     trust = bool(trust_remote_code)
     extra: dict[str, Any] = {} if gguf_file is None else {"gguf_file": gguf_file}
+    if gguf_file is None and _compressed_tensors(Path(folder)):
+        from transformers import CompressedTensorsConfig
+
+        extra["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust, **extra)
+        with warnings.catch_warnings():  # "the model's own quantization_config is used": only run_compressed is ours
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust, **extra)
     except ValueError as exc:
         if not trust and _needs_remote_code(exc):
             raise _refused(folder, "model", exc) from None
         raise
     model.eval()
     return model
+
+
+def _compressed_tensors(folder: Path) -> bool:
+    """Whether the folder's config.json says compressed-tensors quantization."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return False
+    qc = json.loads(config.read_text()).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
 def causal_lm_from_config(config: PretrainedConfig, dtype: torch.dtype | None = None,
