@@ -17,10 +17,11 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
-COLOURS = {  # by unit: foundation grey, bottom blue, middle green, runs orange, reporting purple, Prefect red
+COLOURS = {  # by unit: foundation grey, bottom blue, middle green, runs orange (the API darker), reporting purple, Prefect red
     "rac (core)": "#e0e0e0", "rac.store": "#e0e0e0", "rac.data.segments": "#e0e0e0",
     "rac.store.index": "#c6dbef", "rac.models": "#c6dbef", "rac.pruners": "#c6dbef", "rac.data": "#c6dbef",
     "rac.engine": "#c7e9c0", "rac.eval": "#c7e9c0", "rac.runs": "#fdd0a2", "rac.reporting": "#dadaeb",
+    "rac.api": "#fdae6b",
     "rac_prefect.tasks": "#fcbba1", "rac_prefect.flows": "#fcbba1",
 }
 

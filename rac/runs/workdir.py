@@ -8,6 +8,7 @@ Work-dir layout:
     <work_dir>/runs/<run_id>/run.lock         held (flock) by the process running the run; holds its pid
     <work_dir>/runs/<run_id>/run.json         config + fingerprint (a copy of the index row, for humans)
     <work_dir>/runs/<run_id>/report/          report.md + PNGs
+    <work_dir>/inputs/prompts-<sha>.jsonl     prompts given to the Python API in memory (content-named)
 """
 
 from __future__ import annotations
