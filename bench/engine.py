@@ -47,9 +47,9 @@ SHAPE: dict[str, Any] = dict(hidden_size=2048, intermediate_size=5632, num_atten
 N_SEQ, SEQ_LEN = 16, 128  # 2048 calibration tokens
 
 
-def write_random_model(dest: Path, n_layers: int, seed: int = 0) -> int:
-    """A random bf16 Llama folder written tensor by tensor; returns the weight bytes."""
-    config = LlamaConfig(num_hidden_layers=n_layers, dtype="bfloat16", **SHAPE)
+def write_random_model(dest: Path, n_layers: int, seed: int = 0, shape: dict[str, Any] | None = None) -> int:
+    """A random bf16 Llama folder (`shape`, default SHAPE) written tensor by tensor; returns the weight bytes."""
+    config = LlamaConfig(num_hidden_layers=n_layers, dtype="bfloat16", **(shape or SHAPE))
     config.save_pretrained(dest)
     specs = {k: ("BF16", list(v.shape)) for k, v in build_skeleton(config).state_dict().items()}
 
@@ -72,11 +72,11 @@ def write_random_model(dest: Path, n_layers: int, seed: int = 0) -> int:
     return total
 
 
-def write_calibration(path: Path, vocab: int, seed: int = 0) -> Path:
-    """N_SEQ random sequences of SEQ_LEN tokens: a quarter prompt, the rest decode."""
+def write_calibration(path: Path, vocab: int, seed: int = 0, n_seq: int = N_SEQ, seq_len: int = SEQ_LEN) -> Path:
+    """`n_seq` random sequences of `seq_len` tokens: a quarter prompt, the rest decode."""
     rng = np.random.default_rng(seed)
-    rows = [{"seq_id": i, "source": "bench", "input_ids": rng.integers(0, vocab, SEQ_LEN).tolist(),
-             "segment": [0] * (SEQ_LEN // 4) + [1] * (SEQ_LEN - SEQ_LEN // 4)} for i in range(N_SEQ)]
+    rows = [{"seq_id": i, "source": "bench", "input_ids": rng.integers(0, vocab, seq_len).tolist(),
+             "segment": [0] * (seq_len // 4) + [1] * (seq_len - seq_len // 4)} for i in range(n_seq)]
     pq.write_table(pa.Table.from_pylist(rows, schema=CALIB_SCHEMA), str(path))
     return path
 
@@ -138,8 +138,14 @@ def memory_run(model: Path, calib: Path, tmp: Path, cfg: CompressConfig) -> dict
 
 
 def speed_run(model: Path, calib_path: Path, tmp: Path, dtype: torch.dtype, layers: int = 2,
-              repeats: int = 2) -> dict[str, Any]:
-    """Seconds per token: statistics pass (all groups' Hessians) vs plain forward, per layer."""
+              repeats: int = 2, device: str = "cpu") -> dict[str, Any]:
+    """Seconds per token: statistics pass (all groups' Hessians) vs plain forward, per layer, on `device`."""
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
     files = WeightFiles(model)
     config = LlamaConfig.from_pretrained(model)
     adapter = get_adapter(config.model_type)
@@ -147,32 +153,36 @@ def speed_run(model: Path, calib_path: Path, tmp: Path, dtype: torch.dtype, laye
     calib = load_calibration(calib_path, config.vocab_size, config.max_position_embeddings, 4096)
     store = ActStore.create(tmp / "acts.bin", calib.n_tokens, config.hidden_size, "bfloat16")
     embed = skel.get_submodule(adapter.embed)
-    materialize(embed, adapter.embed + ".", files, dtype, "cpu")
-    embed_pass(skel, adapter, calib, store, torch.device("cpu"))
+    materialize(embed, adapter.embed + ".", files, dtype, dev)
+    if adapter.rotary is not None:
+        skel.get_submodule(adapter.rotary).to(dev)
+    embed_pass(skel, adapter, calib, store, dev)
     release(embed)
     store.commit()
-    kwargs = LayerKwargs(skel, adapter, config.hidden_size, dtype, torch.device("cpu"))
-    plan = SegmentPlan.build({"prompt": 1.0, "decode": 1.0}, ["prompt", "decode"], torch.device("cpu"))
+    kwargs = LayerKwargs(skel, adapter, config.hidden_size, dtype, dev)
+    plan = SegmentPlan.build({"prompt": 1.0, "decode": 1.0}, ["prompt", "decode"], dev)
     plain, stats = [], []
     for layer in range(layers):
         module = skel.model.layers[layer]
-        materialize(module, adapter.layer_prefix(layer), files, dtype, "cpu")
+        materialize(module, adapter.layer_prefix(layer), files, dtype, dev)
         groups = dict(enumerate(adapter.groups))
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             with torch.no_grad():
                 for b in calib.batches:
-                    layer_forward(module, read_batch(store, b, dtype, torch.device("cpu")),
-                                  kwargs(layer, len(b.rows), b.seq_len))
+                    layer_forward(module, read_batch(store, b, dtype, dev), kwargs(layer, len(b.rows), b.seq_len))
+            sync()
             plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            stats_pass(module, layer, groups, calib, store, kwargs, dtype, torch.device("cpu"), plan)
+            stats_pass(module, layer, groups, calib, store, kwargs, dtype, dev, plan)
+            sync()
             stats.append(time.perf_counter() - t0)
         release(module)
     store.delete()
     n = calib.n_tokens
     best_plain, best_stats = min(plain), min(stats)
-    return {"dtype": str(dtype).removeprefix("torch."), "tokens": n, "layers": layers,
+    return {"dtype": str(dtype).removeprefix("torch."), "tokens": n, "layers": layers, "device": device,
             "plain_us_per_token": 1e6 * best_plain / n, "stats_us_per_token": 1e6 * best_stats / n,
             "ratio": best_stats / best_plain}
 
