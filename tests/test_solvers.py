@@ -97,6 +97,8 @@ def test_sparsegpt_within_factor_of_brute_force(spec: dict) -> None:
         (72, {"nm": (2, 4)}),
         (72, {"nm": (3, 8), "blocksize": 16}),
         (328, {"sparsity": 0.5, "blocksize": 96}),  # blocked Cholesky (256) with straddling blocks
+        (72, {"sparsity": 0.6, "scope": "matrix"}),  # per block over all rows: SparseGPT's default
+        (328, {"sparsity": 0.45, "blocksize": 96, "scope": "matrix"}),
     ],
 )
 def test_sparsegpt_matches_the_reference_loop(cols: int, spec: dict) -> None:
@@ -104,9 +106,10 @@ def test_sparsegpt_matches_the_reference_loop(cols: int, spec: dict) -> None:
     H[:, [3, 50]] = 0.0  # dead inputs
     H[[3, 50], :] = 0.0
     W = torch.randn(20, cols, generator=torch.Generator().manual_seed(7))
-    cfg = PruneConfig(method="sparsegpt", **{"scope": "row", **spec})  # the reference loop counts per row
+    cfg = PruneConfig(method="sparsegpt", **{"scope": "row", **spec})
     res = sparsegpt(W, H, cfg)
-    W_ref, keep_ref, half_err_sq = reference_sparsegpt(W, H, cfg.target_sparsity, cfg.nm, cfg.blocksize, cfg.damp)
+    W_ref, keep_ref, half_err_sq = reference_sparsegpt(W, H, cfg.target_sparsity, cfg.nm, cfg.blocksize, cfg.damp,
+                                                       cfg.scope)
     assert torch.equal(res.mask, keep_ref)
     torch.testing.assert_close(res.weight, W_ref, rtol=1e-4, atol=1e-4 * float(W.abs().max()))
     direct = reconstruction_loss(W, res.weight, H)

@@ -6,7 +6,7 @@ in place of the dense ``<m>.weight`` [out, in] (c = in, b = bits, G = groups per
                          b (j mod p) .. of word j // p (compressed-tensors `pack_to_int32`, packed_dim 1);
   ``<m>.weight_scale``   BF16|F16 [out, G]        G = c / group_size, or 1 per channel;
   ``<m>.weight_shape``   I64 [2]                  (out, in), what unpacking trims the padding to;
-  ``<m>.weight_g_idx``   I32 [in]                 only with act order: the group of every input column.
+  ``<m>.weight_g_idx``   I32 [in]                 only with act order "group": the group of every input column.
 Served weight: Ŵ = q * scale[:, g_idx] with the scale in the 16-bit dtype (symmetric, no zero point), which is
 `QuantizedWeight.dequantize()` after rounding its float32 scale to that dtype. The 16-bit scale dtype should be
 the dtype the model runs in (vLLM loads the scale into a tensor of the model's dtype).
@@ -14,7 +14,9 @@ the dtype the model runs in (vLLM loads the scale into a tensor of the model's d
 config.json gets ``quantization_config`` = compressed-tensors' `QuantizationConfig` (format pack-quantized,
 status compressed, one config group `group_0` targeting class ``Linear``, every other nn.Linear of the model
 in ``ignore``, e.g. ``lm_head``) serialized as `ModelCompressor.update_config` does (version, quant_method,
-empty sparsity/transform configs). Act order is written as ``actorder: "group"`` with ``weight_g_idx``.
+empty sparsity/transform configs). Act order "weight" (static groups; also every per-channel act order) is
+written as ``actorder: "weight"`` and has no ``weight_g_idx`` (the tensors are those of no act order); act order
+"group" as ``actorder: "group"`` with ``weight_g_idx``; none as ``actorder: null``.
 
 Size (per linear, dense 16-bit = 2 out c bytes): 4 out ceil(c / p) + s out G (+ 4 c with g_idx) + 16, so with
 p | c the ratio is b / 16 + s / (2 w) (+ 2 / out with g_idx) for group width w (= c per channel) and s the
@@ -22,8 +24,8 @@ scale's bytes: 4-bit g128 0.2578, 4-bit g32 0.2813, 8-bit per channel 0.5 + 1 / 
 whole folder's tensor-data ratio from the dense specs.
 
 The format checks here are the format's own (shapes, code range, group count, g_idx range): what a given
-runtime serves is narrower and documented in docs/quantization.md (vLLM 0.32 refuses actorder group; its CPU
-kernel serves 4-bit only).
+runtime serves is narrower and documented in docs/quantization.md (vLLM 0.32 refuses actorder group and serves
+actorder weight; its CPU kernel serves 4-bit only).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def linear_specs(name: str, out_features: int, in_features: int, spec: QuantSpec
         f"{name}.weight_scale": (code, [out_features, n_groups(in_features, spec)]),
         f"{name}.weight_shape": ("I64", [2]),
     }
-    if spec.act_order:
+    if spec.has_g_idx:
         specs[f"{name}.weight_g_idx"] = ("I32", [in_features])
     return specs
 
@@ -122,9 +124,9 @@ def check_quantized(name: str, qw: QuantizedWeight) -> None:
         if int(qw.g_idx.min()) < 0 or int(qw.g_idx.max()) >= groups:
             raise ValueError(f"linear {name!r}: g_idx spans [{int(qw.g_idx.min())}, {int(qw.g_idx.max())}], "
                              f"outside [0, {groups - 1}]")
-        if not spec.act_order and not torch.equal(qw.groups(), torch.arange(cols) // (cols // groups)):
-            raise ValueError(f"linear {name!r}: g_idx is not column // group width but spec.act_order is False "
-                             f"(the folder would have no weight_g_idx)")
+        if not spec.has_g_idx and not torch.equal(qw.groups(), torch.arange(cols) // (cols // groups)):
+            raise ValueError(f"linear {name!r}: g_idx is not column // group width but spec.act_order is "
+                             f"{spec.act_order!r}, not 'group' (the folder would have no weight_g_idx)")
 
 
 def linear_tensors(name: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, Tensor]:
@@ -148,7 +150,7 @@ def linear_tensors(name: str, qw: QuantizedWeight, scale_dtype: torch.dtype) -> 
         f"{name}.weight_scale": scale.contiguous(),
         f"{name}.weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),  # [2]
     }
-    if qw.spec.act_order:
+    if qw.spec.has_g_idx:
         tensors[f"{name}.weight_g_idx"] = qw.groups().to(torch.int32).cpu()  # [in]
     return tensors
 
@@ -168,10 +170,15 @@ def quantized_fetch(fetch: Callable[[str], Tensor], quantized: Callable[[str], Q
             cache.clear()
             cache[m] = linear_tensors(m, quantized(m), scale_dtype)
         if name not in cache[m]:
-            raise KeyError(f"tensor {name!r} is not written for linear {m!r} (act order off?)")
+            raise KeyError(f"tensor {name!r} is not written for linear {m!r} (only act order 'group' has g_idx)")
         return cache[m][name]
 
     return get
+
+
+def actorder(spec: QuantSpec) -> str | None:
+    """compressed-tensors' `actorder` for `spec`: "weight" (static groups, no g_idx), "group" (g_idx) or None."""
+    return spec.act_order or None
 
 
 def quantization_config(spec: QuantSpec, ignore: Iterable[str]) -> QuantizationConfig:
@@ -186,7 +193,7 @@ def quantization_config(spec: QuantSpec, ignore: Iterable[str]) -> QuantizationC
     args = QuantizationArgs(
         num_bits=spec.bits, type="int", symmetric=True, dynamic=False,
         strategy="channel" if spec.group_size is None else "group", group_size=spec.group_size,
-        actorder="group" if spec.act_order else None,
+        actorder=actorder(spec),
     )
     scheme = QuantizationScheme(targets=list(TARGETS), weights=args)
     names = list(ignore)
@@ -240,5 +247,5 @@ def linear_ratio(out_features: int, in_features: int, spec: QuantSpec, dense_byt
     pack = 32 // spec.bits
     width = spec.group_width(in_features)
     quant = (4 * out_features * math.ceil(in_features / pack) + scale_bytes * out_features * (in_features // width)
-             + (4 * in_features if spec.act_order else 0) + 16)
+             + (4 * in_features if spec.has_g_idx else 0) + 16)
     return quant / (dense_bytes * out_features * in_features)

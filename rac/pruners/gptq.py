@@ -9,18 +9,24 @@ the target "round onto the grid" (ŵ_j = s_g clamp(round(w_j / s_g))) instead of
 formulation, damping (λ = damp * mean diag H, grown on failure), dead inputs and the loss from the OBS identity
 (||E||^2 - λ ||ΔW||^2, undamped) are shared with SparseGPT.
 
-Scales (GPTQ's usual choice, `static_groups=False`): with groups of `group_size` consecutive columns in
-processing order, the scales of a group are max |w| / q_max of the group's current weights, i.e. after the
-error updates of all earlier columns, taken when the sweep reaches the group's first column (the reference
-code reads them with the updates of the group's own block still pending when a group starts inside a block;
-here the group is brought up to date first; the two agree when groups and blocks coincide). A group always
-lies inside one block (`blocksize` is a multiple of `group_size`). Per channel (group_size None) the scales are
-those of the original weights (dead inputs zeroed), fixed before the sweep, as in the reference.
+Scales, without act order (GPTQ's usual choice, `static_groups=False`): with groups of `group_size` consecutive
+columns, the scales of a group are max |w| / q_max of the group's current weights, i.e. after the error updates
+of all earlier columns, taken when the sweep reaches the group's first column (the reference code reads them
+with the updates of the group's own block still pending when a group starts inside a block; here the group is
+brought up to date first; the two agree when groups and blocks coincide). A group always lies inside one block
+(`blocksize` is a multiple of `group_size`). Per channel (group_size None) the scales are those of the original
+weights (dead inputs zeroed), fixed before the sweep, as in the reference.
 
-Activation order (`act_order`): columns are processed in decreasing diag H (stable sort, ties in column order),
-so the inputs with the most energy are quantized first and their error lands on the less important ones.
-W and H are permuted, swept, and Ŵ, the codes and the mask are permuted back; groups are formed in processing
-order and `g_idx[j]` names the group of original column j (exactly group_size columns each; all 0 per channel).
+Activation order (`act_order`, see `rac.pruners.quant`): columns are processed in decreasing diag H (stable
+sort, ties in column order), so the inputs with the most energy are quantized first and their error lands on
+the less important ones. W and H are permuted, swept, and Ŵ, the codes and the mask are permuted back.
+* "weight" (static groups, what vLLM serves): the groups stay the original column blocks j // group_size;
+  before the sweep every group's scales are taken from the original weights (dead inputs zeroed), as GPTQ's
+  `static_groups=True` and llm-compressor's ActivationOrdering.WEIGHT do; the column processed p-th is then
+  rounded with the scales of its original group perm[p] // group_size. No g_idx.
+* "group" (dynamic groups): groups are formed in processing order, with scales taken as without act order, and
+  `g_idx[j]` names the group of original column j (exactly group_size columns each).
+Per channel both reduce to the same sweep (one group, original-weight scales), which is "weight".
 
 Joint mode (`sparsegpt` with `quant`): the target is m_j ⊙ (grid rounding) with SparseGPT's mask m, chosen per
 block or per M columns as in `rac.pruners.sparsegpt`; pruned codes are 0. A group's scales are taken from all
@@ -56,10 +62,10 @@ def quantized_obs(W: Tensor, H: Tensor, cfg: PruneConfig, method: str) -> PruneR
     start = time.perf_counter()
     W0_t, Hf, dead = prepare(W, H, cfg)  # [cols, rows], [cols, cols], [cols]
     perm = act_order(Hf) if spec.act_order else None
+    grid = Grid.new(W0_t, spec, perm)  # static scales from the original order
     if perm is not None:
         W0_t, Hf = W0_t[perm], Hf[perm][:, perm]
     (R, lam), damp, retries = factor_with_damping(Hf, cfg, reverse_cholesky)
-    grid = Grid.new(W0_t, spec)
     _, keep_t, err_sq, delta_sq = obs_sweep(W0_t, R, cfg, grid)
     qw = quantized_weight(grid, perm)
     keep = _unpermute(keep_t, perm).T.contiguous()  # [rows, cols]
@@ -75,12 +81,12 @@ def act_order(H: Tensor) -> Tensor:
 
 def quantized_weight(grid: Grid, perm: Tensor | None) -> QuantizedWeight:
     """The sweep's codes and scales in the original column order: q [rows, cols] int8, scale [rows, n_groups],
-    g_idx [cols] int32 (group of each original column) with activation order, else None."""
+    g_idx [cols] int32 (group of each original column) with act order "group", else None."""
     cols = grid.codes_t.shape[0]
     q = _unpermute(grid.codes_t, perm).T.to(torch.int8).contiguous()  # [rows, cols]
     scale = grid.scale_t.T.contiguous()  # [rows, n_groups]
     g_idx = None
-    if perm is not None:
+    if perm is not None and grid.spec.has_g_idx:
         g_idx = torch.empty(cols, dtype=torch.int32, device=perm.device)
         g_idx[perm] = (torch.arange(cols, device=perm.device) // grid.width).to(torch.int32)
     return QuantizedWeight(q=q, scale=scale, g_idx=g_idx, spec=grid.spec)

@@ -24,6 +24,8 @@ Fast formulation, same result as the classic per-column loop up to rounding:
   the next micro-block up to date. Quantization groups inside a block are segments: at a group's first
   column one matmul brings the whole group up to date (its scales are taken from those current weights),
   and the micro-blocks of the group then only need the updates from the group's own earlier columns.
+  Static grids (per channel, act order "weight": every scale fixed before the sweep) need no segments; each
+  micro-block gathers the scales of its columns' groups.
 * Loss from the OBS identity: since U (H + λI) U^T = I, tr(ΔW (H + λI) ΔW^T) = ||E||_F^2 and the undamped
   loss is ||E||^2 - λ ||ΔW||^2, with no extra [rows, cols] x [cols, cols] product.
 Dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0 (`prepare`), as in the reference implementations.
@@ -46,27 +48,44 @@ CHOL_BLOCK = 256  # columns per block of the blocked reverse Cholesky
 
 @dataclass(frozen=True)
 class Grid:
-    """What a quantizing sweep fills in: scales per group and codes per column (transposed, float32)."""
+    """What a quantizing sweep fills in: scales per group and codes per column (transposed, float32).
+
+    Columns are in processing order. Static grids (per channel, act order "weight") have every scale fixed
+    before the sweep and `col_group[p]` names the group of the column processed p-th; dynamic grids (group k =
+    processing positions k*width .. (k+1)*width - 1) get a group's scales when the sweep reaches it.
+    """
 
     spec: QuantSpec
     width: int  # columns per group (all columns per channel)
-    scale_t: Tensor  # [n_groups, rows]; per channel preset from the original weights
-    codes_t: Tensor  # [cols, rows] codes, written column by column
+    scale_t: Tensor  # [n_groups, rows]; static: preset from the original weights
+    codes_t: Tensor  # [cols, rows] codes in processing order, written column by column
+    col_group: Tensor | None  # [cols] int64 group of each processing position (static grids), else None
 
     @classmethod
-    def new(cls, W0_t: Tensor, spec: QuantSpec) -> Grid:
-        """Empty grid for W0_t [cols, rows]; per channel the scales come from W0 itself."""
+    def new(cls, W0_t: Tensor, spec: QuantSpec, perm: Tensor | None = None) -> Grid:
+        """Empty grid for W0_t [cols, rows] in the original column order, processed in the order `perm`
+        (None = original); static grids take their scales from W0 itself, group by original group."""
         cols, rows = W0_t.shape
         width = spec.group_width(cols)
         scale_t = torch.empty(cols // width, rows, device=W0_t.device)  # [n_groups, rows]
-        if width == cols:
-            scale_t[0] = group_scales(W0_t.T, spec)[:, 0]
-        return cls(spec, width, scale_t, torch.empty_like(W0_t))
+        col_group = None
+        if spec.static_groups:
+            tiles = W0_t.T.reshape(rows * (cols // width), width)  # [rows * n_groups, width] original groups
+            scale_t.copy_(group_scales(tiles, spec).reshape(rows, cols // width).T)
+            order = torch.arange(cols, device=W0_t.device) if perm is None else perm
+            col_group = order // width  # [cols]
+        return cls(spec, width, scale_t, torch.empty_like(W0_t), col_group)
 
     @property
-    def per_channel(self) -> bool:
-        return self.width == self.codes_t.shape[0]
+    def static(self) -> bool:
+        return self.col_group is not None
 
+    def column_scales(self, p0: int, p1: int) -> Tensor:
+        """Scales [p1 - p0, rows] of the columns at processing positions p0..p1-1 (a dynamic grid's range must
+        lie in one group, whose scales are set)."""
+        if self.col_group is None:
+            return self.scale_t[p0 // self.width].expand(p1 - p0, -1)
+        return self.scale_t[self.col_group[p0:p1]]
 
 def prepare(W: Tensor, H: Tensor, cfg: PruneConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Validate, then (W0^T [cols, rows] float32 copy, H float32 [cols, cols], dead [cols] bool) with dead
@@ -163,12 +182,12 @@ def sweep_block(
         if grid is None:
             torch.div(~keep_t, d, out=S_t)
     step = MICRO if cfg.nm is None else cfg.nm[1] * -(-MICRO // cfg.nm[1])  # multiple of M for N:M
-    seg = b if grid is None or grid.per_channel else grid.width  # groups never straddle blocks (config rule)
+    seg = b if grid is None or grid.static else grid.width  # groups never straddle blocks (config rule)
     for s0 in range(0, b, seg):
         s1 = min(s0 + seg, b)
         if s0:
             W_t[s0:s1].addmm_(U_b[:s0, s0:s1].T, E_t[:s0], alpha=-1)  # the segment, up to date with the block
-        if grid is not None and not grid.per_channel:
+        if grid is not None and not grid.static:
             grid.scale_t[(col0 + s0) // grid.width] = group_scales(W_t[s0:s1].T, grid.spec)[:, 0]
         for j0 in range(s0, s1, step):
             j1 = min(j0 + step, s1)
@@ -214,11 +233,12 @@ def _sweep_micro_quant(
     W_m, E_m, U_m = W_t[j0:j1], E_t[j0:j1], U_b[j0:j1, j0:j1]  # [u, rows], [u, u]
     w, e, u = W_m.unbind(0), E_m.unbind(0), U_m.unbind(0)  # per-column views
     codes = grid.codes_t[col0 + j0 : col0 + j1].unbind(0)
+    scales = grid.column_scales(col0 + j0, col0 + j1).unbind(0)  # [rows] each
     for a in range(j1 - j0):
         j = j0 + a
         if masked and nm is not None and a % nm[1] == 0:
             _nm_mask(W_t, None, keep_t, d, j, nm)
-        scale = grid.scale_t[(col0 + j) // grid.width]  # [rows]
+        scale = scales[a]  # [rows]
         c = quantize_codes(w[a], scale, grid.spec)  # [rows] codes
         if masked:
             c.mul_(keep_t[j])  # 0 where pruned

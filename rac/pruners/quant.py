@@ -9,10 +9,18 @@ served folder stores them in that 16-bit dtype: codes are then chosen against th
 Ŵ = q * scale is exactly what transformers and vLLM compute from the folder. This is compressed-tensors' symmetric `int` scheme (zero point 0, `group` or
 `channel` strategy), which vLLM serves as W4A16 / W8A16.
 
-Activation order. GPTQ may quantize columns in decreasing order of diag H; `g_idx[j]` then names the group
-of input column j in the original column order, so ŵ_ij = s_{i, g_idx[j]} q_ij whatever the order was
-(`rac.pruners.gptq` sets g_idx exactly when act_order is on; per channel it is all 0: only the processing
-order changed). Without it column j belongs to group j // group_size.
+Activation order (`act_order`, GPTQ only) visits the columns in decreasing diag H; it decides how the groups
+relate to that order. YAML `act_order: true` means "weight", the one vLLM serves:
+* "weight" (static groups; compressed-tensors `actorder: "weight"`, llm-compressor's ActivationOrdering.WEIGHT,
+  GPTQ's `static_groups=True`): the groups stay the contiguous column blocks j // group_size of the original
+  order and their scales are fixed from the original weights before the sweep. The folder is the same as without
+  act order (no g_idx): `g_idx` is None.
+* "group" (dynamic groups; `actorder: "group"` with `weight_g_idx`): groups of group_size consecutive columns
+  in processing order, scales taken when the sweep reaches them; `g_idx[j]` names the group of input column j
+  in the original column order, so ŵ_ij = s_{i, g_idx[j]} q_ij. transformers loads such a folder; vLLM 0.32
+  refuses it on every platform. Needs groups (compressed-tensors has no group act order per channel).
+Per channel there is one group a row whatever the order (its scale always comes from the original weights), so
+only "weight" applies and g_idx is None. Without act order column j belongs to group j // group_size.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor
 
 from rac.config import StageConfig
 
 GROUP_SIZES = (32, 64, 128)
+ActOrder = Literal[False, "weight", "group"]
+ACT_ORDERS: tuple[ActOrder, ...] = (False, "weight", "group")
 
 
 class QuantSpec(StageConfig):
@@ -34,8 +44,18 @@ class QuantSpec(StageConfig):
 
     bits: Literal[4, 8] = 4
     group_size: int | None = 128
-    act_order: bool = False  # GPTQ: quantize columns in decreasing diag H (recorded as g_idx)
+    act_order: ActOrder = False  # GPTQ: columns in decreasing diag H; true = "weight" (see the module docstring)
     scale_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # the dtype the folder stores scales in
+
+    @field_validator("act_order", mode="before")
+    @classmethod
+    def _act_order(cls, v: object) -> object:
+        if v is True:
+            return "weight"  # the servable mode
+        if v is False or (isinstance(v, str) and v in ACT_ORDERS):
+            return v
+        raise ValueError(f"act_order must be false, true (= 'weight'), 'weight' (static groups, served by vLLM) "
+                         f"or 'group' (g_idx; transformers only), got {v!r}")
 
     @field_validator("group_size")
     @classmethod
@@ -44,6 +64,24 @@ class QuantSpec(StageConfig):
             raise ValueError(f"group_size must be one of {GROUP_SIZES} or null (per channel), got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _group_order_needs_groups(self) -> QuantSpec:
+        if self.act_order == "group" and self.group_size is None:
+            raise ValueError("act_order='group' needs a group_size (per channel has one group a row: "
+                             "use act_order='weight', the same result)")
+        return self
+
+    @property
+    def has_g_idx(self) -> bool:
+        """Whether the groups follow the processing order (act_order "group"): the record carries g_idx."""
+        return self.act_order == "group"
+
+    @property
+    def static_groups(self) -> bool:
+        """Whether every group's scales are fixed from the original weights before the sweep (per channel, or
+        act_order "weight"), rather than taken from the current weights when the sweep reaches the group."""
+        return self.group_size is None or self.act_order == "weight"
+
     @property
     def q_max(self) -> int:
         """Largest code: 2^(bits-1) - 1."""
@@ -51,9 +89,10 @@ class QuantSpec(StageConfig):
 
     @property
     def label(self) -> str:
-        """Short name, e.g. ``w4g128`` or ``w8ch`` (per channel); ``a`` appended with activation order."""
+        """Short name, e.g. ``w4g128`` or ``w8ch`` (per channel); ``a`` appended with act order "weight",
+        ``ag`` with act order "group"."""
         group = "ch" if self.group_size is None else f"g{self.group_size}"
-        return f"w{self.bits}{group}" + ("a" if self.act_order else "")
+        return f"w{self.bits}{group}" + {False: "", "weight": "a", "group": "ag"}[self.act_order]
 
     def group_width(self, in_features: int) -> int:
         """Columns per group for a weight with `in_features` inputs (all of them per channel)."""
@@ -70,7 +109,7 @@ class QuantizedWeight:
 
     q: Tensor  # [out, in] int8 codes in [-q_max - 1, q_max]
     scale: Tensor  # [out, n_groups] float32
-    g_idx: Tensor | None  # [in] int32 group of each input column; None = column // group width
+    g_idx: Tensor | None  # [in] int32 group of each input column (act order "group"); None = column // group width
     spec: QuantSpec
 
     def groups(self) -> Tensor:
