@@ -53,8 +53,11 @@ bench: $(STAMP)
 bench-peer: $(STAMP)
 	$(PY) -m bench.peer
 
+# the run prints its evaluation table; the comparison adds the proxies and the paired RAC - prompt differences
 demo: $(STAMP)
 	$(VENV)/bin/rac run data/configs/demo.yaml
+	$(VENV)/bin/rac compare --base prompt >/dev/null
+	cat work/compare/compare.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -85,7 +85,7 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype, trust_remote_code: bo
     if gguf_file is None and _compressed_tensors(Path(folder)):
         from transformers import CompressedTensorsConfig
 
-        extra["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+        extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         with warnings.catch_warnings():  # "the model's own quantization_config is used": only run_compressed is ours
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
