@@ -87,6 +87,7 @@ class Grid:
             return self.scale_t[p0 // self.width].expand(p1 - p0, -1)
         return self.scale_t[self.col_group[p0:p1]]
 
+
 def prepare(W: Tensor, H: Tensor, cfg: PruneConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Validate, then (W0^T [cols, rows] float32 copy, H float32 [cols, cols], dead [cols] bool) with dead
     inputs patched: H_jj = 1, W[:, j] = 0 (H is copied only when it must be patched)."""
