@@ -160,7 +160,7 @@ class PruneConfig(StageConfig):
         if self.method not in QUANT_METHODS:
             raise ValueError(f"quant applies to methods {list(QUANT_METHODS)} only, got method={self.method!r}")
         if q.act_order and self.nm is not None:
-            raise ValueError(f"quant.act_order=true does not combine with nm={list(self.nm)}: "
+            raise ValueError(f"quant.act_order={q.act_order!r} does not combine with nm={list(self.nm)}: "
                              "N:M groups are consecutive columns in the original order")
         if q.group_size is not None and self.blocksize % q.group_size != 0:
             raise ValueError(f"blocksize={self.blocksize} must be a multiple of quant.group_size={q.group_size} "
