@@ -337,7 +337,7 @@ def test_both_yaml_forms() -> None:
         ({"method": "wanda", "sparsity": 0.5, "quant": {"bits": 4}}, r"quant applies to methods.*method='wanda'"),
         ({"method": "magnitude", "sparsity": 0.5, "quant": {}}, r"method='magnitude'"),
         ({"method": "alps", "sparsity": 0.5, "quant": {}}, r"method='alps'"),
-        ({"method": "sparsegpt", "nm": [2, 4], "quant": {"act_order": True}}, r"act_order=true.*nm=\[2, 4\]"),
+        ({"method": "sparsegpt", "nm": [2, 4], "quant": {"act_order": True}}, r"act_order='weight'.*nm=\[2, 4\]"),
         ({"method": "sparsegpt", "sparsity": 0.5, "bits": 4}, r"top-level \['bits'\].*method='sparsegpt'.*quant: \{bits"),
         ({"method": "wanda", "sparsity": 0.5, "act_order": True}, r"top-level \['act_order'\].*method='wanda'"),
         ({"method": "gptq", "bits": 4, "quant": {"bits": 8}}, r"either at the top level \(\['bits'\]\) or under quant"),
