@@ -28,6 +28,7 @@ from rac.pruners.error import per_token_error
 from rac.store.artifacts import atomic_path
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+LOG10_RANGE = (-4.0, 0.5)  # one colour scale for every heatmap, so two models' figures compare directly
 
 
 def served_weights(pruned_dir: Path) -> Callable[[str], torch.Tensor]:
@@ -91,7 +92,8 @@ class TokenErrorSummary:
 
 
 def plot_heatmap(mats: list[torch.Tensor], decode_starts: list[int | None], out_png: Path, title: str) -> None:
-    """One panel per sequence: layers x token position, log10 error, a dashed line where decode starts."""
+    """One panel per sequence: layers x token position, log10 error on the fixed scale LOG10_RANGE, a dashed
+    line where decode starts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +102,7 @@ def plot_heatmap(mats: list[torch.Tensor], decode_starts: list[int | None], out_
     fig, axes = plt.subplots(len(mats), 1, figsize=(10, 2.2 * len(mats) + 0.6), squeeze=False)
     for ax, mat, start in zip(axes[:, 0], mats, decode_starts, strict=True):
         im = ax.imshow(torch.log10(mat.clamp_min(1e-12)).numpy(), aspect="auto", cmap="viridis",
-                       interpolation="nearest", origin="lower")
+                       interpolation="nearest", origin="lower", vmin=LOG10_RANGE[0], vmax=LOG10_RANGE[1])
         if start is not None:
             ax.axvline(start - 0.5, color="red", linestyle="--", linewidth=1.2, label="decode starts")
             ax.legend(loc="upper right", fontsize=7)

@@ -239,8 +239,11 @@ def write_report(work_dir: Path | str, run_id: str, status: str | None = None) -
 
 
 def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path, written: list[Path]) -> list[str]:
-    """Copy per-token error heatmaps of the run (stage 'tokerror') into the report and summarise them."""
+    """Copy per-token error heatmaps of the run (stage 'tokerror') into the report: their means, then the figures
+    side by side (one colour scale for all, `rac.eval.tokerror.LOG10_RANGE`; the same sequences when the run
+    sets `heatmap_calibration`)."""
     lines: list[str] = []
+    figures: list[tuple[str, str]] = []
     for s in stages:
         if s["stage"] != "tokerror" or s["status"] != "done":
             continue
@@ -253,9 +256,13 @@ def _tokerror_section(index: Index, stages: list[dict[str, Any]], out_dir: Path,
             shutil.copyfile(pngs[0].path, dest)
             written.append(dest)
             summ = row["summary"]
-            lines += [f"### per-token error: {label}", "",
-                      f"prompt mean {fmt(summ.get('prompt_mean'), 4)}, decode mean {fmt(summ.get('decode_mean'), 4)}",
-                      "", f"![{label}]({dest.name})", ""]
+            lines.append(f"- {label}: prompt mean {fmt(summ.get('prompt_mean'), 4)}, "
+                         f"decode mean {fmt(summ.get('decode_mean'), 4)}")
+            figures.append((label, dest.name))
+    if figures:
+        lines += ["", "| " + " | ".join(label for label, _ in figures) + " |",
+                  "|" + "---|" * len(figures), "| " + " | ".join(f"![{label}]({name})" for label, name in figures) + " |",
+                  ""]
     if lines:
         lines = ["## Per-token reconstruction error (prompt vs decode)", "", *lines]
     return lines
