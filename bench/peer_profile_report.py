@@ -124,7 +124,74 @@ def summarize_samples(raw: Path, prefixes: tuple[str, ...], hz: int) -> dict[str
             "native_leaf": native.most_common(12)}
 
 
-FIXES: dict[str, str] = {}  # phase -> the concrete fix proposed (filled in from the measurements)
+FIXES: dict[str, str] = {  # phase -> where it is spent and the concrete fix proposed (rac itself is not edited here)
+    FORWARD["stats_pass"]: (
+        "Where: `rac/engine/layer.py:stats_pass` -> `layer_forward`, called once per group by "
+        "`rac/engine/sequential.py:_run_layer` (via `_collect`) in group-sequential order: each pass re-runs the "
+        "layer from its input up to the hooked linears, so q/k/v and attention run three times and the MLP "
+        "up-projections twice per layer, and every batch's intermediates ([B, L, 1536] MLP activations, "
+        "attention scores: above the 4 MiB mmap threshold `rac/engine/memory.py:memory_hygiene` pins) are "
+        "fresh mmaps the kernel zero-fills page by page (the minor faults and system time of this line). "
+        "Fix: (1) start group g+1's pass where group g's ended: keep the tensor entering the next sub-block "
+        "(o_proj input after the pruned q/k/v, the post-attention residual, the down_proj input) from group g's "
+        "pass in a per-layer scratch store and run only the sub-block that feeds group g+1 (the adapter names "
+        "the sub-blocks), so each sub-block runs once per pass as in layer-sequential order; (2) let large "
+        "transient tensors come from a reused arena or a higher mmap threshold (see the experiments)."),
+    FORWARD["output_pass"]: (
+        "Where: `rac/engine/layer.py:output_pass`, one full forward of the pruned layer per layer (llm-compressor's "
+        "propagation pass does the same). Its cost beyond the FLOPs is the page faults of fresh intermediates "
+        "(see the experiments). Fix: the same allocator change; in layer-sequential order the statistics pass "
+        "could also write the dense outputs and only the pruned delta be recomputed, but the full pass is the "
+        "simple correct one."),
+    "solver (rac.pruners.prune)": (
+        "Where: `rac/pruners/sparsegpt.py` / `obs.py` (blocked reverse Cholesky + sweep) plus "
+        "`rac/pruners/base.py:check_hessian` (a full symmetry / finiteness scan of H per linear: q/k/v and "
+        "gate/up share one H, so it is scanned 3x / 2x). Already 2-4x faster than llm-compressor's solver on the "
+        "same problems (peer.md). Fix: validate H once per group in `_prune_group`, not once per linear."),
+    "heap trimming + gc": (
+        "Where: `rac/engine/memory.py:trim_heap(collect=True)` after every step in `rac/engine/sequential.py:"
+        "_run_layer`: a full `gc.collect()` walks every object created after `memory_hygiene`'s `gc.freeze()`, "
+        "and the model code transformers imports in `build_skeleton` (plus the skeleton itself) is created after "
+        "it. Fix: `gc.freeze()` again right after `build_skeleton` in `_compress` (the experiment below does "
+        "exactly this from outside), and collect once per layer, not per step."),
+    "statistics accumulation (H += XᵀX in the hooks)": (
+        "Where: `rac/pruners/stats.py:HessianAccumulator.add` -> `add_gram`: per batch and group a masked gather "
+        "`xs[keep]` (a copy even when nothing is padding), an `all_finite` scan, then float32 GEMMs in chunks of "
+        "1024 tokens; widths below 1024 (all SmolLM2 groups but down_proj) get the full d x d product, not the "
+        "upper triangle. Wanda only reads diag H but gets the full d x d accumulation too. Fix: skip the gather "
+        "when `keep.all()`, check finiteness once on H at the end of the pass, accumulate only the diagonal "
+        "(column norms) for methods that read nothing else (wanda, magnitude)."),
+    "per-linear bookkeeping (energy, loss)": (
+        "Where: `rac/engine/sequential.py:_energy` recomputes tr(W H Wᵀ) with a full `W @ H` per linear (as many "
+        "FLOPs as one solver matmul) only to report rel_error; `reconstruction_loss` for pruners that return no "
+        "loss. Fix: take the energy from the solver's factor (tr(W H Wᵀ) = ||W R||² with the R SparseGPT already "
+        "has: a triangular product, half the FLOPs, no extra pass), or estimate it on a row sample."),
+    "activation store I/O": (
+        "Where: `rac/engine/actstore.py:ActStore.read` maps a fresh `np.memmap` window per batch and copies it "
+        "(`np.array`), `rac/engine/layer.py:read_batch` casts it (`.to(dtype)`) and, for unequal lengths, "
+        "scatters it into a new zero tensor: three fresh buffers per batch, each faulted in. Fix: `os.preadv` "
+        "into one reused per-shape buffer (already in the compute dtype when the store is), pad in place."),
+    "fsync": (
+        "Where: `os.fsync` from `rac/store/artifacts.py` (atomic writes of every step file and JSON), "
+        "`ActStore.commit` and the output writer: several per step. Fix: fsync once per layer (a step is only "
+        "used on resume once the layer's activation store is committed), or a `durable` option off for "
+        "benchmarks and CI; on network disks this line grows."),
+    "hashing (sha256 of checkpoints / activations / calibration)": (
+        "Where: `rac/engine/checkpoint.py:CheckpointFile.of` hashes each step file and, at a layer's end, the whole "
+        "activation store just written; `Checkpoints.load_weights` re-hashes every step file when the output is "
+        "written. Fix: hash while writing (feed sha256 from the buffers being written) and keep the digests of "
+        "this process's own files in memory instead of re-reading them."),
+    "model loading (skeleton, layer weights, dense W per linear)": (
+        "Where: `rac/engine/sequential.py:_prune_linear` reads each dense W again from the shards "
+        "(`WeightFiles.load`) although the layer was just materialized; `load_config` imports the model code. "
+        "Fix: take W from the materialized module (same values, already in the compute dtype)."),
+    "output writing (HF folder)": (
+        "Where: `rac/engine/output.py:write_hf_folder` (streamed safetensors writer, fsync) and the step-file "
+        "reloads with their re-hash. Fix: see hashing."),
+    "Python per batch (hook loop, segment masks)": (
+        "Where: the batch loops of `stats_pass` / `output_pass` (segment masks, hook bookkeeping): small; "
+        "fewer, larger batches would shrink it further."),
+}
 
 
 def _tree(timers: dict[str, dict[str, float]], total: float, min_share: float = 0.002) -> list[str]:
