@@ -3,7 +3,8 @@
 The folder holds every non-weight file of the source (config, generation config, tokenizer files and chat
 template; `rac_*` files excepted), sharded safetensors ``model-0000k-of-0000N.safetensors`` with
 ``model.safetensors.index.json``, and the provenance record. Non-decoder tensors (embeddings, final norm,
-LM head) are copied unchanged; pruned linears come from the engine's step checkpoints.
+LM head) are copied unchanged; pruned linears come from the engine's step checkpoints (`write_model`), quantized
+ones in compressed-tensors pack-quantized form (`rac.engine.quantized_folder`).
 
 Shards are written by a streaming safetensors writer (header first, then one tensor at a time), because
 `safetensors.torch.save_file` needs every tensor of a shard resident at once; memory stays at one tensor.
@@ -26,10 +27,12 @@ import torch
 
 import rac
 from rac.config import StageConfig
-from rac.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES
+from rac.dtypes import SAFETENSORS_CODES, SAFETENSORS_DTYPES, torch_dtype
 from rac.engine.batches import Calibration
-from rac.engine.checkpoint import StepRecord
+from rac.engine.checkpoint import Checkpoints, StepRecord, quant_from_checkpoint
+from rac.engine.quantized_folder import folder_specs, quantized_fetch, rewrite_config, size_ratio
 from rac.models.streaming import INDEX_NAME, SINGLE_NAME, WeightFiles
+from rac.pruners.quant import QuantSpec
 from rac.store.artifacts import TEMP_MARK, atomic_dir
 
 PROVENANCE_NAME = "rac_provenance.json"
@@ -150,6 +153,44 @@ def write_hf_folder(
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True))
     return out_dir
+
+
+def write_model(files: WeightFiles, ckpt: Checkpoints, every: Sequence[StepRecord], out_dir: Path,
+                provenance: dict[str, Any], quant: QuantSpec | None, model_linears: Sequence[str]) -> None:
+    """Write the HF folder: pruned linears from their step checkpoints, every other tensor from the source.
+
+    With `quant`, the compressed linears are written in compressed-tensors pack-quantized form (codes and
+    scales from the checkpoints, scales in `quant.scale_dtype`, as the solver rounded them) and config.json
+    gets the quantization config; every other linear of `model_linears` (LM head, excluded ones) stays dense.
+    """
+    pruned = {lin.name + ".weight": (r.layer, r.group) for r in every for lin in r.linears}
+    step_tensors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def step_of(name: str) -> dict[str, torch.Tensor]:
+        step = pruned[name]
+        if step not in step_tensors:  # one step file at a time in memory (names arrive layer by layer)
+            step_tensors.clear()
+            step_tensors[step] = ckpt.load_weights(*step)
+        return step_tensors[step]
+
+    def fetch(name: str) -> torch.Tensor:
+        return step_of(name)[name] if name in pruned else files.load([name])[name]
+
+    if quant is None:
+        write_hf_folder(files.model_dir, out_dir, files.specs, fetch, provenance)
+        return
+    spec = quant
+    linears = sorted(name.removesuffix(".weight") for name in pruned)
+    scale_dtype = torch_dtype(spec.scale_dtype)
+    ignore = sorted(n for n in model_linears if n not in linears)
+    specs = folder_specs(files.specs, linears, spec, scale_dtype)
+    provenance["quantization"] = {"scheme": spec.label, **spec.canonical(), "format": "pack-quantized",
+                                  "scale_dtype": str(scale_dtype).removeprefix("torch."), "dense_linears": ignore,
+                                  "size_ratio": size_ratio(files.specs, linears, spec, scale_dtype)}
+    quantized = quantized_fetch(fetch, lambda m: quant_from_checkpoint(m, step_of(m + ".weight"), spec),
+                                linears, scale_dtype)
+    write_hf_folder(files.model_dir, out_dir, specs, quantized, provenance,
+                    edit_config=lambda path: rewrite_config(path, spec, ignore, scale_dtype))
 
 
 def check_out_dir(out_dir: Path) -> None:

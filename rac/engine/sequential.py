@@ -39,7 +39,6 @@ from rac.engine.checkpoint import (
     Step,
     StepRecord,
     quant_checkpoint_tensors,
-    quant_from_checkpoint,
 )
 from rac.engine.experts import (
     ExpertConfig,
@@ -54,8 +53,7 @@ from rac.engine.experts import (
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import memory_hygiene as _memory_hygiene
 from rac.engine.memory import trim_heap as _trim_heap
-from rac.engine.output import build_provenance, check_out_dir, write_hf_folder
-from rac.engine.quantized_folder import folder_specs, quantized_fetch, rewrite_config, size_ratio
+from rac.engine.output import build_provenance, check_out_dir, write_model
 from rac.models.adapters import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
@@ -327,44 +325,6 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     return done, False
 
 
-def _write_output(run: _Run, every: list[StepRecord], out_dir: Path, provenance: dict[str, object]) -> None:
-    """Write the HF folder: pruned linears from their step checkpoints, every other tensor from the source.
-
-    With `prune.quant`, the compressed linears are written in compressed-tensors pack-quantized form (codes
-    and scales from the checkpoints, scales in `quant.scale_dtype`, as the solver rounded them) and
-    config.json gets the quantization config; every other linear (LM head, excluded ones) stays dense.
-    """
-    files, ckpt = run.files, run.ckpt
-    pruned = {lin.name + ".weight": (r.layer, r.group) for r in every for lin in r.linears}
-    step_tensors: dict[Step, dict[str, torch.Tensor]] = {}
-
-    def step_of(name: str) -> dict[str, torch.Tensor]:
-        step = pruned[name]
-        if step not in step_tensors:  # one step file at a time in memory (names arrive layer by layer)
-            step_tensors.clear()
-            step_tensors[step] = ckpt.load_weights(*step)
-        return step_tensors[step]
-
-    def fetch(name: str) -> torch.Tensor:
-        return step_of(name)[name] if name in pruned else files.load([name])[name]
-
-    spec = run.cfg.prune.quant
-    if spec is None:
-        write_hf_folder(files.model_dir, out_dir, files.specs, fetch, provenance)
-        return
-    linears = sorted(name.removesuffix(".weight") for name in pruned)
-    scale_dtype = torch_dtype(spec.scale_dtype)
-    ignore = sorted(n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear) and n not in linears)
-    specs = folder_specs(files.specs, linears, spec, scale_dtype)
-    provenance["quantization"] = {"scheme": spec.label, **spec.canonical(), "format": "pack-quantized",
-                                  "scale_dtype": str(scale_dtype).removeprefix("torch."), "dense_linears": ignore,
-                                  "size_ratio": size_ratio(files.specs, linears, spec, scale_dtype)}
-    quantized = quantized_fetch(fetch, lambda m: quant_from_checkpoint(m, step_of(m + ".weight"), spec),
-                                linears, scale_dtype)
-    write_hf_folder(files.model_dir, out_dir, specs, quantized, provenance,
-                    edit_config=lambda path: rewrite_config(path, spec, ignore, scale_dtype))
-
-
 def _embed(run: _Run, hidden: int) -> None:
     """Write the activation store entering layer 0 (embeddings materialised just for this)."""
     embed = get_submodule(run.model, run.adapter.embed)
@@ -468,7 +428,8 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     provenance = build_provenance(cfg, stage_configs, files, full, every, time.perf_counter() - t_start)
     if adapter.moe is not None:
         provenance["experts"] = expert_provenance(every, cfg.moe)
-    _write_output(run, every, out_dir, provenance)
+    linears = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    write_model(files, ckpt, every, out_dir, provenance, cfg.prune.quant, linears)
     ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
     if dist is not None:
         dist.barrier()
