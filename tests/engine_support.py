@@ -42,6 +42,20 @@ def random_sequences(n: int, vocab: int, lengths: Sequence[int], seed: int = 0) 
     return out
 
 
+def folder_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a written HF folder (through its safetensors index)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for fname in sorted(set(index["weight_map"].values())):
+        with safe_open(str(out_dir / fname), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return tensors
+
+
 def write_calib(path: Path, seqs: Sequence[Seq]) -> Path:
     """A calibration Parquet in `CALIB_SCHEMA` from (ids, segments) pairs."""
     rows = [{"seq_id": i, "source": "test", "input_ids": ids, "segment": seg} for i, (ids, seg) in enumerate(seqs)]

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_support import random_sequences, reference_prune, write_calib
-from safetensors import safe_open
+from engine_support import folder_tensors, random_sequences, reference_prune, write_calib
 from transformers import AutoModelForCausalLM
 
 from rac.engine import CompressConfig, StepRecord, compress
@@ -25,15 +24,6 @@ def _cfg(method: str = "sparsegpt", sequential: str = "group", **kw: object) -> 
                                    segment_weights=WEIGHTS)
     base.update(kw)
     return CompressConfig(**base)  # type: ignore[arg-type]
-
-
-def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for fname in sorted(set(index["weight_map"].values())):
-        with safe_open(str(out_dir / fname), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,7 @@ def test_streamed_equals_in_memory_reference(tmp_path: Path, arch: str, sequenti
     cfg = _cfg(sequential=sequential, segment_weights=weights)
     records: list[StepRecord] = []
     compress(model_dir, calib, tmp_path / "out", cfg, tmp_path / "work", on_step=records.append)
-    got = _weights(tmp_path / "out")
+    got = folder_tensors(tmp_path / "out")
     ref, rel_errors = reference_prune(model_dir, seqs, cfg.prune, sequential, weights)
     assert set(ref) == {k for k in got if k.endswith("_proj.weight")}
     for name, w in ref.items():
@@ -83,7 +73,7 @@ def test_modes_differ_and_segment_weights_matter(tmp_path: Path) -> None:
     for tag, cfg in {"group": _cfg(), "layer": _cfg(sequential="layer"),
                      "prompt-only": _cfg(segment_weights={"prompt": 1.0, "decode": 0.0})}.items():
         compress(model_dir, calib, tmp_path / tag, cfg, tmp_path / f"w-{tag}")
-        outs[tag] = _weights(tmp_path / tag)["model.layers.1.mlp.down_proj.weight"]
+        outs[tag] = folder_tensors(tmp_path / tag)["model.layers.1.mlp.down_proj.weight"]
     assert not torch.allclose(outs["group"], outs["layer"])
     assert not torch.allclose(outs["group"], outs["prompt-only"])
 
@@ -106,7 +96,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path: Path, stop: tuple[int, i
     assert second.complete
     steps = [(s.layer, s.group) for s in seen]
     assert steps == [(layer, g) for layer in range(2) for g in range(4)]  # every step once, in order
-    full, part = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    full, part = folder_tensors(tmp_path / "full"), folder_tensors(tmp_path / "part")
     assert full.keys() == part.keys()
     for name in full:
         assert torch.equal(full[name], part[name]), name
@@ -128,7 +118,7 @@ def test_step_records_and_checkpoint_hashes(tmp_path: Path) -> None:
     assert names[(0, 0)] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert names[(1, 2)] == [] and names[(1, 3)] == []
     assert [f.path.name for f in seen[3].files] == ["step-00000-3.safetensors", "acts-00001.bin", "acts-00001.bin.json"]
-    out = _weights(tmp_path / "out")
+    out = folder_tensors(tmp_path / "out")
     dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     for rec in seen:
         for lin in rec.linears:
@@ -155,7 +145,7 @@ def test_nm_sparsity_and_resume_guard(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="config"):
         compress(model_dir, calib, tmp_path / "out", _cfg(), tmp_path / "w", start_at=(0, 3))
     compress(model_dir, calib, tmp_path / "out", cfg, tmp_path / "w", start_at=(0, 3))
-    for name, w in _weights(tmp_path / "out").items():
+    for name, w in folder_tensors(tmp_path / "out").items():
         if name.endswith("_proj.weight"):
             kept = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
             assert torch.all(kept == 2), name

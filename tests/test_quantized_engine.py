@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_support import random_sequences, reference_prune, write_calib
-from safetensors import safe_open
+from engine_support import folder_tensors, random_sequences, reference_prune, write_calib
 from transformers import AutoModelForCausalLM
 
 from rac.engine import CompressConfig, compress
@@ -26,15 +25,6 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 def _cfg(prune: dict[str, object]) -> CompressConfig:
     return CompressConfig(prune=PruneConfig(**prune), sequential="group", act_dtype="float32",  # type: ignore[arg-type]
                           compute_dtype="float32", batch_tokens=48, segment_weights=EQUAL)
-
-
-def _tensors(out_dir: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for fname in sorted(set(index["weight_map"].values())):
-        with safe_open(str(out_dir / fname), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return tensors
 
 
 def _loaded_linears(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -70,7 +60,7 @@ def test_quantized_folder_loads_with_rac_weights(tmp_path: Path, prune: dict[str
     qc = config["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert "lm_head" in qc["ignore"]
-    raw = _tensors(tmp_path / "out")
+    raw = folder_tensors(tmp_path / "out")
     assert not [k for k in raw if k.endswith("_proj.weight")]  # every decoder linear is packed
     ref, _ = reference_prune(model_dir, seqs, cfg.prune, "group", EQUAL)  # in-memory engine, same solver
     served = _loaded_linears(tmp_path / "out")
@@ -105,7 +95,7 @@ def test_quantized_folder_size_and_resume(tmp_path: Path) -> None:
     first = compress(model_dir, calib, tmp_path / "part", cfg, tmp_path / "w2", stop_after=(0, 2))
     assert not first.complete and first.next_step == (0, 3)
     compress(model_dir, calib, tmp_path / "part", cfg, tmp_path / "w2", start_at=first.next_step)
-    full, part = _tensors(tmp_path / "full"), _tensors(tmp_path / "part")
+    full, part = folder_tensors(tmp_path / "full"), folder_tensors(tmp_path / "part")
     assert full.keys() == part.keys()
     for name in full:
         assert torch.equal(full[name], part[name]), name
