@@ -197,7 +197,7 @@ def sampled(cmd: list[str], env: dict[str, str], raw_out: Path, cwd: Path) -> tu
 
 
 def main(argv: list[str] | None = None) -> None:
-    from bench.peer import PEER_PY, RESULTS, ROOT, _child_env, rac_configs, rac_label, run_child
+    from bench.peer import PEER_PY, RESULTS, ROOT, _child_env, _source, rac_configs, rac_label, run_child
     from bench.peer_data import CACHE, SetsSpec, build_sets
     from bench.peer_profile_report import profile_markdown, summarize_samples
     from bench.solvers import machine, write_atomic
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     sets = build_sets(model, spec)
     res: dict[str, Any] = {"command": " ".join(["python -m bench.peer_profile", *(argv or sys.argv[1:])]),
                            "machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                           "threads": a.threads, "sets": sets.info, "runs": []}
+                           "threads": a.threads, "sets": sets.info, "runs": [], "source": _source()}
     tmp = Path(tempfile.mkdtemp(prefix="rac-bench-profile-"))
     env = _child_env(a.threads)
     try:

@@ -128,15 +128,17 @@ FIXES: dict[str, str] = {  # phase -> where it is spent and the concrete fix pro
     FORWARD["stats_pass"]: (
         "Where: `rac/engine/layer.py:stats_pass` -> `layer_forward`, called once per group by "
         "`rac/engine/sequential.py:_run_layer` (via `_collect`) in group-sequential order: each pass re-runs the "
-        "layer from its input up to the hooked linears, so q/k/v and attention run three times and the MLP "
-        "up-projections twice per layer, and every batch's intermediates ([B, L, 1536] MLP activations, "
+        "layer from its input up to the hooked linears, so per layer the statistics passes compute q/k/v and "
+        "attention three times and o_proj twice (groups o, gate/up, down), and every batch's intermediates ([B, L, 1536] MLP activations, "
         "attention scores: above the 4 MiB mmap threshold `rac/engine/memory.py:memory_hygiene` pins) are "
         "fresh mmaps the kernel zero-fills page by page (the minor faults and system time of this line). "
         "Fix: (1) start group g+1's pass where group g's ended: keep the tensor entering the next sub-block "
         "(o_proj input after the pruned q/k/v, the post-attention residual, the down_proj input) from group g's "
         "pass in a per-layer scratch store and run only the sub-block that feeds group g+1 (the adapter names "
-        "the sub-blocks), so each sub-block runs once per pass as in layer-sequential order; (2) let large "
-        "transient tensors come from a reused arena or a higher mmap threshold (see the experiments)."),
+        "the sub-blocks), so each sub-block runs once per pass as in layer-sequential order; or make sequential='layer' the "
+        "default (one statistics forward per layer; its quality against group order is in bench/results/peer.md); "
+        "(2) stop pinning the 4 MiB mmap threshold, or keep it and ask for huge pages for the mmapped chunks "
+        "(the experiments: about a sixth of the wall time either way)."),
     FORWARD["output_pass"]: (
         "Where: `rac/engine/layer.py:output_pass`, one full forward of the pruned layer per layer (llm-compressor's "
         "propagation pass does the same). Its cost beyond the FLOPs is the page faults of fresh intermediates "
@@ -283,16 +285,53 @@ def _findings(run: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _phase_s(timers: dict[str, dict[str, float]], name: str) -> float:
+    return dict(phases(timers)).get(name, {"wall_s": 0.0})["wall_s"]
+
+
+def _summary(res: dict[str, Any]) -> list[str]:
+    """The headline numbers of the first run, the experiments against it, and the peer's split."""
+    run = res["runs"][0]
+    t, u = run["timers"]["timers"], run["timers"]["usage"]
+    total, cpu = t["compress"]["wall_s"], u["user_s"] + u["system_s"]
+    sf, pf = _phase_s(t, FORWARD["stats_pass"]), _phase_s(t, FORWARD["output_pass"])
+    acc = _phase_s(t, "statistics accumulation (H += XᵀX in the hooks)")
+    lines = ["## Summary", "",
+             f"- {run['label']}: compress {total:.1f} s wall, {cpu:.1f} s CPU, of which {u['system_s']:.1f} s "
+             f"({100 * u['system_s'] / cpu:.0f}%) system time for {u['minor_faults'] / 1e6:.1f} M minor page "
+             f"faults. Layer forwards: {sf + pf:.1f} s ({100 * (sf + pf) / total:.0f}%): the statistics passes "
+             f"{sf:.1f} s, i.e. {sf / pf:.2f}x the one propagation forward ({pf:.1f} s); H accumulation {acc:.1f} s; "
+             f"the solver {_phase_s(t, 'solver (rac.pruners.prune)'):.1f} s."]
+    for e in run.get("experiments") or []:
+        eu = e["usage"]
+        lines.append(f"- {e['label']}: compress {e['timers']['compress']['wall_s']:.1f} s "
+                     f"({e['timers']['compress']['wall_s'] - total:+.1f} s), system {eu['system_s']:.1f} s "
+                     f"({eu['system_s'] - u['system_s']:+.1f}), minor faults {eu['minor_faults'] / 1e6:.1f} M, peak RSS "
+                     f"{e['peak_rss_mb']:.0f} MiB ({e['peak_rss_mb'] - run['timers']['peak_rss_mb']:+.0f}).")
+    if res.get("peer"):
+        p = res["peer"]
+        sp, n = p["sampled"], p["samples"]["total"] or 1
+        share = dict(p["samples"]["innermost"])
+        fwd = sum(c for k, c in share.items() if k.endswith("offload_module.<locals>.forward")) / n
+        lines.append(f"- For comparison, {p['label']} (under py-spy, which slows it a little): {sp['wall_s']:.1f} s "
+                     f"wall, about {fwd * sp['wall_s']:.0f} s of it in the layer forwards (calibration + propagation: "
+                     f"two per layer), {sp.get('stats_accumulate_s', 0.0):.1f} s in `accumulate_hessian`, "
+                     f"{sp['solver_s']:.1f} s in `sparsify_weight`; system {sp['usage']['system_s']:.1f} s for "
+                     f"{sp['usage']['minor_faults'] / 1e6:.1f} M minor faults.")
+    return [*lines, ""]
+
+
 def profile_markdown(res: dict[str, Any]) -> str:
     """profile.md from `bench.peer_profile`'s results."""
     m, c = res["machine"], res["sets"]["calib"]
     lines = ["# Where rac's end-to-end time goes (SmolLM2-135M, float32, CPU)", "",
-             f"Command: `{res['command']}`, {res['started']} to {res['finished']}. Machine: {m['cpu']}, "
+             f"Command: `{res['command']}`, {res['started']} to {res['finished']}; code: "
+             f"{res.get('source', 'unknown')}. Machine: {m['cpu']}, "
              f"{m['cores']} cores shared with other jobs (load averages per run below); {res['threads']} thread(s) "
              f"(OMP/MKL fixed in each child), OMP_WAIT_POLICY=PASSIVE. Inputs: `bench.peer`'s calibration set, "
              f"{c['n_seqs']} sequences, {c['n_tokens']} tokens. Method and code: `bench/peer_profile.py` "
              "(timers around rac's functions; py-spy sampling of an uninstrumented run), "
-             "`bench/peer_profile_report.py` (phases, this report).", ""]
+             "`bench/peer_profile_report.py` (phases, this report).", "", *_summary(res)]
     for run in res["runs"]:
         lines += _findings(run)
     for run in res["runs"]:
