@@ -16,19 +16,16 @@ step not yet done) resumes from those checkpoints; `stop_after` ends a run early
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
 
 import rac
 from rac.config import StageConfig
-from rac.data.segments import SEGMENT_IDS
 from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
 from rac.engine.batches import Calibration, load_calibration
@@ -40,10 +37,9 @@ from rac.engine.checkpoint import (
     StepRecord,
     quant_checkpoint_tensors,
 )
+from rac.engine.compress_config import CompressConfig
 from rac.engine.experts import (
-    ExpertConfig,
     ExpertStats,
-    check_expert_config,
     expert_chunks,
     expert_members,
     expert_provenance,
@@ -55,8 +51,6 @@ from rac.engine.memory import memory_hygiene as _memory_hygiene
 from rac.engine.memory import trim_heap as _trim_heap
 from rac.engine.output import build_provenance, check_out_dir, write_model
 from rac.models.adapters import (
-    DEFAULT_EXCLUDE,
-    DEFAULT_INCLUDE,
     Adapter,
     decoder_layers,
     get_submodule,
@@ -73,48 +67,6 @@ from rac.pruners.stats import HessianAccumulator
 if TYPE_CHECKING:
     from rac.engine.distributed import DistContext
 
-
-
-class CompressConfig(StageConfig):
-    """How the engine prunes a model: pruner, which linears, order, dtypes, segment weights, batching."""
-
-    prune: PruneConfig
-    include: tuple[str, ...] = DEFAULT_INCLUDE  # globs over e.g. "model.layers.3.mlp.up_proj"
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
-    sequential: Literal["layer", "group"] = "group"
-    act_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activation store on disk
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the layer forward
-    segment_weights: dict[str, float] = {"prompt": 1.0, "decode": 1.0, "other": 1.0}
-    batch_tokens: int = 4096  # tokens per forward batch (equal-length sequences)
-    device: Literal["cpu", "cuda"] = "cpu"
-    trust_remote_code: bool = False
-    # mixture-of-experts models (rac.engine.experts); the defaults stay out of canonical(): dense keys unchanged
-    moe: ExpertConfig = Field(default_factory=ExpertConfig, exclude_if=lambda v: v == ExpertConfig())
-
-    @field_validator("segment_weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(SEGMENT_IDS))
-        if unknown:
-            raise ValueError(f"unknown segment(s) {unknown} in segment_weights; known: {sorted(SEGMENT_IDS)}")
-        bad = {k: w for k, w in v.items() if not (math.isfinite(w) and w >= 0)}
-        if bad or not any(w > 0 for w in v.values()):
-            raise ValueError(f"segment_weights must be finite, >= 0 and not all 0, got {v}")
-        return v
-
-    @field_validator("batch_tokens")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"batch_tokens must be >= 1, got {v}")
-        return v
-
-    @field_validator("moe")
-    @classmethod
-    def _experts(cls, v: ExpertConfig, info: ValidationInfo) -> ExpertConfig:
-        if "prune" in info.data and "sequential" in info.data:  # declared before moe: validated first
-            check_expert_config(v, info.data["prune"].method, info.data["sequential"])
-        return v
 
 
 @dataclass(frozen=True)
