@@ -1,4 +1,4 @@
-"""Shipped model assets: tiny random models and the real GGUF-converted SmolLM2."""
+"""Shipped model assets: tiny random models and the real GGUF-converted SmolLM2 and Qwen2.5-Coder-1.5B."""
 
 from __future__ import annotations
 
@@ -73,3 +73,38 @@ def test_smollm2_conversion_matches_gguf_logits() -> None:
     # bf16 storage of the dequantised weights: the argmax agrees and logits are close.
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
     assert torch.allclose(got, want, atol=0.6, rtol=0.05), (got - want).abs().max()
+
+
+@pytest.mark.slow
+def test_qwen15_conversion_answers_gsm8k_boxed() -> None:
+    """The 1.5B Qwen joined from 22 wheels converts to a qwen2 folder with Qwen's sampling defaults, and greedily
+    answers a real GSM8K problem with the right number in \\boxed{} (what SmolLM2 never does)."""
+    from rac.data.sources import load_gsm8k
+    from rac.data.templates import TemplateConfig, encode_prompt
+    from rac.eval.grade import grade
+
+    path = assets.resolve_model("qwen2.5-coder-1.5b")
+    meta = json.loads((path / "rac_asset.json").read_text())
+    assert meta["source"] == "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("qwen2", 28, 1536)
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert {k: gen[k] for k in ("eos_token_id", "pad_token_id", "do_sample", "temperature", "top_p", "top_k",
+                                "repetition_penalty")} == {
+        "eos_token_id": [151645, 151643], "pad_token_id": 151643, "do_sample": True, "temperature": 0.7,
+        "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    # gsm8k-1264 (popcorn kernels -> 210): answered right in 327 greedy tokens. Of the first 8 problems it boxes 7
+    # and gets 3 right at 512 tokens (the eighth hit the cap), so one it solves is the fixed, cheap check here.
+    record = load_gsm8k()[4]
+    assert record.problem_id == "gsm8k-1264"
+    _, ids = encode_prompt(tok, record.question, TemplateConfig(style="instruct"))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=400, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, repetition_penalty=None)
+    completion = tok.decode(out[0, x.shape[1]:], skip_special_tokens=True)
+    result = grade(completion, record.answer)
+    assert result.pred is not None and result.correct, completion[-300:]
