@@ -28,6 +28,7 @@ import rac
 from rac.config import StageConfig
 from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
+from rac.engine.allocation import Allocation, check_allocation, layer_prune, prepare_allocation
 from rac.engine.batches import Calibration, load_calibration
 from rac.engine.checkpoint import (
     Checkpoints,
@@ -79,6 +80,7 @@ class CompressResult:
     next_step: Step | None  # first step not done (None when complete)
     n_tokens: int
     seconds: float
+    allocation: Allocation | None = None  # per-layer sparsities (prune.allocation non-uniform)
 
 
 @dataclass
@@ -99,6 +101,7 @@ class _Run:
     dtype: torch.dtype
     on_step: Callable[[StepRecord], None] | None
     dist: DistContext | None = None  # data-parallel ranks (rac.engine.distributed), None: one process
+    allocation: Allocation | None = None  # per-layer sparsities (rac.engine.allocation), None: uniform
 
 
 def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> Step | None:
@@ -170,15 +173,16 @@ def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module, acc
         tensors.update(out)
         records.append(record)
 
+    cfg = layer_prune(run.cfg.prune, run.allocation, layer)  # the layer's sparsity (OWL) or the config's
     plain = [r for r in run.table[layer][group] if not any(r in v for v in members.values())]
     if acc is not None and plain:
         H = run.plan.hessian(acc)  # [d_in, d_in] float32
         tokens = acc.tokens()
         del acc  # free the per-segment sums before the pruner's workspace is allocated
         for rel in plain:
-            one(rel, H, tokens, run.cfg.prune)
+            one(rel, H, tokens, cfg)
     if experts is not None:
-        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, run.cfg.prune, one)
+        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, cfg, one)
     return tensors, records, expert_records
 
 
@@ -329,6 +333,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     if adapter.moe is not None and cfg.prune.quant is not None:
         raise ValueError(f"quant={cfg.prune.quant.label} is not supported for mixture-of-experts models yet "
                          f"(model_type {config.model_type!r}): prune without quant")
+    check_allocation(cfg.prune, adapter.moe is not None, dist is not None)
     files = WeightFiles(Path(model_dir))
     n_layers, n_groups = int(config.num_hidden_layers), len(adapter.groups)
     start = _check_step(start_at, n_layers, n_groups, "start_at") or (0, 0)
@@ -364,6 +369,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
                LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step, dist)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
+    run.allocation = prepare_allocation(run, fresh=start == (0, 0))  # OWL's dense pre-pass, or read back
     steps: list[StepRecord] = []
     for layer in range(start[0], n_layers):
         records, stopped = _run_layer(run, layer, start[1] if layer == start[0] else 0, stop)
@@ -371,7 +377,8 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         if stopped:
             last = steps[-1]
             nxt = (last.layer, last.group + 1) if last.group + 1 < n_groups else (last.layer + 1, 0)
-            return CompressResult(None, False, tuple(steps), nxt, full.n_tokens, time.perf_counter() - t_start)
+            return CompressResult(None, False, tuple(steps), nxt, full.n_tokens, time.perf_counter() - t_start,
+                                  run.allocation)
     if dist is not None and not dist.is_main:
         ckpt.drop_acts(n_layers)
         dist.barrier()  # returns once rank 0 has written the output
@@ -380,9 +387,12 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     provenance = build_provenance(cfg, stage_configs, files, full, every, time.perf_counter() - t_start)
     if adapter.moe is not None:
         provenance["experts"] = expert_provenance(every, cfg.moe)
+    if run.allocation is not None:
+        provenance["allocation"] = run.allocation.to_json()
     linears = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear)]
     write_model(files, ckpt, every, out_dir, provenance, cfg.prune.quant, linears)
     ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
     if dist is not None:
         dist.barrier()
-    return CompressResult(out_dir, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start)
+    return CompressResult(out_dir, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start,
+                          run.allocation)
