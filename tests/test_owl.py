@@ -217,3 +217,25 @@ def test_owl_refused_for_moe_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'owl' is not supported for mixture-of-experts models yet"):
         compress(tiny_model("qwen3_moe"), calib, tmp_path / "out", _cfg(), tmp_path / "work")
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_owl_labels_and_compare_setting_tell_uniform_from_owl() -> None:
+    """qwen-owl.yaml parses into distinct labels (uniform and OWL at one sparsity are separate models), and
+    `rac compare` sets them in separate rows ('50%' vs '50% owl')."""
+    import yaml
+
+    from rac.reporting.compare import _setting
+    from rac.runs.run_config import parse_run_config, prune_label
+
+    cfg_path = Path(__file__).resolve().parents[1] / "data/configs/results/qwen-owl.yaml"
+    run = parse_run_config(yaml.safe_load(cfg_path.read_text()), str(cfg_path))
+    labels = [j.label for j in run.jobs]
+    assert len(set(labels)) == len(labels)
+    assert "rac-sparsegpt-50pct-owl" in labels and "rac-sparsegpt-50pct" in labels
+    owl_cfg = PruneConfig(method="sparsegpt", sparsity=0.6, allocation={"kind": "owl", "M": 7, "lam": 0.1})
+    assert prune_label("prompt", owl_cfg) == "prompt-sparsegpt-60pct-owl-m7-l0.1"
+    owl_row = {"calibration": "rac", "sparsity": 0.5, "prune_cfg": PruneConfig(
+        method="sparsegpt", sparsity=0.5, allocation="owl").canonical()}
+    uni_row = {"calibration": "rac", "sparsity": 0.5, "prune_cfg": PruneConfig(
+        method="sparsegpt", sparsity=0.5).canonical()}
+    assert (_setting(owl_row), _setting(uni_row)) == ("50% owl", "50%")

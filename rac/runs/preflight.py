@@ -168,10 +168,10 @@ def _load(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
     where = _where(key, pc)
     try:
         return load_records(pc.source, path=pc.path, split=pc.split, fmt=pc.fmt, question_col=pc.question_col,
-                            answer_col=pc.answer_col, id_col=pc.id_col, variants=pc.variants, seed=pc.seed,
-                            keep_original=pc.keep_original)
+                            answer_col=pc.answer_col, id_col=pc.id_col, group_col=pc.group_col, variants=pc.variants,
+                            seed=pc.seed, keep_original=pc.keep_original)
     except MissingColumnError as exc:
-        attr = next((a for a in ("question_col", "id_col")
+        attr = next((a for a in ("question_col", "id_col", "group_col")
                      if getattr(pc, a) is not None and f"column {getattr(pc, a)!r}" in str(exc)), "question_col")
         _fail(f"{where}: {exc}; set {key}.{attr} to one of the available columns")
     except EmptySourceError as exc:

@@ -217,11 +217,13 @@ def _build(cls: type[C], data: Any, where: str, problems: list[str], drop: tuple
 
 
 def prune_label(calib: str, prune: PruneConfig, progressive: bool = False) -> str:
-    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only);
+    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only),
+    ``rac-sparsegpt-50pct-owl`` (OWL layer sparsities);
     a progressive calibration adds ``-progressive`` unless its name already says so (``rac-progressive-...``)."""
     amount = f"{prune.nm[0]}of{prune.nm[1]}" if prune.nm else f"{round(float(prune.sparsity or 0.0) * 100):d}pct"
     parts = [calib, prune.method] + ([amount] if prune.method != "gptq" else [])
     parts += [prune.quant.label] if prune.quant is not None else []
+    parts += [prune.allocation.label] if prune.allocation.label else []  # e.g. owl (uniform: nothing)
     return "-".join(parts + (["progressive"] if progressive and "progressive" not in calib else []))
 
 

@@ -169,6 +169,7 @@ def prune_step(env: RunRef, job: PruneJob, calib: StageOutput, progress: Progres
         summary = {"label": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                    "sparsity": job.compress.prune.sparsity, "start_at": start_at,
                    "n_tokens": result.n_tokens, "seconds": result.seconds, "steps_computed": len(result.steps),
+                   **({"allocation": result.allocation.to_json()} if result.allocation is not None else {}),
                    **({"provenance": {k: v.canonical() for k, v in provenance.items()}} if provenance else {})}
         return [ArtifactRef.of(resume.out_dir, "model")], summary
 
