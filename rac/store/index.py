@@ -25,7 +25,6 @@ else on the machine and never tries the network.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,9 @@ import duckdb
 
 from rac.store.artifacts import ArtifactRef
 from rac.store.schema import SCHEMA_VERSION, HarnessRow, LayerRow, migrate, schema_version
-from rac.store.sql import READ_ONLY_STATEMENTS, VIEW_GLOBS, create_views, lock_down
+from rac.store.sql import ReadOnlyQueryError, check_read_only, create_views, lock_down, refused
+
+__all__ = ["INDEX_NAME", "Index", "IndexBusyError", "IndexSchemaError", "ReadOnlyQueryError"]
 
 INDEX_NAME = "rac.duckdb"
 _PROCESS_LOCK = threading.RLock()
@@ -46,10 +47,6 @@ _PROCESS_LOCK = threading.RLock()
 
 class IndexBusyError(RuntimeError):
     """The index file stayed locked by another process for longer than the timeout."""
-
-
-class ReadOnlyQueryError(ValueError):
-    """A statement other than SELECT/EXPLAIN was given to a read-only query."""
 
 
 class IndexSchemaError(ValueError):
@@ -152,36 +149,19 @@ class Index:
     # ---------------------------------------------------------------- queries
     def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run read-only SQL (SELECT/EXPLAIN only) and return (column names, rows). The connection is locked
-        down (`_lock_down`): a file, URL, extension or setting it would reach raises ReadOnlyQueryError."""
-        statements = duckdb.extract_statements(sql)
-        if not statements:
-            raise ReadOnlyQueryError(f"empty query: {sql!r}")
-        for st in statements:
-            kind = st.type.name
-            if kind not in READ_ONLY_STATEMENTS:
-                raise ReadOnlyQueryError(
-                    f"refused {kind} statement {st.query.strip()[:80]!r}: `rac sql` is read-only "
-                    f"(allowed: {sorted(READ_ONLY_STATEMENTS)})"
-                )
+        down (`rac.store.sql.lock_down`): a file, URL, extension or setting it would reach raises
+        ReadOnlyQueryError."""
+        check_read_only(sql)
         with self.connect(read_only=True) as con:
             try:
                 cur = con.execute(sql, list(params))
                 cols = [d[0] for d in cur.description or []]
                 return cols, cur.fetchall()
-            except duckdb.CatalogException as err:
-                broken = [f"{v}: {p}" for v, p in getattr(self, "view_problems", {}).items()
-                          if re.search(rf"\b{v}\b", sql)]
-                if not broken:
+            except duckdb.Error as err:
+                translated = refused(err, sql, getattr(self, "view_problems", {}))
+                if translated is err:
                     raise
-                raise ReadOnlyQueryError(f"view(s) unavailable: {'; '.join(broken)} (a damaged stage file: "
-                                         f"`rac verify` lists them, the next run recomputes them)") from err
-            except (duckdb.PermissionException, duckdb.InvalidInputException) as err:
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                if isinstance(err, duckdb.InvalidInputException) and "configuration has been locked" not in first:
-                    raise
-                raise ReadOnlyQueryError(
-                    f"refused: {first} (`rac sql` reads only the index tables and the stage Parquet views "
-                    f"{', '.join(VIEW_GLOBS)}; no other file, URL, extension or setting)") from err
+                raise translated from err
 
     def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         if not self.path.exists():

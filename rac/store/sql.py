@@ -7,7 +7,8 @@ directory or URL, no extension loaded or installed on demand, and no setting cha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import duckdb
@@ -21,6 +22,40 @@ VIEW_GLOBS: dict[str, str] = {
 }
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 _GLOB_CHARS = "*?["  # what DuckDB takes for a glob in a path
+
+
+class ReadOnlyQueryError(ValueError):
+    """A statement other than SELECT/EXPLAIN was given to a read-only query, or it reached past its views."""
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse an empty query and any statement but SELECT/EXPLAIN, naming the first offending statement."""
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise ReadOnlyQueryError(f"empty query: {sql!r}")
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise ReadOnlyQueryError(f"refused {kind} statement {st.query.strip()[:80]!r}: `rac sql` is read-only "
+                                     f"(allowed: {sorted(READ_ONLY_STATEMENTS)})")
+
+
+def refused(err: duckdb.Error, sql: str, view_problems: Mapping[str, str]) -> Exception:
+    """What a failed read-only query raises: a ReadOnlyQueryError when the locked-down connection refused a
+    file, URL, extension or setting, or the query named a view left out (`view_problems`); else `err`."""
+    if isinstance(err, duckdb.CatalogException):
+        broken = [f"{v}: {p}" for v, p in view_problems.items() if re.search(rf"\b{v}\b", sql)]
+        if not broken:
+            return err
+        return ReadOnlyQueryError(f"view(s) unavailable: {'; '.join(broken)} (a damaged stage file: "
+                                  f"`rac verify` lists them, the next run recomputes them)")
+    if isinstance(err, (duckdb.PermissionException, duckdb.InvalidInputException)):
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, duckdb.InvalidInputException) and "configuration has been locked" not in first:
+            return err
+        return ReadOnlyQueryError(f"refused: {first} (`rac sql` reads only the index tables and the stage Parquet "
+                                  f"views {', '.join(VIEW_GLOBS)}; no other file, URL, extension or setting)")
+    return err
 
 
 def create_views(con: duckdb.DuckDBPyConnection, work_dir: Path) -> tuple[list[str], dict[str, str]]:
