@@ -62,6 +62,7 @@ RAC_VARIANTS: dict[str, dict[str, Any]] = {  # applied on top of rac's defaults 
     "matrix": {"prune": {"scope": "matrix"}},  # unstructured SparseGPT only: per block over all rows
     "row": {"prune": {"scope": "row"}},  # unstructured SparseGPT only: exactly the target share per row
     "layer": {"sequential": "layer"},
+    "group": {"sequential": "group"},  # Wanda: its default is layer order
 }
 SOLVER_SHAPES = ((1536, 576), (576, 1536))
 MODEL = "smollm2-135m"
@@ -168,7 +169,8 @@ def _pattern(p: PruneConfig) -> str:
 
 def rac_label(cfg: CompressConfig) -> str:
     """A row label naming the settings the run actually used."""
-    return f"rac compress ({cfg.sequential}-sequential, {_pattern(cfg.prune)}, {cfg.compute_dtype})"
+    stats = ", diag H" if cfg.diag_statistics else ""
+    return f"rac compress ({cfg.order}-sequential, {_pattern(cfg.prune)}{stats}, {cfg.compute_dtype})"
 
 
 def _score(res: dict[str, Any], out: Path, sets: Sets) -> None:

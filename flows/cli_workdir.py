@@ -97,7 +97,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for col in ("stage", "stage_key", "status", "reused", "seconds", "layers done"):
         table.add_column(col)
     for s in index.run_stages(args.run):
-        steps = len(index.steps(s["stage_key"])) if s["stage"] == "prune" else None
+        steps = len(index.steps(s["stage_key"])) if s["stage"] in ("prune", "prune-step") else None
         table.add_row(s["name"], s["stage_key"], s["status"], str(bool(s["reused"])), _fmt(s["seconds"], 1),
                       "" if steps is None else str(steps))
     out().print(table)

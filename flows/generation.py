@@ -18,13 +18,16 @@ from rac_prefect.tasks.generation import build_task_runner, generate_cots_fanout
 
 
 @flow(name="rac-generate-cots", log_prints=True)
-def cots_flow(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig) -> StageOutput:
+def cots_flow(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig,
+              model: StageOutput | None = None, name: str = "cots") -> StageOutput:
     """Generate the CoTs with one mapped task per shard (the subflow's task runner runs them)."""
-    return generate_cots_fanout_task(env, cfg, prompts, runner)
+    return generate_cots_fanout_task(env, cfg, prompts, runner, model, name)
 
 
-def generate_cots_stage(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig | None) -> StageOutput:
-    """The cots stage: in-process without a runner, else fanned out by a subflow on the runner."""
+def generate_cots_stage(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig | None,
+                        model: StageOutput | None = None, name: str = "cots") -> StageOutput:
+    """The cots stage: in-process without a runner, else fanned out by a subflow on the runner. `model`: a
+    progressive step's pruned model generates (same prompts, seeds, sampling and budgets), as stage `name`."""
     if runner is None:
-        return generate_cots_task(env, cfg, prompts)
-    return cots_flow.with_options(task_runner=build_task_runner(runner))(env, cfg, prompts, runner)
+        return generate_cots_task(env, cfg, prompts, model, name)
+    return cots_flow.with_options(task_runner=build_task_runner(runner))(env, cfg, prompts, runner, model, name)

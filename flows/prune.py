@@ -1,7 +1,9 @@
 """`rac_prune`: the whole DAG for one model.
 
 prompts -> CoTs (only if a `rac` calibration) -> every calibration set -> eval prompts -> (dense eval) ->
-for each calibration x prune config: prune -> eval -> per-token error heatmap -> proxies -> report.
+for each calibration x prune config: [progressive chain] -> prune -> eval -> per-token error heatmap ->
+proxies -> report. A progressive calibration's chain (rac.runs.progressive) runs before its final prune:
+per step an intermediate model, its CoTs and a calibration set on them, each a task like the others.
 All calibrations and sparsities of one run share the prompts and the CoTs. Stages run one after another
 (2 CPU cores do not profit from running two model-sized stages at once); only the CoT shards fan out, over
 the task runner of the config's `runner:` section when there is one (flows/generation.py).
@@ -17,9 +19,10 @@ from typing import Any
 from prefect import flow
 
 from rac.runs.memo import StageOutput
+from rac.runs.progressive import STEP_STAGE, ChainOps, run_chain
 from rac.runs.run_config import RunConfig, load_run_config
 from rac.runs.session import RunSession
-from rac.runs.workdir import new_run_id
+from rac.runs.workdir import RunRef, new_run_id
 from rac_prefect.flows.generation import generate_cots_stage
 from rac_prefect.tasks import (
     build_calibration_task,
@@ -53,10 +56,9 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     if cots is not None:
         done[cots.name] = cots
     calibs: dict[str, StageOutput] = {}
-    for name, ccfg in cfg.calibrations.items():
-        calib = build_calibration_task(
-            env, name, ccfg, prompts if ccfg.kind in ("prompt", "rac") else None, cots if ccfg.kind == "rac" else None
-        )
+    for name, ccfg in cfg.calibrations.items():  # a progressive one: its first set, on the dense CoTs
+        calib = build_calibration_task(env, name, ccfg.one_shot(), prompts if ccfg.kind in ("prompt", "rac") else None,
+                                       cots if ccfg.kind == "rac" else None)
         calibs[name] = done[calib.name] = calib
         note = session.note_calibration(name, calib.output("calibration").sha256)
         if note:
@@ -72,7 +74,13 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
         dense_eval = done["eval/dense"] = evaluate_task(env, "dense", eval_cfg, template, None,
                                                                       eval_prompts, meta)
     for job in cfg.jobs:
-        pruned = prune_task(env, job, calibs[job.calibration])
+        calib_for, provenance = calibs[job.calibration], None
+        if cfg.calibrations[job.calibration].progressive is not None:
+            assert cots is not None  # a progressive calibration is kind rac: the run generated the dense CoTs
+            chain = run_chain(job, cfg.calibrations[job.calibration], calib_for, cots, _chain_ops(env, cfg, prompts))
+            done.update(chain.stages)
+            calib_for, provenance = chain.calib, {"progressive": chain.record}
+        pruned = prune_task(env, job, calib_for, provenance=provenance)
         done[pruned.name] = pruned
         meta = {"model": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                 "sparsity": job.compress.prune.sparsity}
@@ -90,6 +98,17 @@ def run_dag(session: RunSession, cfg: RunConfig) -> dict[str, Any]:
     return {"run_id": env.run_id, "report": paths[0] if paths else None, "reports": paths,
             "stages": {k: {"stage_key": v.stage_key, "reused": v.reused, "outputs": [r.uri for r in v.outputs]}
                        for k, v in done.items()}}
+
+
+def _chain_ops(env: RunRef, cfg: RunConfig, prompts: StageOutput) -> ChainOps:
+    """A progressive chain's stages as tasks: step models, their CoTs (on the run's runner), their sets."""
+    assert cfg.generate is not None  # a progressive calibration is kind rac: the run generates CoTs
+    gen = cfg.generate
+    return ChainOps(
+        prune=lambda job, calib: prune_task(env, job, calib, stage=STEP_STAGE),
+        cots=lambda model, name: generate_cots_stage(env, gen, prompts, cfg.runner, model=model, name=name),
+        calib=lambda name, ccfg, step_cots: build_calibration_task(env, name, ccfg, prompts, step_cots),
+    )
 
 
 @flow(name="rac-prune", log_prints=True, validate_parameters=False)

@@ -32,7 +32,7 @@ from rac.runs.memo import StageOutput
 from rac.runs.run_config import RunnerConfig
 from rac.runs.workdir import RunRef
 from rac.store.artifacts import ArtifactRef
-from rac_prefect.tasks.progress import TaskProgress, log
+from rac_prefect.tasks.progress import TaskProgress, generation_key, log
 
 KILL_ONCE_ENV = "RAC_KILL_ONCE"  # test aid: "<point>@<marker file>,...": SIGKILL the first process reaching it
 
@@ -166,16 +166,19 @@ class PrefectShards:
 
 
 @task(name="generate-cots", persist_result=False, cache_policy=NO_CACHE)
-def generate_cots_fanout_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput,
-                              runner: RunnerConfig) -> StageOutput:
-    """The cots stage with its shards fanned out over the flow's task runner (waves, see RunnerConfig)."""
+def generate_cots_fanout_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, runner: RunnerConfig,
+                              model: StageOutput | None = None, name: str = "cots") -> StageOutput:
+    """The cots stage with its shards fanned out over the flow's task runner (waves, see RunnerConfig);
+    `model`: a progressive step's pruned model generates instead of the dense one (stage `name`)."""
     prompts_path = prompts.output("prompts").path
     n_shards = -(-pq.read_metadata(str(prompts_path)).num_rows // cfg.shard_size)
     wave = runner.shards_per_wave(cfg.token_budget is not None, n_shards)
-    shards = PrefectShards(prompts_path, Path(env.model_dir), runner)
+    model_dir = model.output("model").path if model is not None else Path(env.model_dir)
+    shards = PrefectShards(prompts_path, model_dir, runner)
     try:
-        with TaskProgress("generation", f"{env.run_id}-generation") as progress:
-            return steps.cots_step(env, cfg, prompts, progress=progress, log=log, run_shards=shards, wave=wave)
+        with TaskProgress("generation", generation_key(env, name)) as progress:
+            return steps.cots_step(env, cfg, prompts, progress=progress, log=log, run_shards=shards, wave=wave,
+                                   model=model, name=name)
     finally:
         if runner.kind == "thread":  # shards ran in this process: free the engine before the next stages
             release_worker_engine()

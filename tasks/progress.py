@@ -11,10 +11,17 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.exceptions import MissingContextError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from rac.runs.workdir import RunRef
+
 
 def artifact_key(text: str) -> str:
     """A Prefect artifact key (lowercase letters, digits, dashes) from free text."""
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:100] or "rac"
+
+
+def generation_key(env: RunRef, name: str) -> str:
+    """The progress artifact key of a cots stage: `<run>-generation` (the dense CoTs), else with its name."""
+    return f"{env.run_id}-generation" + ("" if name == "cots" else f"-{name}")
 
 
 def log(message: str) -> None:

@@ -9,6 +9,7 @@ next task verifies by hash before use.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from rac.config import StageConfig
 from rac.data.calib import CalibConfig
 from rac.data.generate import GenerateConfig
 from rac.data.prompts import PromptsConfig
@@ -26,7 +28,7 @@ from rac.runs import stages as steps
 from rac.runs.memo import StageOutput
 from rac.runs.run_config import PruneJob, ReportConfig
 from rac.runs.workdir import RunRef
-from rac_prefect.tasks.progress import TaskProgress, artifact_key, log
+from rac_prefect.tasks.progress import TaskProgress, artifact_key, generation_key, log
 
 
 @task(name="sample-prompts", persist_result=False, cache_policy=NO_CACHE)
@@ -35,9 +37,11 @@ def sample_prompts_task(env: RunRef, cfg: PromptsConfig, name: str = "prompts") 
 
 
 @task(name="generate-cots", persist_result=False, cache_policy=NO_CACHE)
-def generate_cots_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput) -> StageOutput:
-    with TaskProgress("generation", f"{env.run_id}-generation") as progress:
-        return steps.cots_step(env, cfg, prompts, progress=progress, log=log)
+def generate_cots_task(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, model: StageOutput | None = None,
+                       name: str = "cots") -> StageOutput:
+    """CoTs of the dense model, or of a progressive step's pruned `model` (stage `name`)."""
+    with TaskProgress("generation", generation_key(env, name)) as progress:
+        return steps.cots_step(env, cfg, prompts, progress=progress, log=log, model=model, name=name)
 
 
 @task(name="build-calibration", persist_result=False, cache_policy=NO_CACHE)
@@ -47,10 +51,12 @@ def build_calibration_task(env: RunRef, name: str, cfg: CalibConfig, prompts: St
 
 
 @task(name="prune", persist_result=False, cache_policy=NO_CACHE)
-def prune_task(env: RunRef, job: PruneJob, calib: StageOutput) -> StageOutput:
-    """Statistics + pruning, layer by layer; progress per (layer, group) step."""
-    with TaskProgress(f"pruning {job.label}", f"{env.run_id}-prune-{job.label}") as progress:
-        return steps.prune_step(env, job, calib, progress=progress, log=log)
+def prune_task(env: RunRef, job: PruneJob, calib: StageOutput, provenance: Mapping[str, StageConfig] | None = None,
+               stage: str = "prune") -> StageOutput:
+    """Statistics + pruning, layer by layer; progress per (layer, group) step. `stage`: "prune", or
+    "prune-step" for an intermediate model of a progressive chain; `provenance`: recorded with the model."""
+    with TaskProgress(f"pruning {job.label}", f"{env.run_id}-{stage}-{job.label}") as progress:
+        return steps.prune_step(env, job, calib, progress=progress, log=log, provenance=provenance, stage=stage)
 
 
 @task(name="evaluate", persist_result=False, cache_policy=NO_CACHE)

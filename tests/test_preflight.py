@@ -123,6 +123,13 @@ def test_prompts_without_question_column(tmp_path: Path, model: Path) -> None:
             "prompts.question_col", "['q', 'answer']")
 
 
+def test_prompts_group_col_missing(tmp_path: Path, model: Path) -> None:
+    """A `group_col` the file lacks is refused before anything is written, naming the key and the columns."""
+    src = parquet(tmp_path / "p.parquet", [{"question": r["question"], "answer": r["answer"]} for r in ROWS])
+    refused(config(model, {**file_prompts(src), "group_col": "template"}), tmp_path, f"prompts.path = '{src}'",
+            "'template'", "prompts.group_col", "['question', 'answer']")
+
+
 def test_prompts_with_no_rows(tmp_path: Path, model: Path) -> None:
     schema = pa.schema([("question", pa.string()), ("answer", pa.string())])
     src = parquet(tmp_path / "p.parquet", [], schema)

@@ -16,6 +16,9 @@ tokens, the last one truncated to land exactly on the budget (for `rac` only whi
 and at least one CoT token). A source that runs out before the budget is recorded as `exhausted`.
 The schema metadata JSON (CALIB_META_KEY) records kind, tokenizer, n_tokens, segment shares, the template and
 the source files. A `rac` set whose decode share is below `min_decode_share` raises DecodeShareError.
+`progressive` (ProgressiveConfig, `rac` only) asks for progressive on-policy RAC: the run regenerates the CoTs
+with partly pruned models between sparsity steps (rac.runs.progressive, docs/progressive.md); each of its sets
+is an ordinary `rac` set built here with `one_shot()`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from rac.config import StageConfig
 from rac.data.engines import Request, make_engine
@@ -48,8 +51,44 @@ class DecodeShareError(ValueError):
     """A RAC calibration set has too few decode tokens."""
 
 
+class ProgressiveConfig(StageConfig):
+    """Progressive on-policy RAC (`rac.runs.progressive`): the sparsities of the intermediate models whose own
+    CoTs calibrate the next step; the final sparsity is the prune entry's. Steps are unstructured fractions
+    in (0, 1), strictly increasing (each prune entry checks that they stay below its sparsity)."""
+
+    steps: tuple[float, ...] = Field(min_length=1)
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _fractions(cls, v: Any) -> Any:
+        if not isinstance(v, list | tuple):
+            raise ValueError(f"expected a list of sparsities, e.g. [0.3, 0.5], got {v!r}")
+        for s in v:
+            if isinstance(s, bool) or not isinstance(s, int | float):
+                raise ValueError(f"step {s!r} is not a sparsity fraction: intermediate steps are unstructured "
+                                 "(an N:M pattern only as the final prune entry)")
+            if not 0.0 < float(s) < 1.0:
+                raise ValueError(f"step {s!r} is not in (0, 1)")
+        if any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"steps {list(v)} must increase strictly")
+        return v
+
+    def refuses(self, method: str, sparsity: float | None) -> str | None:
+        """Why this chain cannot lead to a prune entry of `method` at `sparsity` (None: it can)."""
+        if method == "gptq" or not sparsity:
+            return (f"method {method!r} with sparsity {sparsity} prunes nothing, so there is no sparsity to step "
+                    "towards (for joint sparse + quantized use sparsegpt with a sparsity and quant)")
+        if method == "magnitude":
+            return "magnitude pruning reads no calibration data, so on-policy steps cannot change it"
+        above = [s for s in self.steps if s >= sparsity]
+        if above:
+            return f"step {above[0]} is not below the final sparsity {sparsity:g}"
+        return None
+
+
 class CalibConfig(StageConfig):
-    """Which calibration set to build and its token budget."""
+    """Which calibration set to build and its token budget (`progressive`: rac only, see ProgressiveConfig;
+    left out of the canonical dict while unset, so every other calibration's hash is unchanged)."""
 
     kind: Literal["generic", "prompt", "rac", "self"] = "rac"
     token_budget: int = Field(default=1_000_000, ge=1)
@@ -57,6 +96,21 @@ class CalibConfig(StageConfig):
     seed: int = 0
     min_decode_share: float = Field(default=0.5, ge=0.0, le=1.0)
     self_generation: GenerateConfig = GenerateConfig(max_new_tokens=512, shard_size=8)
+    progressive: ProgressiveConfig | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @field_validator("progressive")
+    @classmethod
+    def _rac_only(cls, v: ProgressiveConfig | None, info: ValidationInfo) -> ProgressiveConfig | None:
+        kind = info.data.get("kind")
+        if v is not None and kind != "rac":
+            raise ValueError(f"progressive needs kind 'rac' (each step regenerates the CoTs of the prompts), "
+                             f"got kind {kind!r}")
+        return v
+
+    def one_shot(self) -> CalibConfig:
+        """This config without `progressive`: the set built from the dense model's CoTs (same hash as a plain
+        `rac` calibration with the same settings), and the set each chain step builds from its CoTs."""
+        return self.model_copy(update={"progressive": None})
 
 
 @dataclass(frozen=True)
@@ -173,7 +227,13 @@ def _shares(seqs: list[Seq]) -> dict[str, float]:
 
 def build_calibration(cfg: CalibConfig, model_dir: Path, out_path: Path, prompts_path: Path | None = None,
                       cots_dir: Path | None = None) -> CalibSummary:
-    """Write the `cfg.kind` calibration set for `model_dir`'s tokenizer to `out_path`."""
+    """Write the `cfg.kind` calibration set for `model_dir`'s tokenizer to `out_path`.
+
+    A progressive config is refused: its sets depend on the prune target (`rac.runs.progressive` builds
+    them, each with `cfg.one_shot()`)."""
+    if cfg.progressive is not None:
+        raise ValueError("a progressive calibration is built per prune target by rac.runs.progressive; "
+                         "build_calibration takes its one_shot() config")
     tok = load_tokenizer(str(model_dir))
     meta: dict[str, Any] = {"kind": cfg.kind, "tokenizer": str(getattr(tok, "name_or_path", "")),
                             "config_hash": cfg.stable_hash(), "config": cfg.canonical()}

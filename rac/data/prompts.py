@@ -5,6 +5,10 @@ Output `prompts.parquet` (one row per prompt, written atomically):
   text string (the rendered chat prompt), input_ids list<int32> (its token ids)
 with schema metadata b"rac.prompts" = JSON {template: {name, hash}, tokenizer, config_hash, n}.
 
+Groups: a prompt's `group_id` is the problem it derives from (a GSM8K variant: its original problem; a
+`file`/`hf` row: its own id, or the value of `group_col`, e.g. the template its variants share). The split,
+the exclusion and evaluation's clustered bootstrap all work on groups.
+
 Disjointness of calibration and evaluation prompts:
   * `split`="calib"/"eval" keeps the groups whose hash falls outside/inside `eval_fraction`
     (a GSM8K variant belongs to its original problem's group), so the two never share a problem;
@@ -21,7 +25,7 @@ from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rac.config import StageConfig
 from rac.data.io import atomic_write_table, read_table_meta
@@ -56,6 +60,9 @@ class PromptsConfig(StageConfig):
     question_col: str = "question"
     answer_col: str = "answer"
     id_col: str | None = None
+    # file / hf: the column naming each row's group (None: every row its own group); left out of the
+    # canonical config when unset, so configs without it keep their hashes
+    group_col: str | None = Field(default=None, exclude_if=lambda v: v is None)
     variants: int = Field(default=1, ge=1)
     keep_original: bool = False
     n: int | None = Field(default=None, ge=1)
@@ -65,6 +72,13 @@ class PromptsConfig(StageConfig):
     exclude_from: tuple[str, ...] = ()
     template: TemplateConfig = TemplateConfig()
     max_prompt_tokens: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _group_col_source(self) -> PromptsConfig:
+        if self.group_col is not None and self.source not in ("file", "hf"):
+            raise ValueError(f"group_col={self.group_col!r} applies to sources 'file' and 'hf' only, "
+                             f"not source={self.source!r} (the shipped sets carry their own groups)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -104,7 +118,7 @@ def sample_prompts(cfg: PromptsConfig, model_dir: Path, out_path: Path) -> Promp
     records = load_records(
         cfg.source, path=cfg.path, split=cfg.split, fmt=cfg.fmt, question_col=cfg.question_col,
         answer_col=cfg.answer_col, id_col=cfg.id_col, variants=cfg.variants, seed=cfg.seed,
-        keep_original=cfg.keep_original,
+        keep_original=cfg.keep_original, group_col=cfg.group_col,
     )
     chosen = select_prompts(records, cfg)
     ids_seen = [r.problem_id for r in chosen]

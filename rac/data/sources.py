@@ -9,6 +9,11 @@ Offline sources (no network needed):
   gsm8k-symbolic   template variants of those problems (GSM-Symbolic), `variants` per problem, by seed;
                    a variant whose text equals the original problem is dropped unless `keep_original`
   champ            the 270 CHAMP competition problems shipped in `champ-dataset`
+
+Tabular sources (`file`, `hf`) map columns to fields: `question_col`, `answer_col`, `id_col` and `group_col`.
+Without `group_col` every row is its own group (group = id); with it, rows sharing a value of that column
+(e.g. `template`: the variants of one problem) form one group, so they land on the same side of the
+calibration / evaluation split and evaluation's bootstrap resamples them together (`rac.eval.evaluate`).
 """
 
 from __future__ import annotations
@@ -163,32 +168,44 @@ def _load_hf(name: str, split: str) -> pa.Table:
 
 
 def records_from_table(
-    table: pa.Table, source: str, question_col: str, answer_col: str, id_col: str | None
+    table: pa.Table, source: str, question_col: str, answer_col: str, id_col: str | None,
+    group_col: str | None = None,
 ) -> list[Record]:
     """Map a table's columns to Records; a missing column is named with the available ones.
 
     The answer column is optional: calibration needs no answers (they are left empty), and an evaluation
-    refuses empty gold answers before it starts (`rac.runs.preflight`)."""
+    refuses empty gold answers before it starts (`rac.runs.preflight`). `group_col` (optional) names the
+    column whose value is the record's group id (default: its own id); a null or empty value is refused."""
     if table.num_rows == 0:
         raise EmptySourceError(f"prompt source {source!r} has no rows")
-    for col in (question_col, id_col):
+    for key, col in (("question_col", question_col), ("id_col", id_col), ("group_col", group_col)):
         if col is not None and col not in table.column_names:
+            what = "group_col column" if key == "group_col" else "column"
             raise MissingColumnError(
-                f"column {col!r} not found in source {source!r}; available columns: {table.column_names}"
+                f"{what} {col!r} not found in source {source!r}; available columns: {table.column_names}"
             )
     qs = table.column(question_col).to_pylist()
     ans = table.column(answer_col).to_pylist() if answer_col in table.column_names else [""] * len(qs)
-    ids = table.column(id_col).to_pylist() if id_col else [f"{source}-{i}" for i in range(len(qs))]
-    return [Record(str(i), str(i), str(q), str(a), source) for i, q, a in zip(ids, qs, ans, strict=True)]
+    ids = [str(i) for i in (table.column(id_col).to_pylist() if id_col else
+                            [f"{source}-{i}" for i in range(len(qs))])]
+    groups = ids if group_col is None else table.column(group_col).to_pylist()
+    empty = [i for i, g in zip(ids, groups, strict=True) if g is None or not str(g).strip()]
+    if empty:
+        raise ValueError(f"group_col {group_col!r} of source {source!r} is null or empty in {len(empty)} of "
+                         f"{len(ids)} rows (first: id {empty[0]!r}); fill it or drop group_col")
+    return [Record(i, str(g), str(q), str(a), source) for i, g, q, a in zip(ids, groups, qs, ans, strict=True)]
 
 
 def load_records(
     source: str, *, path: str | None = None, split: str = "train", fmt: str | None = None,
     question_col: str = "question", answer_col: str = "answer", id_col: str | None = None,
-    variants: int = 1, seed: int = 0, keep_original: bool = False,
+    variants: int = 1, seed: int = 0, keep_original: bool = False, group_col: str | None = None,
 ) -> list[Record]:
     """Records of a source: an offline name (OFFLINE_SOURCES), several joined by "+" (e.g.
-    "gsm8k-symbolic+champ"), "file" (path/URL) or "hf" (datasets)."""
+    "gsm8k-symbolic+champ"), "file" (path/URL) or "hf" (datasets); `group_col` for the last two only."""
+    if group_col is not None and source not in ("file", "hf"):
+        raise ValueError(f"group_col={group_col!r} applies to sources 'file' and 'hf' only, not {source!r} "
+                         "(the shipped sets carry their own groups)")
     if "+" in source:
         parts = source.split("+")
         bad = [p for p in parts if p not in OFFLINE_SOURCES]
@@ -206,7 +223,7 @@ def load_records(
         if not path:
             raise ValueError(f"source {source!r} needs a path (file path/URL or dataset name)")
         table = _read_table(path, fmt) if source == "file" else _load_hf(path, split)
-        recs = records_from_table(table, path, question_col, answer_col, id_col)
+        recs = records_from_table(table, path, question_col, answer_col, id_col, group_col)
     else:
         raise ValueError(f"unknown prompt source {source!r}; known: {[*OFFLINE_SOURCES, 'file', 'hf']}")
     if not recs:

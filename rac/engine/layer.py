@@ -6,6 +6,8 @@
   accumulates one Hessian per group (the members of a group share their input: checked, not assumed). The
   forward stops as soon as the last requested group has seen its input.
 - `output_pass`: forwards the (pruned) layer and stores its outputs, the next layer's inputs.
+Both passes take an optional `ReplayPass` (`rac.engine.replay`): finished sub-blocks return their recorded
+outputs instead of being recomputed.
 The keyword arguments of every layer call come from `LayerKwargs`, which captures them from the model
 skeleton for the batch shape (position embeddings, masks...), exactly as the model's forward builds them.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -23,8 +26,9 @@ from torch import nn
 from rac.data.segments import SEGMENT_IDS
 from rac.engine.actstore import ActStore
 from rac.engine.batches import Batch, Calibration
+from rac.engine.replay import ReplayPass
 from rac.models.adapters import Adapter, capture_layer_call, get_submodule
-from rac.pruners.stats import HessianAccumulator
+from rac.pruners.stats import DiagAccumulator, HessianAccumulator
 
 
 def _tensor_bytes(value: Any) -> int:
@@ -101,11 +105,14 @@ def embed_pass(model: nn.Module, adapter: Adapter, calib: Calibration, out: ActS
 
 
 def output_pass(module: nn.Module, layer: int, calib: Calibration, src: ActStore, dst: ActStore,
-                kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device) -> None:
+                kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device,
+                replay: ReplayPass | None = None) -> None:
     """Forward the layer over every batch of `src` and write its outputs to `dst`."""
-    with torch.no_grad():
-        for batch in calib.batches:
+    with torch.no_grad(), replay or nullcontext():
+        for i, batch in enumerate(calib.batches):
             hidden = read_batch(src, batch, dtype, device)
+            if replay is not None:
+                replay.start_batch(i, device)
             y = layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             _write_batch(dst, batch, y)
 
@@ -121,29 +128,32 @@ class SegmentPlan:
 
     weights: dict[str, float]  # kept (weight > 0) segments present in the calibration
     device: torch.device
+    diag: bool = False  # accumulate only diag H (DiagAccumulator: Wanda, magnitude)
 
     @classmethod
     def build(cls, segment_weights: Mapping[str, float], present: Sequence[str],
-              device: torch.device) -> SegmentPlan:
+              device: torch.device, diag: bool = False) -> SegmentPlan:
         kept = {s: float(segment_weights.get(s, 0.0)) for s in present if segment_weights.get(s, 0.0) > 0}
         if not kept:
             raise ValueError(f"segment_weights {dict(segment_weights)} give weight 0 to every segment "
                              f"present in the calibration {list(present)}")
-        return cls(kept, device)
+        return cls(kept, device, diag)
 
     @property
     def merged(self) -> bool:
         return len(set(self.weights.values())) == 1
 
     def make(self, n_features: int) -> HessianAccumulator:
-        """An empty accumulator for an input of `n_features`."""
+        """An empty accumulator for an input of `n_features` (of diag H only, with `diag`)."""
         slots = ("other",) if self.merged else tuple(self.weights)
-        return HessianAccumulator(n_features, segments=slots, device=self.device)
+        kind = DiagAccumulator if self.diag else HessianAccumulator
+        return kind(n_features, segments=slots, device=self.device)
 
     def hessian(self, acc: HessianAccumulator) -> torch.Tensor:
-        """H = sum_s w_s H_s # [d, d] float32. Consumes `acc`: with one slot, H is its buffer scaled in place."""
+        """H = sum_s w_s H_s # [d, d] float32 ([d], its diagonal, from a DiagAccumulator). Consumes `acc`: with
+        one slot, H is its buffer scaled in place."""
         if self.merged:
-            H = acc.state()["hessians"][0]  # [d, d], no copy: a 70B down_proj H is 3.3 GB
+            H = acc.state()["hessians"][0]  # [d, d] (or [d]), no copy: a 70B down_proj H is 3.3 GB
             weight = next(iter(self.weights.values()))
             return H.mul_(weight) if weight != 1.0 else H
         return acc.hessian(self.weights)
@@ -228,17 +238,20 @@ class _GroupHooks:
 
 def stats_pass(module: nn.Module, layer: int, groups: Mapping[int, Sequence[str]], calib: Calibration,
                src: ActStore, kwargs: LayerKwargs, dtype: torch.dtype, device: torch.device,
-               plan: SegmentPlan, routed: RoutedHooks | None = None) -> dict[int, HessianAccumulator]:
+               plan: SegmentPlan, routed: RoutedHooks | None = None,
+               replay: ReplayPass | None = None) -> dict[int, HessianAccumulator]:
     """One Hessian accumulator per requested group over the calibration tokens the plan keeps (and, with
     `routed`, the per-expert statistics of a MoE layer in the same forward)."""
     hooks = _GroupHooks(module, groups, plan, routed)
-    with hooks, torch.no_grad():
-        for batch in calib.batches:
+    with hooks, torch.no_grad(), replay or nullcontext():  # replay's recorders run before the hooks' _Stop
+        for i, batch in enumerate(calib.batches):
             hidden = read_batch(src, batch, dtype, device)
             segments, pad = calib.batch_segments(batch).to(device), batch.mask().to(device)
             hooks.start_batch(*plan.labels(segments, pad))
             if routed is not None:
                 routed.start_batch(segments, pad)
+            if replay is not None:
+                replay.start_batch(i, device)
             try:
                 layer_forward(module, hidden, kwargs(layer, len(batch.rows), batch.seq_len))
             except _Stop:

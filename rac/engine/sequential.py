@@ -5,8 +5,10 @@ shards, the hidden states entering it are read from a disk-backed activation sto
 linears (`[q,k,v] -> [o] -> [gate,up] -> [down]`) a Hessian H = sum_s w_s H_s is formed from per-segment
 accumulators and handed to the pruner (`rac.pruners.prune`). Two orders:
   sequential="group" (default): the statistics of group g are collected with groups < g already pruned;
-  sequential="layer": all groups' statistics come from the dense layer in one pass (SparseGPT's default).
-Either way the pruned layer's outputs become the next layer's inputs.
+  sequential="layer": all groups' statistics come from the dense layer in one pass (Wanda's and magnitude's
+  default, on diag H only: `CompressConfig.order`, `diag_statistics`).
+The pruned layer's outputs become the next layer's inputs. In group order, finished sub-blocks are
+replayed instead of recomputed in the layer's later passes (`rac.engine.replay`; bitwise the same).
 
 After every step the group's pruned weights (and after a layer's last group the next boundary activations)
 are persisted under `work_dir`, then `on_step(StepRecord)` is called. `start_at=(layer, group)` (the first
@@ -28,6 +30,7 @@ import rac
 from rac.config import StageConfig
 from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
+from rac.engine.allocation import Allocation, check_allocation, layer_prune, prepare_allocation
 from rac.engine.batches import Calibration, load_calibration
 from rac.engine.checkpoint import (
     Checkpoints,
@@ -47,9 +50,11 @@ from rac.engine.experts import (
     prune_experts,
 )
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
+from rac.engine.memory import freeze_new_objects as _freeze_new_objects
 from rac.engine.memory import memory_hygiene as _memory_hygiene
 from rac.engine.memory import trim_heap as _trim_heap
 from rac.engine.output import build_provenance, check_out_dir, write_model
+from rac.engine.replay import LayerReplay
 from rac.models.adapters import (
     Adapter,
     decoder_layers,
@@ -63,6 +68,7 @@ from rac.pruners import prune
 from rac.pruners.base import PruneConfig
 from rac.pruners.error import reconstruction_loss
 from rac.pruners.stats import HessianAccumulator
+from rac.pruners.wanda import diag_energy, prune_diag
 
 if TYPE_CHECKING:
     from rac.engine.distributed import DistContext
@@ -79,6 +85,7 @@ class CompressResult:
     next_step: Step | None  # first step not done (None when complete)
     n_tokens: int
     seconds: float
+    allocation: Allocation | None = None  # per-layer sparsities (prune.allocation non-uniform)
 
 
 @dataclass
@@ -99,6 +106,7 @@ class _Run:
     dtype: torch.dtype
     on_step: Callable[[StepRecord], None] | None
     dist: DistContext | None = None  # data-parallel ranks (rac.engine.distributed), None: one process
+    allocation: Allocation | None = None  # per-layer sparsities (rac.engine.allocation), None: uniform
 
 
 def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> Step | None:
@@ -135,10 +143,10 @@ def _prune_linear(run: _Run, prefix: str, rel: str, H: torch.Tensor, tokens: int
     tensors (Ŵ in the storage dtype, plus codes and scales when quantized) and its record."""
     key = f"{prefix}{rel}.weight"
     W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
-    res = prune(W, H, cfg)
+    res = prune(W, H, cfg) if H.dim() == 2 else prune_diag(W, H, cfg)  # H [in]: diagonal statistics
     W_hat = res.weight.to(W.dtype)
     loss = res.loss if res.loss is not None else reconstruction_loss(W, W_hat, H)
-    energy = _energy(W, H)
+    energy = _energy(W, H) if H.dim() == 2 else diag_energy(W, H)
     _set_weight(run, module, rel, W_hat)
     tensors = {key: W_hat}
     if res.quant is not None:  # codes and scales for the compressed-tensors folder
@@ -170,27 +178,29 @@ def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module, acc
         tensors.update(out)
         records.append(record)
 
+    cfg = layer_prune(run.cfg.prune, run.allocation, layer)  # the layer's sparsity (OWL) or the config's
     plain = [r for r in run.table[layer][group] if not any(r in v for v in members.values())]
     if acc is not None and plain:
         H = run.plan.hessian(acc)  # [d_in, d_in] float32
         tokens = acc.tokens()
         del acc  # free the per-segment sums before the pruner's workspace is allocated
         for rel in plain:
-            one(rel, H, tokens, run.cfg.prune)
+            one(rel, H, tokens, cfg)
     if experts is not None:
-        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, run.cfg.prune, one)
+        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, cfg, one)
     return tensors, records, expert_records
 
 
 def _collect(run: _Run, module: torch.nn.Module, layer: int, groups: dict[int, tuple[str, ...]], src: ActStore,
-             chunk: frozenset[int] | None = None,
-             plain: bool = True) -> tuple[dict[int, HessianAccumulator], ExpertStats | None]:
+             chunk: frozenset[int] | None = None, plain: bool = True,
+             replay: LayerReplay | None = None) -> tuple[dict[int, HessianAccumulator], ExpertStats | None]:
     """One statistics pass: the plain linears' group Hessians (if `plain`) and, in a MoE layer, those of
-    the selected experts of `groups` (of `chunk` only, when given)."""
+    the selected experts of `groups` (of `chunk` only, when given); finished blocks replayed from `replay`."""
     spec = run.adapter.moe
     hooked, members = pass_members(spec, {g: run.table[layer][g] for g in groups}, groups, chunk, plain)
     experts = ExpertStats(module, spec, members, run.plan, run.cfg.moe.weighting) if spec and members else None
-    accs = stats_pass(module, layer, hooked, run.calib, src, run.kwargs, run.dtype, run.device, run.plan, experts)
+    rp = replay.plan(min(groups), [n for v in hooked.values() for n in v], experts is not None) if replay else None
+    accs = stats_pass(module, layer, hooked, run.calib, src, run.kwargs, run.dtype, run.device, run.plan, experts, rp)
     return _reduced(run, accs), experts
 
 
@@ -233,10 +243,12 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     src = ActStore.open(run.ckpt.acts_path(layer))
     groups = run.layout[layer]
     todo = {g: groups[g] for g in range(first_group, len(groups)) if run.table[layer][g]}
+    replay = LayerReplay(module, run.adapter, run.table[layer], len(run.calib.batches), run.ckpt.acts_root) \
+        if run.cfg.order == "group" else None
     t_prev = time.perf_counter()  # step seconds run from the previous step's end (stats pass included)
     accs: dict[int, HessianAccumulator] = {}
     experts: ExpertStats | None = None
-    if run.cfg.sequential == "layer" and todo:  # dense statistics, before any pruned weight is loaded
+    if run.cfg.order == "layer" and todo:  # dense statistics, before any pruned weight is loaded
         accs, experts = _collect(run, module, layer, todo, src)
         _trim_heap()
     _load_done_groups(run, layer, first_group, module)
@@ -249,8 +261,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
             chunks = expert_chunks(list(expert_members(run.adapter.moe, run.table[layer][g])),
                                    run.cfg.moe.experts_per_pass)  # [None] in layer order (validated)
             for i, chunk in enumerate(chunks):  # one pass, or one per chunk of experts (plain linears in the first)
-                if run.cfg.sequential == "group":
-                    accs, experts = _collect(run, module, layer, {g: groups[g]}, src, chunk, plain=i == 0)
+                if run.cfg.order == "group":
+                    accs, experts = _collect(run, module, layer, {g: groups[g]}, src, chunk, i == 0, replay)
                     _trim_heap()
                 t, r, x = _prune_group(run, layer, g, module, accs.pop(g, None), experts)
                 tensors, records, expert_records = {**tensors, **t}, records + r, expert_records + x
@@ -260,7 +272,8 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
         if g == len(groups) - 1:
             dst = ActStore.create(run.ckpt.acts_path(layer + 1), run.calib.n_tokens, src.spec.hidden,
                                   run.cfg.act_dtype)
-            output_pass(module, layer, run.calib, src, dst, run.kwargs, run.dtype, run.device)
+            output_pass(module, layer, run.calib, src, dst, run.kwargs, run.dtype, run.device,
+                        replay.plan(len(groups), record=False) if replay else None)
             dst.commit()
             extra = (dst.path, ActStore.sidecar(dst.path))
         record = _save_step(run, StepRecord(layer, g, tuple(records), (), time.perf_counter() - t_prev,
@@ -271,10 +284,11 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
         _trim_heap(collect=True)
         t_prev = time.perf_counter()
         if stop_after == (layer, g):
-            release(module)
-            return done, True
+            break
+    if replay is not None:
+        replay.close()
     release(module)
-    return done, False
+    return done, stop_after == (layer, g)
 
 
 def _embed(run: _Run, hidden: int) -> None:
@@ -329,6 +343,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     if adapter.moe is not None and cfg.prune.quant is not None:
         raise ValueError(f"quant={cfg.prune.quant.label} is not supported for mixture-of-experts models yet "
                          f"(model_type {config.model_type!r}): prune without quant")
+    check_allocation(cfg.prune, adapter.moe is not None, dist is not None)
     files = WeightFiles(Path(model_dir))
     n_layers, n_groups = int(config.num_hidden_layers), len(adapter.groups)
     start = _check_step(start_at, n_layers, n_groups, "start_at") or (0, 0)
@@ -347,8 +362,9 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     device, dtype = torch.device(cfg.device), torch_dtype(cfg.compute_dtype)
     present = [s for s, n in full.segment_tokens().items() if n > 0]  # the same plan on every rank
-    plan = SegmentPlan.build(cfg.segment_weights, present, device)
+    plan = SegmentPlan.build(cfg.segment_weights, present, device, cfg.diag_statistics)
     model = build_skeleton(config, cfg.trust_remote_code)
+    _freeze_new_objects()
     ckpt = Checkpoints(work_dir) if dist is None else dist.checkpoints(work_dir)
     fingerprint = _fingerprint(cfg, files, calib)
     if start == (0, 0) and (dist is None or dist.is_main):
@@ -364,6 +380,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
                LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step, dist)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
+    run.allocation = prepare_allocation(run, fresh=start == (0, 0))  # OWL's dense pre-pass, or read back
     steps: list[StepRecord] = []
     for layer in range(start[0], n_layers):
         records, stopped = _run_layer(run, layer, start[1] if layer == start[0] else 0, stop)
@@ -371,7 +388,8 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         if stopped:
             last = steps[-1]
             nxt = (last.layer, last.group + 1) if last.group + 1 < n_groups else (last.layer + 1, 0)
-            return CompressResult(None, False, tuple(steps), nxt, full.n_tokens, time.perf_counter() - t_start)
+            return CompressResult(None, False, tuple(steps), nxt, full.n_tokens, time.perf_counter() - t_start,
+                                  run.allocation)
     if dist is not None and not dist.is_main:
         ckpt.drop_acts(n_layers)
         dist.barrier()  # returns once rank 0 has written the output
@@ -380,9 +398,12 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     provenance = build_provenance(cfg, stage_configs, files, full, every, time.perf_counter() - t_start)
     if adapter.moe is not None:
         provenance["experts"] = expert_provenance(every, cfg.moe)
+    if run.allocation is not None:
+        provenance["allocation"] = run.allocation.to_json()
     linears = [n for n, m in run.model.named_modules() if isinstance(m, torch.nn.Linear)]
     write_model(files, ckpt, every, out_dir, provenance, cfg.prune.quant, linears)
     ckpt.drop_acts(n_layers)  # the final boundary feeds nothing: free its disk
     if dist is not None:
         dist.barrier()
-    return CompressResult(out_dir, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start)
+    return CompressResult(out_dir, True, tuple(steps), None, full.n_tokens, time.perf_counter() - t_start,
+                          run.allocation)

@@ -4,6 +4,8 @@ An `Adapter` names, relative to the `*ForCausalLM` module, the token embeddings,
 final norm, the rotary-embedding module and the LM head, and, relative to one decoder layer, the sequential
 groups of prunable linears. Groups run in order and the linears of one group share one input
 (`[q, k, v] -> [o] -> [gate, up] -> [down]` for Llama-style blocks), so one Hessian serves a whole group.
+It also names the layer's sub-blocks (`Block`: attention, MLP) whose outputs the engine may record once
+their linears are final and replay in later passes of the same layer (`rac.engine.replay`).
 
 Which linears are pruned is decided by include/exclude glob patterns (`fnmatch`) matched against full
 parameter-free module names such as ``model.layers.3.self_attn.q_proj``. Only decoder-layer linears are
@@ -31,6 +33,29 @@ LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+
+
+
+
+@dataclass(frozen=True)
+class Block:
+    """A sub-block of a decoder layer whose output depends only on its input and its own weights.
+
+    `path` is its module path relative to the layer. `tail`: its output linear, when the block returns exactly
+    `tail(x)` for the tail's input x (Llama's MLP: `down_proj(act(gate_proj(h)) * up_proj(h))`), so x can be
+    recorded once the other linears are final and the output recomputed as tail(x) after the tail is pruned.
+    """
+
+    path: str
+    tail: str | None = None
+
+    def holds(self, rel: str) -> bool:
+        """Whether the module `rel` (relative to the layer) lies inside this block."""
+        return rel.startswith(self.path + ".")
+
+
+ATTENTION_BLOCK = Block("self_attn")
+DENSE_BLOCKS = (ATTENTION_BLOCK, Block("mlp", tail="mlp.down_proj"))
 
 
 # ---- mixture-of-experts rows (rac.models.moe: fused experts <-> per-expert checkpoint matrices) ----
@@ -96,6 +121,7 @@ class Adapter:
     lm_head: str = "lm_head"
     groups: tuple[tuple[str, ...], ...] = LLAMA_GROUPS
     moe: MoeSpec | None = None  # MoE families: names are templates, expanded per layer (rac.models.moe)
+    blocks: tuple[Block, ...] = DENSE_BLOCKS  # sub-blocks the engine may replay (rac.engine.replay)
 
     def layer_prefix(self, index: int) -> str:
         """State-dict prefix of decoder layer `index`, e.g. ``model.layers.3.``."""
@@ -113,10 +139,12 @@ ADAPTERS: dict[str, Adapter] = {
     "qwen2": Adapter(family="qwen2"),
     "qwen3": Adapter(family="qwen3"),
     # mixture of experts: the router (`mlp.gate`) is in no group, so it is never pruned
-    "qwen3_moe": Adapter(family="qwen3_moe", groups=QWEN3_MOE_GROUPS, moe=MoeSpec()),
-    "mixtral": Adapter(family="mixtral", groups=MIXTRAL_GROUPS,
+    # (their sparse MoE blocks are no `tail` block: only the attention is replayed)
+    "qwen3_moe": Adapter(family="qwen3_moe", groups=QWEN3_MOE_GROUPS, moe=MoeSpec(), blocks=(ATTENTION_BLOCK,)),
+    "mixtral": Adapter(family="mixtral", groups=MIXTRAL_GROUPS, blocks=(ATTENTION_BLOCK,),
                        moe=MoeSpec(file_block="block_sparse_moe", gate="w1", up="w3", down="w2")),
-    "deepseek_v3": Adapter(family="deepseek_v3", groups=DEEPSEEK_V3_GROUPS, moe=MoeSpec()),
+    "deepseek_v3": Adapter(family="deepseek_v3", groups=DEEPSEEK_V3_GROUPS, moe=MoeSpec(),
+                           blocks=(ATTENTION_BLOCK,)),
 }
 
 DEFAULT_INCLUDE: tuple[str, ...] = ("*",)

@@ -15,6 +15,11 @@ choose the mask per block over all rows ("matrix", as the paper and llm-compress
 (its comparison group), magnitude and ALPS per row. After validation `scope` always holds a concrete value,
 so the canonical config names it; N:M is always per row.
 
+Allocation: `allocation` spreads the target sparsity over decoder layers: `uniform` (default; left out of
+the canonical config, so existing keys are unchanged) or `{kind: owl, M: 5, lam: 0.08}` (`rac.pruners.owl`:
+per-layer sparsities from the dense model's outlier ratios, mean equal to `sparsity`; the engine measures
+them, `rac.engine.allocation`). OWL needs unstructured pruning with sparsity > 0: N:M and gptq are refused.
+
 Damping: Hessian-based pruners factor H + λI with λ = damp * mean(diag H). When the factorization
 fails, they retry with damp multiplied by `damp_growth`, at most `max_retries` times; every failed
 attempt is recorded in `PruneResult.retries`, and the last failure raises `FactorizationError`.
@@ -29,12 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from rac.config import StageConfig
 from rac.pruners.error import reconstruction_loss
 from rac.pruners.masks import Scope, all_finite, check_nm, check_sparsity
+from rac.pruners.owl import AllocationConfig, check_owl_range
 from rac.pruners.quant import QuantizedWeight, QuantSpec
 
 T = TypeVar("T")
@@ -71,6 +77,9 @@ class PruneConfig(StageConfig):
     alps_max_iter: int = 300
     alps_update_every: int = 3  # iterations between support checks / rho updates
     alps_pcg_iters: int = 10  # conjugate-gradient iterations on the final support
+    # per-layer spread of the target sparsity; uniform (the default) stays out of canonical(): keys unchanged
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig,
+                                         exclude_if=lambda v: v == AllocationConfig())
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +144,7 @@ class PruneConfig(StageConfig):
     @model_validator(mode="after")
     def _consistent(self) -> PruneConfig:
         self._check_quant()
+        self._check_allocation()
         if self.nm is None:
             if self.sparsity is None:
                 raise ValueError("give sparsity (unstructured) or nm=(N, M); got neither")
@@ -167,6 +177,19 @@ class PruneConfig(StageConfig):
                              "(a group is quantized inside one block)")
         if q.group_size is not None and self.nm is not None and q.group_size % self.nm[1] != 0:
             raise ValueError(f"quant.group_size={q.group_size} must be a multiple of M={self.nm[1]} for N:M")
+
+    def _check_allocation(self) -> None:
+        a = self.allocation
+        if a.kind == "uniform":
+            return
+        if self.nm is not None:
+            raise ValueError(f"allocation kind {a.kind!r} sets per-layer unstructured sparsities; it does not "
+                             f"combine with nm={list(self.nm)} (fixed 1 - N/M in every layer)")
+        if self.method == "gptq" or not (self.sparsity or 0.0) > 0:
+            raise ValueError(f"allocation kind {a.kind!r} spreads a sparsity over layers; method={self.method!r} "
+                             f"with sparsity={self.sparsity} prunes nothing (use sparsegpt/wanda/... with "
+                             "sparsity > 0)")
+        check_owl_range(float(self.sparsity or 0.0), a.lam)
 
     def canonical(self) -> dict[str, Any]:
         """As StageConfig's, without `quant` when it is None (pure-pruning configs keep their hashes)."""

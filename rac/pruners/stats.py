@@ -15,6 +15,7 @@ one GEMM per block row of `GRAM_BLOCK` columns (H[i, i:] += X_i^T X_{i:}: about 
 and the strict lower triangle is mirrored from the upper one when the sums are read (`hessians`, `state()`,
 `hessian()`), so H is exactly symmetric. Low-precision inputs are upcast to float32 in chunks of
 `UPCAST_TOKENS` tokens, never as one full float32 copy of the batch.
+`DiagAccumulator` keeps only the diagonals (for Wanda and magnitude: d multiply-adds per token, not d^2).
 Files are safetensors with metadata {format, n_features, dtype, segments, tokens}.
 """
 
@@ -118,7 +119,8 @@ class HessianAccumulator:
                     f"token_mask must be bool with shape {lead}, got {token_mask.dtype} {tuple(token_mask.shape)}"
                 )
             keep = token_mask.reshape(-1).to(dev)
-            xs, seg = xs[keep], seg[keep]
+            if not bool(keep.all()):  # no copy of a batch without padding
+                xs, seg = xs[keep], seg[keep]
         if not all_finite(xs):
             raise ValueError(f"x contains {int((~torch.isfinite(xs)).sum())} NaN/Inf values")
         present = torch.unique(seg).tolist()
@@ -126,9 +128,12 @@ class HessianAccumulator:
             slot = self._slot[sid]
             xt = xs if len(present) == 1 else xs[seg == sid]  # [T_s, d]
             for t0 in range(0, xt.shape[0], UPCAST_TOKENS):
-                chunk = xt[t0 : t0 + UPCAST_TOKENS].to(self.dtype)  # [<=UPCAST_TOKENS, d] upcast (e.g. from bf16)
-                add_gram(self._sums[slot], chunk, self._upper_only)
+                self._accumulate(slot, xt[t0 : t0 + UPCAST_TOKENS].to(self.dtype))  # upcast (e.g. from bf16)
             self.counts[slot] += xt.shape[0]
+
+    def _accumulate(self, slot: int, x: Tensor) -> None:
+        """H_slot += x^T x for x [T, d] in the accumulator dtype."""
+        add_gram(self._sums[slot], x, self._upper_only)
         self._stale = self._stale or self._upper_only
 
     def hessian(self, weights: Mapping[str, float] | None = None, normalize: bool = False) -> Tensor:
@@ -250,3 +255,38 @@ class HessianAccumulator:
             raise ValueError(f"segment {name!r} is not declared; declared: {list(self.segments)}")
         return self._slot[SEGMENT_IDS[name]]
 
+
+
+class DiagAccumulator(HessianAccumulator):
+    """Only the diagonals of the per-segment sums: d_s = sum_{t in s} x_t * x_t (H_s's diagonal), [S, d].
+
+    All that Wanda (||X_j||^2 = H_jj) and magnitude read, at d multiply-adds per token instead of d^2 / 2.
+    The same interface as `HessianAccumulator`, with every [.., d, d] replaced by [.., d]: `hessians` and
+    `state()["hessians"]` are the diagonals [S, d], `hessian(weights)` is the weighted diagonal [d].
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        dtype: torch.dtype = torch.float32,
+        segments: Sequence[str] = tuple(SEGMENT_IDS),
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(1, dtype, segments, device)  # validates dtype and segments with a 1 x 1 buffer
+        if not isinstance(n_features, int) or isinstance(n_features, bool) or n_features <= 0:
+            raise ValueError(f"n_features must be a positive int, got {n_features!r}")
+        self.n_features = n_features
+        self._sums = torch.zeros(len(self.segments), n_features, dtype=dtype, device=device)  # [S, d]
+        self._upper_only = False
+
+    @property
+    def hessians(self) -> Tensor:
+        """The per-segment diagonals d_s [S, d] (live buffer)."""
+        return self._sums
+
+    def _accumulate(self, slot: int, x: Tensor) -> None:
+        self._sums[slot].add_(x.square().sum(dim=0))  # [d]
+
+    def col_norms(self, weights: Mapping[str, float] | None = None) -> Tensor:
+        """Column norms ||X_j||_2 = sqrt(d_j) of the (weighted) input stream, [d]."""
+        return self.hessian(weights).clamp_min(0.0).sqrt()

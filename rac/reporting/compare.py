@@ -84,8 +84,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
 def _setting(row: dict[str, Any]) -> str:
     if row["calibration"] is None:
         return "dense"
-    nm = (row.get("prune_cfg") or {}).get("nm")
-    return f"{nm[0]}:{nm[1]}" if nm else f"{round(float(row['sparsity']) * 100)}%"
+    cfg = row.get("prune_cfg") or {}
+    nm = cfg.get("nm")
+    setting = f"{nm[0]}:{nm[1]}" if nm else f"{round(float(row['sparsity'] or 0.0) * 100)}%"
+    kind = (cfg.get("allocation") or {}).get("kind", "uniform")
+    return setting if kind == "uniform" else f"{setting} {kind}"
 
 
 # eval settings that do not change what is measured (batching, grading threads, interval resamples)

@@ -58,13 +58,15 @@ def verified(outputs: list[ArtifactRef]) -> list[str]:
     return [p for p in (r.check() for r in outputs) if p is not None]
 
 
-def find_done(index: Index, key: str, prefer_run: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+def find_done(index: Index, key: str, prefer_run: str | None = None,
+              prefer_name: str | None = None) -> tuple[dict[str, Any] | None, list[str]]:
     """(a completed stage row with key `key` whose outputs all verify, problems seen with others).
 
-    Rows of `prefer_run` come first, then the newest.
+    Rows of `prefer_run` come first (its row named `prefer_name` first of all: two stages of one run can share
+    a key, e.g. a progressive calibration's first set and the one-shot set), then the newest.
     """
     problems: list[str] = []
-    for row in sorted(index.done_stages(key), key=lambda r: r["run_id"] != prefer_run):
+    for row in sorted(index.done_stages(key), key=lambda r: (r["run_id"] != prefer_run, r["name"] != prefer_name)):
         bad = verified(row["outputs"])
         if not bad:
             return row, problems
@@ -81,13 +83,13 @@ def run_stage(env: RunRef, name: str, stage: str, config: dict[str, Any], inputs
     """
     index = Index(env.work_dir)
     key = stage_key(stage, config, inputs, env)
-    row, problems = find_done(index, key, env.run_id)
+    row, problems = find_done(index, key, env.run_id, name)
     for p in problems:
         log(f"[{name}] not trusted, recomputing: {p}")
     if row is None:
         folder = env.stage_dir(stage, key)
         with FileLock(folder.with_name(key + ".lock"), f"stage {stage}/{key}", blocking=True):
-            row, _ = find_done(index, key, env.run_id)  # another process may have finished it meanwhile
+            row, _ = find_done(index, key, env.run_id, name)  # another process may have finished it meanwhile
             if row is None:
                 out = _compute(env, index, name, stage, key, config, inputs, compute, folder)
                 if cleanup is not None:

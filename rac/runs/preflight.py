@@ -168,10 +168,10 @@ def _load(key: str, pc: PromptsConfig, gold: bool) -> list[Record]:
     where = _where(key, pc)
     try:
         return load_records(pc.source, path=pc.path, split=pc.split, fmt=pc.fmt, question_col=pc.question_col,
-                            answer_col=pc.answer_col, id_col=pc.id_col, variants=pc.variants, seed=pc.seed,
-                            keep_original=pc.keep_original)
+                            answer_col=pc.answer_col, id_col=pc.id_col, group_col=pc.group_col, variants=pc.variants,
+                            seed=pc.seed, keep_original=pc.keep_original)
     except MissingColumnError as exc:
-        attr = next((a for a in ("question_col", "id_col")
+        attr = next((a for a in ("question_col", "id_col", "group_col")
                      if getattr(pc, a) is not None and f"column {getattr(pc, a)!r}" in str(exc)), "question_col")
         _fail(f"{where}: {exc}; set {key}.{attr} to one of the available columns")
     except EmptySourceError as exc:
@@ -359,13 +359,15 @@ def check_writable(work_dir: Path) -> Path:
 
 
 def check_disk(cfg: RunConfig, work_dir: Path, base: Path, hidden: int, shard_bytes: int) -> None:
-    """Free space >= the largest job's two activation stores + one pruned model copy per job (rough)."""
+    """Free space >= the largest job's two activation stores + one pruned model copy per job and per
+    progressive step (rough)."""
     stores = max(cfg.calibrations[j.calibration].token_budget * hidden * TORCH_DTYPES[j.compress.act_dtype].itemsize
                  * 2 for j in cfg.jobs)
-    models = shard_bytes * len(cfg.jobs)
+    n_models = sum(1 + len(p.steps) if (p := cfg.calibrations[j.calibration].progressive) else 1 for j in cfg.jobs)
+    models = shard_bytes * n_models
     free = shutil.disk_usage(base).free
     if free < stores + models:
         _fail(f"work dir {str(work_dir)!r}: {_size(free)} free on {str(base)!r}, the run needs about "
               f"{_size(stores + models)}: activation stores {_size(stores)} (calibration tokens x hidden {hidden} "
-              f"x act_dtype bytes x 2 stores) + pruned models {_size(models)} ({len(cfg.jobs)} x "
+              f"x act_dtype bytes x 2 stores) + pruned models {_size(models)} ({n_models} x "
               f"{_size(shard_bytes)}); free space or choose another --work-dir")

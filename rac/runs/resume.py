@@ -41,8 +41,10 @@ def shard_files(folder: Path) -> list[Path]:
 class CotsResume:
     """Verifies recorded CoT shards before generation and records new ones as they land."""
 
-    def __init__(self, index: Index, env: RunRef, key: str, folder: Path, log: Callable[[str], None]) -> None:
+    def __init__(self, index: Index, env: RunRef, key: str, folder: Path, log: Callable[[str], None],
+                 point: str = "cots") -> None:
         self.index, self.env, self.key, self.folder, self.log = index, env, key, folder, log
+        self.point = point  # the crash point is `<point>.shard:<k>` (a progressive step: its stage name)
 
     def prepare(self) -> int:
         """Drop every shard from the first unverified one on; returns the number of trusted shards."""
@@ -67,7 +69,7 @@ class CotsResume:
 
         def callback(k: int, path: Path) -> None:
             ref = ArtifactRef.of(path, "cots-shard")
-            crashpoint(f"cots.shard:{k}")
+            crashpoint(f"{self.point}.shard:{k}")
             self.index.record_artifacts([ref], self.key)
             progress(k + 1, max(total, k + 1), f"shard {k}")
 

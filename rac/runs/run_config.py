@@ -7,6 +7,7 @@
     calibrations:                   # name -> rac.data.calib CalibConfig; all share the prompts and CoTs
       prompt: {kind: prompt, ...}
       rac:    {kind: rac, ...}
+      rac-progressive: {kind: rac, progressive: {steps: [0.3]}, ...}   # rac.runs.progressive
     compress:  {...}                # rac.engine CompressConfig fields except `prune`
     prune:                          # list of rac.pruners PruneConfig; every calibration x every entry
       - {method: sparsegpt, sparsity: 0.5}
@@ -215,11 +216,15 @@ def _build(cls: type[C], data: Any, where: str, problems: list[str], drop: tuple
     return None
 
 
-def prune_label(calib: str, prune: PruneConfig) -> str:
-    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only)."""
+def prune_label(calib: str, prune: PruneConfig, progressive: bool = False) -> str:
+    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only),
+    ``rac-sparsegpt-50pct-owl`` (OWL layer sparsities);
+    a progressive calibration adds ``-progressive`` unless its name already says so (``rac-progressive-...``)."""
     amount = f"{prune.nm[0]}of{prune.nm[1]}" if prune.nm else f"{round(float(prune.sparsity or 0.0) * 100):d}pct"
     parts = [calib, prune.method] + ([amount] if prune.method != "gptq" else [])
-    return "-".join(parts + ([prune.quant.label] if prune.quant is not None else []))
+    parts += [prune.quant.label] if prune.quant is not None else []
+    parts += [prune.allocation.label] if prune.allocation.label else []  # e.g. owl (uniform: nothing)
+    return "-".join(parts + (["progressive"] if progressive and "progressive" not in calib else []))
 
 
 def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
@@ -304,8 +309,14 @@ def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, CalibConfig], problem
     first = _build(CompressConfig, compress, "compress", problems, drop=("prune",), extra={"prune": valid[0]})
     if first is None or len(problems) > n_before:
         return []
-    jobs = [PruneJob(prune_label(cname, p), cname, first.model_copy(update={"prune": p}))
-            for p in valid for cname in calibs]
+    for i, p in enumerate(prunes):
+        for cname, calib in calibs.items():
+            why = calib.progressive.refuses(p.method, p.sparsity) if p is not None and calib.progressive else None
+            if p is not None and calib.progressive is not None and why is not None:
+                problems.append(f"calibrations.{cname}.progressive.steps = {list(calib.progressive.steps)} "
+                                f"with prune[{i}] ({prune_label(cname, p, True)}): {why}")
+    jobs = [PruneJob(prune_label(cname, p, c.progressive is not None), cname, first.model_copy(update={"prune": p}))
+            for p in valid for cname, c in calibs.items()]
     labels = [j.label for j in jobs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

@@ -4,6 +4,8 @@ prompts  -> rac.data.sample_prompts        stages/prompts/<key>/prompts.parquet
 cots     -> rac.data.generate_cots         stages/cots/<key>/part-NNNNN.parquet   (shard-wise resume)
 calib    -> rac.data.build_calibration     stages/calib/<key>/calib.parquet
 prune    -> rac.engine.compress            stages/prune/<key>/model/ (+ work/ while running; step resume)
+prune-step -> the same, for the intermediate models of a progressive chain (rac.runs.progressive), whose
+              CoTs are the cots stage with the model folder as an input: stages/prune-step/<key>/model/
 eval     -> rac.eval.evaluate              stages/eval/<key>/rows.parquet + summary.json
 tokerror -> rac.eval.token_error_heatmap   stages/tokerror/<key>/heatmap.png + summary.json
 proxies  -> rac.eval.cot_proxies           stages/proxies/<key>/summary.json
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,16 @@ def to_jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------ keys of the resumable stages
-def cots_key(env: RunRef, cfg: GenerateConfig, prompts: StageOutput) -> str:
-    return stage_key("cots", cfg.canonical(), list(prompts.outputs), env)
+def _cots_inputs(prompts: StageOutput, model: StageOutput | None) -> list[ArtifactRef]:
+    return [*prompts.outputs, *(model.outputs if model is not None else ())]  # the dense model: by revision
 
 
-def prune_key(env: RunRef, job: PruneJob, calib: StageOutput) -> str:
-    return stage_key("prune", job.compress.canonical(), list(calib.outputs), env)
+def cots_key(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, model: StageOutput | None = None) -> str:
+    return stage_key("cots", cfg.canonical(), _cots_inputs(prompts, model), env)
+
+
+def prune_key(env: RunRef, job: PruneJob, calib: StageOutput, stage: str = "prune") -> str:
+    return stage_key(stage, job.compress.canonical(), list(calib.outputs), env)
 
 
 def eval_config(cfg: EvalConfig, template_hash: str | None) -> dict[str, Any]:
@@ -96,28 +102,36 @@ def prompts_step(env: RunRef, cfg: PromptsConfig, log: LogFn = print, name: str 
 
 
 def cots_step(env: RunRef, cfg: GenerateConfig, prompts: StageOutput, progress: ProgressFn = _noop,
-              log: LogFn = print, run_shards: ShardRunner | None = None, wave: int = 1) -> StageOutput:
+              log: LogFn = print, run_shards: ShardRunner | None = None, wave: int = 1,
+              model: StageOutput | None = None, name: str = "cots") -> StageOutput:
     """Generate the on-policy CoTs shard by shard; a crash resumes at the first unverified shard.
 
     `run_shards` / `wave`: hand missing shards to workers `wave` at a time (see `generate_cots`); the
-    stage key and its artifact do not depend on them."""
-    key = cots_key(env, cfg, prompts)
+    stage key and its artifact do not depend on them. `model`: a pruned model's stage (its `model` folder
+    generates, and is part of the key) instead of the dense model; `name`: the stage name (and the
+    `<name>.shard:<k>` crash point)."""
+    key = cots_key(env, cfg, prompts, model)
+    model_dir = model.output("model").path if model is not None else Path(env.model_dir)
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
-        resume = CotsResume(Index(env.work_dir), env, key, folder, log)
+        resume = CotsResume(Index(env.work_dir), env, key, folder, log, point=name)
         resume.prepare()
         n_prompts = pq.read_metadata(str(prompts.output("prompts").path)).num_rows
         total = -(-n_prompts // cfg.shard_size)
-        summary = generate_cots(prompts.output("prompts").path, Path(env.model_dir), cfg, folder,
+        summary = generate_cots(prompts.output("prompts").path, model_dir, cfg, folder,
                                 on_shard=resume.on_shard(progress, total), run_shards=run_shards, wave=wave)
         return [resume.final_ref()], to_jsonable(summary)
 
-    return run_stage(env, "cots", "cots", cfg.canonical(), list(prompts.outputs), compute, log)
+    return run_stage(env, name, "cots", cfg.canonical(), _cots_inputs(prompts, model), compute, log)
 
 
 def calib_step(env: RunRef, name: str, cfg: CalibConfig, prompts: StageOutput | None, cots: StageOutput | None,
                log: LogFn = print) -> StageOutput:
-    """Build one calibration set (generic / prompt / rac / self)."""
+    """Build one calibration set (generic / prompt / rac / self); a progressive config is refused before
+    anything is recorded (its sets are the chain's: `rac.runs.progressive`, each with `cfg.one_shot()`)."""
+    if cfg.progressive is not None:
+        raise ValueError(f"calibration {name!r} is progressive: build its one_shot() set here, the chain's sets "
+                         "with rac.runs.progressive.run_chain")
     inputs = [s for s in (prompts, cots) if s is not None]
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
@@ -134,15 +148,17 @@ def calib_step(env: RunRef, name: str, cfg: CalibConfig, prompts: StageOutput | 
 
 
 def prune_step(env: RunRef, job: PruneJob, calib: StageOutput, progress: ProgressFn = _noop,
-               log: LogFn = print, provenance: dict[str, StageConfig] | None = None) -> StageOutput:
+               log: LogFn = print, provenance: Mapping[str, StageConfig] | None = None,
+               stage: str = "prune") -> StageOutput:
     """Prune the dense model on one calibration set, continuing from the last verified (layer, group).
 
-    `provenance`: other stage configs (prompts, generation, calibration) recorded in the output's
-    rac_provenance.json; they are already part of the key through the calibration's hash.
+    `provenance`: other stage configs (prompts, generation, calibration, a progressive chain) recorded in the
+    output's rac_provenance.json and the stage summary; they are already part of the key through the
+    calibration's hash. `stage`: "prune", or "prune-step" for a progressive chain's intermediate model.
     """
-    key = prune_key(env, job, calib)
+    key = prune_key(env, job, calib, stage)
     config, adapter = load_config(Path(env.model_dir), job.compress.trust_remote_code)
-    resume = PruneResume(Index(env.work_dir), env, key, env.stage_dir("prune", key), log,
+    resume = PruneResume(Index(env.work_dir), env, key, env.stage_dir(stage, key), log,
                          int(config.num_hidden_layers), len(adapter.groups))
 
     def compute(folder: Path) -> tuple[list[ArtifactRef], dict[str, Any]]:
@@ -152,10 +168,12 @@ def prune_step(env: RunRef, job: PruneJob, calib: StageOutput, progress: Progres
                           stage_configs=provenance or {})
         summary = {"label": job.label, "calibration": job.calibration, "method": job.compress.prune.method,
                    "sparsity": job.compress.prune.sparsity, "start_at": start_at,
-                   "n_tokens": result.n_tokens, "seconds": result.seconds, "steps_computed": len(result.steps)}
+                   "n_tokens": result.n_tokens, "seconds": result.seconds, "steps_computed": len(result.steps),
+                   **({"allocation": result.allocation.to_json()} if result.allocation is not None else {}),
+                   **({"provenance": {k: v.canonical() for k, v in provenance.items()}} if provenance else {})}
         return [ArtifactRef.of(resume.out_dir, "model")], summary
 
-    return run_stage(env, f"prune/{job.label}", "prune", job.compress.canonical(), list(calib.outputs),
+    return run_stage(env, f"{stage}/{job.label}", stage, job.compress.canonical(), list(calib.outputs),
                      compute, log, cleanup=resume.cleanup)
 
 
