@@ -13,8 +13,9 @@ two fresh child processes run the same `rac.engine.compress`:
      uninstrumented `bench.peer_rac` child at 10 Hz with native frames; each sample is attributed to the
      innermost rac function on its stack and to the library of its leaf frame (torch kernels, libc =
      memcpy / memset / page-fault touching, OpenMP, Python interpreter ...).
-For the default variant, three more timed runs try fixes from outside rac (`EXPERIMENTS`: glibc's mmap
-threshold, huge pages for its mmapped chunks, a second gc.freeze) and compare with the plain timed run.
+For the default variant, three more timed runs switch one of rac's speed settings off or change it from
+outside (`EXPERIMENTS`: sub-block replay, huge pages for torch's tensors, glibc's mmap threshold) and compare
+with the plain timed run.
 llm-compressor's `oneshot` gets the sampling run too (innermost llmcompressor / compressed_tensors frame),
 for comparison. The report and the fixes are in `bench.peer_profile_report`.
 """
@@ -144,8 +145,8 @@ def timers_child(args: dict[str, Any]) -> dict[str, Any]:
     cfg = CompressConfig.model_validate(args["cfg"])
     timers = Timers()
     missing = instrument(timers)
-    if args.get("refreeze_gc"):
-        _refreeze_after_skeleton()
+    if args.get("no_replay"):
+        _without_replay()
     run = timers.wrap("compress", compress)
     meter.start()
     res = run(Path(args["model"]), Path(args["calib"]), Path(args["out"]), cfg, Path(args["work"]))
@@ -153,28 +154,22 @@ def timers_child(args: dict[str, Any]) -> dict[str, Any]:
                         cfg=cfg.canonical())
 
 
-def _refreeze_after_skeleton() -> None:
-    """Experiment: `gc.freeze()` once more right after the model skeleton is built, so the objects created by
-    the model code imported there are not walked by every later `gc.collect()`."""
-    import rac.engine.sequential as seq
+def _without_replay() -> None:
+    """Experiment: no adapter names a replayable sub-block, so group order recomputes every pass from the
+    layer input (the engine before `rac.engine.replay`; the same pruned weights)."""
+    import dataclasses
 
-    build = seq.build_skeleton
+    from rac.models import adapters
 
-    @functools.wraps(build)
-    def build_then_freeze(*a: Any, **kw: Any) -> Any:
-        model = build(*a, **kw)
-        gc.freeze()
-        return model
-
-    seq.build_skeleton = build_then_freeze  # type: ignore[assignment]
+    for name, adapter in list(adapters.ADAPTERS.items()):
+        adapters.ADAPTERS[name] = dataclasses.replace(adapter, blocks=())
 
 
 EXPERIMENTS: tuple[tuple[str, dict[str, str], dict[str, Any]], ...] = (  # (label, extra env, extra child args)
+    ("no sub-block replay (every group pass recomputes the layer from its input)", {}, {"no_replay": True}),
+    ("no huge pages for torch's CPU tensors (THP_MEM_ALLOC_ENABLE=0)", {"THP_MEM_ALLOC_ENABLE": "0"}, {}),
     ("glibc mmap threshold 64 MiB instead of 4 MiB (MALLOC_MMAP_THRESHOLD_=67108864)",
      {"MALLOC_MMAP_THRESHOLD_": str(64 << 20)}, {}),
-    ("huge pages for glibc's mmapped chunks (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; THP in madvise mode)",
-     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, {}),
-    ("gc.freeze() again after the model skeleton is built (patched in the child)", {}, {"refreeze_gc": True}),
 )
 
 

@@ -124,27 +124,18 @@ def summarize_samples(raw: Path, prefixes: tuple[str, ...], hz: int) -> dict[str
             "native_leaf": native.most_common(12)}
 
 
-FIXES: dict[str, str] = {  # phase -> where it is spent and the concrete fix proposed (rac itself is not edited here)
+FIXES: dict[str, str] = {  # phase -> where it is spent and what is done / proposed about it
     FORWARD["stats_pass"]: (
-        "Where: `rac/engine/layer.py:stats_pass` -> `layer_forward`, called once per group by "
-        "`rac/engine/sequential.py:_run_layer` (via `_collect`) in group-sequential order: each pass re-runs the "
-        "layer from its input up to the hooked linears, so per layer the statistics passes compute q/k/v and "
-        "attention three times and o_proj twice (groups o, gate/up, down), and every batch's intermediates ([B, L, 1536] MLP activations, "
-        "attention scores: above the 4 MiB mmap threshold `rac/engine/memory.py:memory_hygiene` pins) are "
-        "fresh mmaps the kernel zero-fills page by page (the minor faults and system time of this line). "
-        "Fix: (1) start group g+1's pass where group g's ended: keep the tensor entering the next sub-block "
-        "(o_proj input after the pruned q/k/v, the post-attention residual, the down_proj input) from group g's "
-        "pass in a per-layer scratch store and run only the sub-block that feeds group g+1 (the adapter names "
-        "the sub-blocks), so each sub-block runs once per pass as in layer-sequential order; or make sequential='layer' the "
-        "default (one statistics forward per layer; its quality against group order is in bench/results/peer.md); "
-        "(2) stop pinning the 4 MiB mmap threshold, or keep it and ask for huge pages for the mmapped chunks "
-        "(the experiments: about a sixth of the wall time either way)."),
+        "Where: `rac/engine/layer.py:stats_pass` -> `layer_forward`, once per group by "
+        "`rac/engine/sequential.py:_run_layer` (via `_collect`) in group-sequential order. Finished sub-blocks "
+        "are replayed from the layer's earlier passes (`rac/engine/replay.py`), so per Llama layer the passes "
+        "compute q/k/v + attention (group o) and the MLP's gate/up (group down) and nothing new for group "
+        "gate/up. What is left: those FLOPs, and the page faults of every batch's fresh intermediates "
+        "(fewer with huge pages for torch's tensors, `rac/engine/memory.py:use_huge_pages`)."),
     FORWARD["output_pass"]: (
-        "Where: `rac/engine/layer.py:output_pass`, one full forward of the pruned layer per layer (llm-compressor's "
-        "propagation pass does the same). Its cost beyond the FLOPs is the page faults of fresh intermediates "
-        "(see the experiments). Fix: the same allocator change; in layer-sequential order the statistics pass "
-        "could also write the dense outputs and only the pruned delta be recomputed, but the full pass is the "
-        "simple correct one."),
+        "Where: `rac/engine/layer.py:output_pass`. In group order it replays the attention and the MLP's "
+        "recorded down_proj input, so it runs down_proj only; in layer order it is one full forward of the "
+        "pruned layer (as llm-compressor's propagation pass)."),
     "solver (rac.pruners.prune)": (
         "Where: `rac/pruners/sparsegpt.py` / `obs.py` (blocked reverse Cholesky + sweep) plus "
         "`rac/pruners/base.py:check_hessian` (a full symmetry / finiteness scan of H per linear: q/k/v and "
@@ -152,17 +143,14 @@ FIXES: dict[str, str] = {  # phase -> where it is spent and the concrete fix pro
         "same problems (peer.md). Fix: validate H once per group in `_prune_group`, not once per linear."),
     "heap trimming + gc": (
         "Where: `rac/engine/memory.py:trim_heap(collect=True)` after every step in `rac/engine/sequential.py:"
-        "_run_layer`: a full `gc.collect()` walks every object created after `memory_hygiene`'s `gc.freeze()`, "
-        "and the model code transformers imports in `build_skeleton` (plus the skeleton itself) is created after "
-        "it. Fix: `gc.freeze()` again right after `build_skeleton` in `_compress` (the experiment below does "
-        "exactly this from outside), and collect once per layer, not per step."),
+        "_run_layer`. `gc.freeze()` runs again after `build_skeleton` (`memory.freeze_new_objects`), so the "
+        "collection walks only the objects of the run itself. Left: collect once per layer, not per step."),
     "statistics accumulation (H += XᵀX in the hooks)": (
-        "Where: `rac/pruners/stats.py:HessianAccumulator.add` -> `add_gram`: per batch and group a masked gather "
-        "`xs[keep]` (a copy even when nothing is padding), an `all_finite` scan, then float32 GEMMs in chunks of "
-        "1024 tokens; widths below 1024 (all SmolLM2 groups but down_proj) get the full d x d product, not the "
-        "upper triangle. Wanda only reads diag H but gets the full d x d accumulation too. Fix: skip the gather "
-        "when `keep.all()`, check finiteness once on H at the end of the pass, accumulate only the diagonal "
-        "(column norms) for methods that read nothing else (wanda, magnitude)."),
+        "Where: `rac/pruners/stats.py:HessianAccumulator.add` -> `add_gram`: per batch and group an "
+        "`all_finite` scan, then float32 GEMMs in chunks of 1024 tokens (the masked gather only when a batch "
+        "has padding); widths below 1024 (all SmolLM2 groups but down_proj) get the full d x d product, not "
+        "the upper triangle. Wanda and magnitude accumulate only the diagonal (`DiagAccumulator`). Left: check "
+        "finiteness once on H at the end of the pass."),
     "per-linear bookkeeping (energy, loss)": (
         "Where: `rac/engine/sequential.py:_energy` recomputes tr(W H Wᵀ) with a full `W @ H` per linear (as many "
         "FLOPs as one solver matmul) only to report rel_error; `reconstruction_loss` for pruners that return no "
