@@ -221,13 +221,15 @@ def to_markdown(res: dict[str, Any]) -> str:
     lines = ["# Quantization grid: qmax (max|w| / q_max) vs full (max|w| / (q_max + 1/2)), RTN and GPTQ", "",
              f"Command: `{m['command']}` ({m['date']}, {res['seconds']:.0f} s). Machine: {m['cpu']}, {m['cores']} "
              f"cores shared with other jobs (load average {m['loadavg_at_start'][0]:.1f} at start), torch "
-             f"{m['torch']}, {res['threads']} thread(s). Every solver: damp 0.01, blocksize 128, no act order unless named; "
+             f"{m['torch']}, {res['threads']} thread(s). Every solver: damp 0.01, blocksize 128, no act order "
+             "unless named; "
              "scales `sweep` (taken from the current weights when the sweep reaches a group, rac's default) or "
              "`static` (from the original weights before the sweep, llm-compressor's); rows that name neither "
              "sweep (RTN is static by nature; act order \"weight\" is static: the original column groups, scales "
              "from the original weights). `w4g128` unless named; `2:4 + w4g128` / `50% + w4g128` = SparseGPT's "
              "joint sparse + quantized sweep (50 %: per block over all rows). Scales in bf16, codes clamp to "
-             "[-2^(b-1), 2^(b-1) - 1] on both grids (q_max = 7 at 4 bits, 127 at 8). Loss = tr(ΔW H ΔW^T) / tr(W H W^T) (float64). "
+             "[-2^(b-1), 2^(b-1) - 1] on both grids (q_max = 7 at 4 bits, 127 at 8). Loss = tr(ΔW H ΔW^T) / "
+             "tr(W H W^T) (float64). "
              "`/ base` = geometric mean over the layers of loss / loss of gptq sweep qmax (rac's default before "
              "the option); `full / qmax` (full rows) = loss on the full grid / loss on the qmax grid with the same "
              "method, per layer: geometric mean, median and max; `full lower` = on how many layers the full grid "
@@ -294,8 +296,8 @@ def main() -> None:
         recs = {}
         for name, prob in probs.items():
             recs[name] = run_problem(prob)
-            print(f"[quant-grid] {name}: " + ", ".join(f"{k} {v['loss']:.5f}" for k, v in recs[name].items() if k != "_layer"),
-                  flush=True)
+            losses = ", ".join(f"{k} {v['loss']:.4g}" for k, v in recs[name].items() if k != "_layer")
+            print(f"[quant-grid] {name}: {losses}", flush=True)
         records.update(recs)
         summary[group] = {"what": what[group], "table": summarize(recs, "loss")}
         if group == "real":

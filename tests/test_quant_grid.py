@@ -78,7 +78,7 @@ def test_scale_is_compressed_tensors_symmetric_observer() -> None:
         assert bool((zp == 0).all())
         for grid, ratio in (("full", 1.0), ("qmax", (2**bits - 1) / 2 / (2 ** (bits - 1) - 1))):
             spec = QuantSpec(bits=bits, grid=grid, scale_dtype="float16")  # type: ignore[arg-type]
-            want = (ct_scale.float() * ratio).to(torch.float16).float()  # qmax: a / q_max = ct's a / (q_max + 1/2) * ratio
+            want = (ct_scale.float() * ratio).to(torch.float16).float()  # a / q_max = ct's a / (q_max + 1/2) * ratio
             torch.testing.assert_close(rtn(W, spec).scale, want, rtol=0, atol=0)
 
 

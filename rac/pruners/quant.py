@@ -14,11 +14,18 @@ so ŵ_ij = s_ig q_ij. Two scale rules (`grid`), with a_ig = max_j |w_ij| over th
   `compressed_tensors.quantization.utils.helpers.calculate_qparams` (0.17) sets
   scale = max(|min|, |max|) / ((bit_max - bit_min) / 2) with (bit_min, bit_max) = (-2^(b-1), 2^(b-1) - 1)
   from `calculate_range`, i.e. a_ig / ((2^b - 1) / 2) = a_ig / (q_max + 1/2).
-The default is "full": in bench/results/quant-grid.md it lowers the layer loss of RTN and of GPTQ on the real
-weights and inputs of a 0.5B model and on heavy-tailed synthetic layers (see there for the numbers), it is what
-llm-compressor writes, and the folder format is the same either way (codes and scales are what is stored).
-"qmax" is rac's grid before 0.3; its configs keep their old hashes only when written out with grid: qmax
-(the canonical form always names the grid, so no config hashed before the option can match a "full" one).
+Default "full", measured on the layer loss tr(ΔW H ΔW^T) / tr(W H W^T) (bench/results/quant-grid.md: 21
+linears of Qwen2.5-Coder-0.5B with H from 4096 tokens, and heavy-tailed synthetic layers): 4-bit g128 GPTQ
+(scales taken in the sweep) 0.91x the loss of "qmax", lower on 21 of 21 real linears, also on a held-out H;
+with act order "weight" 0.93x (20 of 21); joint 2:4 / 50 % + 4-bit 0.99x / 0.98x; RTN 0.89-0.91x on the
+synthetic layers. It is also what llm-compressor writes. At 8 bits the two are within 1 % (g128 0.996x on the
+real linears, 1.007-1.010x on synthetic ones: the clipped largest weight costs about what the 0.4 % finer
+step gains). Where "full" loses: layers with a few input channels of ~550x the mean energy (down_proj of
+layers 2 and 21, massive activations) when the scales are static (RTN 6.7x / 1.7x, `scales: static` 42x /
+1.7x, act order "weight" 1.9x on layer 21): the clipped largest weight, or weights that the updates push out
+of a range fixed beforehand, sit on the strongest input; with scales taken in the sweep "full" is lower
+there too. The canonical form always names the grid, so every quantized config's hash changed with this
+option and no stage cached under the old max|w| / q_max grid is reused under either grid.
 An all-zero group gets s = 1 (its codes are 0). Scales are rounded to `scale_dtype` (bf16 by default) when
 they are chosen, because the served folder stores them in that 16-bit dtype: codes are then chosen against
 the scale that is served, and Ŵ = q * scale is exactly what transformers and vLLM compute from the folder.
@@ -31,7 +38,11 @@ reference `static_groups=False`; "static" fixes every group's scales from the or
 sweep, as llm-compressor's GPTQ always does (its observer runs on the unquantized weight). None (the default,
 left out of the canonical form) is the act order's own rule: static with act order "weight" and per channel,
 sweep otherwise. Per channel the two coincide (the one group is reached before any update). RTN has only
-original weights, so it is static.
+original weights, so it is static. Measured (same benchmark, 4-bit g128, no act order): "static" is 0.98x
+the loss of "sweep" on most layers (median 0.98x on "qmax", 0.99x on "full"; 0.98x on the synthetic ones),
+but on "full" it is 45x / 1.8x the loss of "sweep" on the two massive-activation down_proj layers above. So
+"sweep" stays the default without act order: "full" + "sweep" (rac's default) is far below llm-compressor's
+"full" + "static" on those layers and about 1 % above it elsewhere.
 
 Activation order (`act_order`, GPTQ only) visits the columns in decreasing diag H; it decides how the groups
 relate to that order. YAML `act_order: true` means "weight", the one vLLM serves:
