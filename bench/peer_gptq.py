@@ -58,7 +58,9 @@ MODEL = "qwen2.5-coder-0.5b"
 DTYPE = "bfloat16"
 DAMP = 0.01
 GROUP = 128
-PRUNE = {"method": "gptq", "bits": 4, "group_size": GROUP, "act_order": False, "damp": DAMP}
+# rac's default grid since the option (rac.pruners.quant): max|w| / 7.5, scales taken in the sweep; the results
+# recorded before it (no "grid" in rac_prune) ran max|w| / 7
+PRUNE = {"method": "gptq", "bits": 4, "group_size": GROUP, "act_order": False, "damp": DAMP, "grid": "full"}
 LINEAR_RE = re.compile(r"^(.*\.layers\.(\d+)\.[^.]+\.([a-z_]+proj))\.weight_packed$")
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -617,10 +619,19 @@ def _settings(res: dict[str, Any]) -> str:
             f"{calib['n_tokens']} tokens, decode share {calib['decode_share']:.3f}), the same token ids for both "
             f"(rac reads the Parquet, llm-compressor its `rac export-calibration` dataset; checked equal). "
             f"Both in {res['dtype']} (model, layer forward, stored activations); GPTQ itself in float32 in both. "
-            f"rac: `compress` with prune {json.dumps(res['rac_prune'])}, sequential: layer, scale = max|w| / 7 "
-            f"rounded to bf16, taken per group from the current (updated) weights when the sweep reaches it. "
+            f"rac: `compress` with prune {json.dumps(res['rac_prune'])}, sequential: layer, scale = max|w| / "
+            f"{7.5 if res['rac_prune'].get('grid', 'qmax') == 'full' else 7} rounded to bf16, taken per group "
+            f"{_rac_scale_time(res['rac_prune'])}. "
             f"llm-compressor: {json.dumps(peer)}; its observer fixes every group's scale from the original weights "
             f"before the sweep (max|w| / 7.5).")
+
+
+def _rac_scale_time(prune: dict[str, Any]) -> str:
+    """When rac's run took its scales (`scales` given flat or under quant; the default is the sweep)."""
+    scales = prune.get("scales", prune.get("quant", {}).get("scales"))
+    if scales == "static":
+        return "from the original weights before the sweep"
+    return "from the current (updated) weights when the sweep reaches it"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -85,13 +85,14 @@ def test_folder_codes_reads_what_rac_writes(tmp_path: Path) -> None:
 
 def test_rtn_reference_grid() -> None:
     W = torch.randn(32, 256, generator=torch.Generator().manual_seed(3))
-    spec = QuantSpec(bits=4, group_size=128)
     seven = rtn_minmax_grid(W, 7.0)
-    ref = rtn(W, spec)
+    ref = rtn(W, QuantSpec(bits=4, group_size=128, grid="qmax"))
     assert torch.equal(seven.q, ref.q) and torch.equal(seven.scale, ref.scale)
     wide = rtn_minmax_grid(W, 7.5)  # the whole [-8, 7] range: a finer step, and -8 is used
     assert int(wide.q.min()) == -8 and int(wide.q.max()) <= 7
     assert bool((wide.scale < seven.scale).all())
+    full = rtn(W, QuantSpec(bits=4, group_size=128))  # rac's default grid is compressed-tensors' max|w| / 7.5
+    assert torch.equal(wide.q, full.q) and torch.equal(wide.scale, full.scale)
 
 
 def test_layer_and_type_means() -> None:

@@ -25,9 +25,20 @@ GROUPS = (32, 64, 128, None)
 
 
 def _specs(bits: int, group_size: int | None) -> list[QuantSpec]:
-    """Every valid act order for this grid ("group" needs groups)."""
+    """Every valid act order for this grid ("group" needs groups), on the default grid with the act order's scale
+    rule."""
     return [QuantSpec(bits=bits, group_size=group_size, act_order=a) for a in ACT_ORDERS
             if group_size is not None or a != "group"]
+
+
+def _grid_specs(bits: int, group_size: int | None) -> list[QuantSpec]:
+    """`_specs` plus the "qmax" grid and static scales where the act order does not imply them."""
+    out = []
+    for spec in _specs(bits, group_size):
+        out += [spec, spec.model_copy(update={"grid": "qmax"})]
+        if group_size is not None and spec.act_order != "weight":
+            out.append(QuantSpec(bits=bits, group_size=group_size, act_order=spec.act_order, scales="static"))
+    return out
 
 
 def _problem(rows: int, cols: int, seed: int, mix: float = 0.3, dead: tuple[int, ...] = (),
@@ -45,10 +56,16 @@ def _problem(rows: int, cols: int, seed: int, mix: float = 0.3, dead: tuple[int,
     return torch.randn(rows, cols, generator=g), X.T @ X
 
 
-def _amax_scale(block: torch.Tensor, q_max: int) -> torch.Tensor:
-    """Scales [rows, 1] of a group block [rows, c] in float64: max |w| / q_max rounded to bf16, 1 for an all-zero row."""
+def _divisor(spec: QuantSpec) -> float:
+    """max |w| / scale: q_max on the "qmax" grid, (2^b - 1) / 2 (compressed-tensors' symmetric range) on "full"."""
+    return float(spec.q_max) if spec.grid == "qmax" else (2**spec.bits - 1) / 2
+
+
+def _amax_scale(block: torch.Tensor, divisor: float) -> torch.Tensor:
+    """Scales [rows, 1] of a group block [rows, c] in float64: max |w| / divisor rounded to bf16, 1 for an all-zero
+    row."""
     amax = block.abs().amax(1, keepdim=True)
-    rounded = (amax / q_max).float().to(torch.bfloat16).double()  # the served scale dtype (QuantSpec default)
+    rounded = (amax.float() / divisor).to(torch.bfloat16).double()  # the served scale dtype (QuantSpec default)
     return torch.where(amax > 0, rounded, torch.ones_like(amax))
 
 
@@ -61,8 +78,10 @@ def reference_gptq(
     H^-1 = U^T U by Cholesky -> inverse -> upper Cholesky; column j: ŵ_j = m_j s round(w_j / s) (clamped),
     W[:, j:] -= ((w_j - ŵ_j) / U_jj) U_j,j: for all later columns at once. Scales: per group from the
     current weights at the group's first column (processing order); static groups (act order "weight", GPTQ's
-    static_groups=True) and per channel: from the original weights of each original column block, computed
-    before the sweep, the p-th processed column rounded with those of its original group perm[p] // width.
+    static_groups=True, or scales "static") and per channel: from the original weights of each original column
+    block, computed before the sweep, the p-th processed column rounded with those of its original group
+    perm[p] // width; act order "group" with scales "static": from the original weights of each block of the
+    processing order. Scale = max |w| / q_max ("qmax" grid) or / (q_max + 1/2) ("full").
     With `sparsity` / `nm`: SparseGPT's mask (per block of `blocksize` over all rows / per M columns, lowest
     w^2 / U_jj^2) is applied first (the joint mode).
     """
@@ -71,10 +90,12 @@ def reference_gptq(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    width = spec.group_size or cols
-    static = spec.group_size is None or spec.act_order == "weight"
-    fixed = torch.cat([_amax_scale(W[:, g : g + width], spec.q_max) for g in range(0, cols, width)], 1)
+    width, div = spec.group_size or cols, _divisor(spec)
+    static = spec.group_size is None or spec.scales == "static" or (spec.scales is None and spec.act_order == "weight")
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if spec.act_order else torch.arange(cols)
+    by_position = spec.act_order == "group"  # groups are blocks of the processing order
+    W_g = W[:, perm] if by_position else W
+    fixed = torch.cat([_amax_scale(W_g[:, g : g + width], div) for g in range(0, cols, width)], 1)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * float(H.diagonal().mean()) * torch.eye(cols, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
@@ -92,16 +113,17 @@ def reference_gptq(
             sal = (W[:, j : j + nm[1]] / d[j : j + nm[1]]).square()
             keep[:, j : j + nm[1]].scatter_(1, torch.argsort(sal, 1)[:, : nm[1] - nm[0]], False)
         if static:
-            scale = fixed[:, int(perm[j]) // width : int(perm[j]) // width + 1]
+            g = j // width if by_position else int(perm[j]) // width
+            scale = fixed[:, g : g + 1]
         elif j % width == 0:
-            scale = _amax_scale(W[:, j : j + width], spec.q_max)
+            scale = _amax_scale(W[:, j : j + width], div)
             scales.append(scale)
         c = torch.clamp(torch.round(W[:, j : j + 1] / scale), -spec.q_max - 1, spec.q_max) * keep[:, j : j + 1]
         err = (W[:, j : j + 1] - c * scale) / d[j]  # [rows, 1]
         W[:, j:] -= err * U[j : j + 1, j:]
         codes[:, j : j + 1] = c
     inv = torch.argsort(perm)
-    groups = torch.arange(cols) // width if static else (torch.arange(cols) // width)[inv]
+    groups = (torch.arange(cols) // width)[inv] if by_position else torch.arange(cols) // width
     return codes[:, inv], fixed if static else torch.cat(scales, 1), groups, keep[:, inv]
 
 
@@ -115,7 +137,8 @@ def _assert_matches_reference(res_q: torch.Tensor, ref_q: torch.Tensor, what: st
 # --- (a) against the paper's loop --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [s for bits in (4, 8) for g in GROUPS for s in _specs(bits, g)], ids=lambda s: s.label)
+@pytest.mark.parametrize("spec", [s for bits in (4, 8) for g in GROUPS for s in _grid_specs(bits, g)],
+                         ids=lambda s: s.label)
 def test_gptq_equals_the_papers_loop(spec: QuantSpec) -> None:
     group_size = spec.group_size
     for seed, (rows, cols, blocksize) in enumerate([(24, 256, 128), (16, 384, 64 if group_size != 128 else 128)]):
@@ -164,11 +187,12 @@ def test_joint_mode_equals_the_papers_loop_with_sparsegpts_mask(spec: QuantSpec,
 # --- (b) brute force and diagonal H ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("scale_grid", ["qmax", "full"])
 @pytest.mark.parametrize("cols", [4, 5])
-def test_gptq_loss_is_at_least_the_exhaustive_optimum(cols: int) -> None:
+def test_gptq_loss_is_at_least_the_exhaustive_optimum(cols: int, scale_grid: str) -> None:
     """One row, per-channel 4-bit: the grid s * {-8..7} is fixed by the original weights, so the best of
     all 16^cols code vectors bounds GPTQ's loss from below; the reported loss is tr(ΔW H ΔW^T)."""
-    spec = QuantSpec(bits=4, group_size=None)
+    spec = QuantSpec(bits=4, group_size=None, grid=scale_grid)  # type: ignore[arg-type]
     grid = torch.tensor(list(itertools.product(range(-8, 8), repeat=cols)), dtype=torch.float64)  # [16^c, c]
     ratios = []
     for seed in range(8):
@@ -176,7 +200,7 @@ def test_gptq_loss_is_at_least_the_exhaustive_optimum(cols: int) -> None:
         res = gptq(W, H, PruneConfig(method="gptq", quant=spec, damp=1e-6))
         assert res.quant is not None
         s = float(res.quant.scale[0, 0])
-        assert s == pytest.approx(float(W.abs().max()) / 7, rel=2**-8)  # rounded to the bf16 scale dtype
+        assert s == pytest.approx(float(W.abs().max()) / (7 if scale_grid == "qmax" else 7.5), rel=2**-8)  # bf16
         D = W.double() - s * grid  # [16^c, c]
         optimum = float(((D @ H.double()) * D).sum(1).min())
         direct = float(((W.double() - res.weight.double()) @ H.double() @ (W.double() - res.weight.double()).T).item())
@@ -301,7 +325,9 @@ def test_joint_mode_keeps_the_exact_pattern_on_the_grid(sparse: dict) -> None:
         then_rtn = reconstruction_loss(W, rtn(plain.weight, spec).dequantize(), H)
         assert res.loss is not None and res.loss < then_rtn
         ratios.append(res.loss / then_rtn)
-    assert sum(ratios) / len(ratios) < 0.95
+    # measured mean ratios 0.919 / 0.762 / 0.961 (50 % / 37 % per row / 2:4) on the default "full" grid,
+    # 0.914 / 0.803 / 0.950 on "qmax"
+    assert sum(ratios) / len(ratios) < 0.97
 
 
 # --- (f) config forms and errors ---------------------------------------------------------------

@@ -94,7 +94,10 @@ def test_prune_entry_switch_validation_keys_and_label() -> None:
     # hashes from before the switch (an explicit order: a config naming none takes the method's default order)
     assert base.stable_hash() == "2aab0e063b1f"
     assert CompressConfig(prune=base, sequential="group").stable_hash() == "218e4831a31b"
-    assert PruneConfig(method="gptq", bits=4).stable_hash() == "8c3dc5b62e80"  # hashes from before the switch
+    # quantized configs: every hash changed on purpose with the quant grid option (QuantSpec.grid is always in
+    # canonical(), default "full"), so no stage cached under the old max|w| / q_max grid is reused under either grid
+    assert PruneConfig(method="gptq", bits=4).stable_hash() == "e6f3acd81e98"  # was 8c3dc5b62e80 before the option
+    assert PruneConfig(method="gptq", bits=4, grid="qmax").stable_hash() not in ("8c3dc5b62e80", "e6f3acd81e98")
     o = PruneConfig(method="sparsegpt", sparsity=0.5, allocation={"kind": "owl", "M": 5, "lam": 0.08})
     assert o == PruneConfig(method="sparsegpt", sparsity=0.5, allocation="owl")  # type: ignore[arg-type]
     assert o.canonical()["allocation"] == {"kind": "owl", "M": 5.0, "lam": 0.08} and o.stable_hash() != base.stable_hash()

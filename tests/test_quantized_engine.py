@@ -43,7 +43,9 @@ def _loaded_linears(out_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("prune", [
-    {"method": "gptq", "bits": 4, "group_size": 32},
+    {"method": "gptq", "bits": 4, "group_size": 32},  # the "full" grid (default): codes -8..7
+    {"method": "gptq", "bits": 4, "group_size": 32, "grid": "qmax"},  # codes -7..7
+    {"method": "gptq", "bits": 4, "group_size": 32, "scales": "static"},  # llm-compressor's setting
     {"method": "gptq", "bits": 4, "group_size": None, "act_order": False},
     {"method": "sparsegpt", "nm": (2, 4), "quant": {"bits": 4, "group_size": 32}},
     {"method": "sparsegpt", "sparsity": 0.5, "quant": {"bits": 4, "group_size": 64}},
@@ -67,6 +69,7 @@ def test_quantized_folder_loads_with_rac_weights(tmp_path: Path, prune: dict[str
     assert served.keys() == ref.keys()
     spec = cfg.prune.quant
     assert spec is not None
+    lowest = []
     for name, w in ref.items():
         got = served[name]
         # the streamed engine = the reference, but for a rare code flipped one step by a near-tie in H
@@ -77,14 +80,17 @@ def test_quantized_folder_loads_with_rac_weights(tmp_path: Path, prune: dict[str
         width = w.shape[1] // scale.shape[1]
         codes = got / scale.repeat_interleave(width, dim=1)  # served Ŵ / served scale: integers on the grid
         assert torch.equal(codes, codes.round()), name
-        assert int(codes.abs().max()) <= spec.q_max + 1, name
+        assert int(codes.max()) <= spec.q_max and int(codes.min()) >= -spec.q_max - 1, name
+        lowest.append(int(codes.min()))
         if cfg.prune.nm is not None:
             kept = (got != 0).reshape(w.shape[0], -1, 4).sum(-1)  # [out, in / 4]
             assert int(kept.max()) <= 2, name  # exact 2:4 (a kept weight may round to 0)
         elif cfg.prune.target_sparsity > 0:
             assert float((got == 0).float().mean()) >= cfg.prune.target_sparsity - 1e-6, name
+    # the full grid's lowest code survives packing (GPTQ's updates can reach it on the qmax grid too)
+    assert min(lowest) == -spec.q_max - 1 or spec.grid == "qmax"
     prov = json.loads((tmp_path / "out" / "rac_provenance.json").read_text())
-    assert prov["quantization"]["scheme"] == spec.label
+    assert prov["quantization"]["scheme"] == spec.label and prov["quantization"]["grid"] == spec.grid
 
 
 def test_quantized_folder_size_and_resume(tmp_path: Path) -> None:

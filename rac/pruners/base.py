@@ -54,7 +54,7 @@ class FactorizationError(ValueError):
 # the pruning methods; rac/pruners/__init__.py registers one solver under each name (checked at import)
 METHODS = ("magnitude", "wanda", "sparsegpt", "alps", "gptq")
 QUANT_METHODS = ("sparsegpt", "gptq")  # the methods that accept `quant`
-FLAT_QUANT_KEYS = ("bits", "group_size", "act_order")  # gptq's top-level shorthand for quant: {...}
+FLAT_QUANT_KEYS = ("bits", "group_size", "act_order", "grid", "scales")  # gptq's top-level shorthand for quant
 DEFAULT_SCOPE: dict[str, Scope] = {"magnitude": "row", "wanda": "row", "sparsegpt": "matrix", "alps": "row",
                                    "gptq": "matrix"}  # gptq prunes nothing: its scope is only named
 
@@ -206,14 +206,15 @@ class PruneConfig(StageConfig):
 
 
 def _flat_quant(data: dict[str, Any]) -> dict[str, Any]:
-    """gptq's flat form: move bits / group_size / act_order into `quant` (QuantSpec() when none is given)."""
+    """gptq's flat form: move the FLAT_QUANT_KEYS (bits, group_size, act_order, grid, scales) into `quant`
+    (QuantSpec() when none is given)."""
     flat = {k: data.pop(k) for k in FLAT_QUANT_KEYS if k in data}
     method = data.get("method", "sparsegpt")
     if flat and method != "gptq":
         raise ValueError(f"top-level {sorted(flat)} are gptq's shorthand; with method={method!r} "
                          f"give them under quant: {{{', '.join(f'{k}: ...' for k in sorted(flat))}}}")
     if flat and data.get("quant") is not None:
-        raise ValueError(f"give bits/group_size/act_order either at the top level ({sorted(flat)}) or under quant, "
+        raise ValueError(f"give {'/'.join(FLAT_QUANT_KEYS)} either at the top level ({sorted(flat)}) or under quant, "
                          f"not both (quant={data['quant']!r})")
     if method == "gptq" and data.get("quant") is None:
         data["quant"] = flat

@@ -9,13 +9,16 @@ the target "round onto the grid" (ŵ_j = s_g clamp(round(w_j / s_g))) instead of
 formulation, damping (λ = damp * mean diag H, grown on failure), dead inputs and the loss from the OBS identity
 (||E||^2 - λ ||ΔW||^2, undamped) are shared with SparseGPT.
 
-Scales, without act order (GPTQ's usual choice, `static_groups=False`): with groups of `group_size` consecutive
-columns, the scales of a group are max |w| / q_max of the group's current weights, i.e. after the error updates
-of all earlier columns, taken when the sweep reaches the group's first column (the reference code reads them
-with the updates of the group's own block still pending when a group starts inside a block; here the group is
-brought up to date first; the two agree when groups and blocks coincide). A group always lies inside one block
-(`blocksize` is a multiple of `group_size`). Per channel (group_size None) the scales are those of the original
-weights (dead inputs zeroed), fixed before the sweep, as in the reference.
+Scales: s = max |w| / d over a group, d = q_max or q_max + 1/2 by `QuantSpec.grid` (see `rac.pruners.quant`).
+Without act order and `scales` "sweep" (the default; GPTQ's usual choice, `static_groups=False`): with groups
+of `group_size` consecutive columns, the scales of a group are those of the group's current weights, i.e.
+after the error updates of all earlier columns, taken when the sweep reaches the group's first column (the
+reference code reads them with the updates of the group's own block still pending when a group starts inside
+a block; here the group is brought up to date first; the two agree when groups and blocks coincide). A group
+always lies inside one block (`blocksize` is a multiple of `group_size`). With `scales` "static"
+(llm-compressor's GPTQ) every group's scales come from the original weights (dead inputs zeroed) before the
+sweep. Per channel (group_size None) the scales are those of the original weights, fixed before the sweep, as
+in the reference.
 
 Activation order (`act_order`, see `rac.pruners.quant`): columns are processed in decreasing diag H (stable
 sort, ties in column order), so the inputs with the most energy are quantized first and their error lands on
@@ -24,8 +27,10 @@ the less important ones. W and H are permuted, swept, and Ŵ, the codes and the 
   before the sweep every group's scales are taken from the original weights (dead inputs zeroed), as GPTQ's
   `static_groups=True` and llm-compressor's ActivationOrdering.WEIGHT do; the column processed p-th is then
   rounded with the scales of its original group perm[p] // group_size. No g_idx.
-* "group" (dynamic groups): groups are formed in processing order, with scales taken as without act order, and
-  `g_idx[j]` names the group of original column j (exactly group_size columns each).
+* "group" (dynamic groups): groups are formed in processing order, with scales taken as without act order
+  (when the sweep reaches them, or with `scales` "static" from the original weights of their columns, as
+  llm-compressor's ActivationOrdering.GROUP), and `g_idx[j]` names the group of original column j (exactly
+  group_size columns each).
 Per channel both reduce to the same sweep (one group, original-weight scales), which is "weight".
 
 Joint mode (`sparsegpt` with `quant`): the target is m_j ⊙ (grid rounding) with SparseGPT's mask m, chosen per

@@ -24,8 +24,8 @@ Fast formulation, same result as the classic per-column loop up to rounding:
   the next micro-block up to date. Quantization groups inside a block are segments: at a group's first
   column one matmul brings the whole group up to date (its scales are taken from those current weights),
   and the micro-blocks of the group then only need the updates from the group's own earlier columns.
-  Static grids (per channel, act order "weight": every scale fixed before the sweep) need no segments; each
-  micro-block gathers the scales of its columns' groups.
+  Static grids (per channel, act order "weight", scales "static": every scale fixed before the sweep) need no
+  segments; each micro-block gathers the scales of its columns' groups.
 * Loss from the OBS identity: since U (H + λI) U^T = I, tr(ΔW (H + λI) ΔW^T) = ||E||_F^2 and the undamped
   loss is ||E||^2 - λ ||ΔW||^2, with no extra [rows, cols] x [cols, cols] product.
 Dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0 (`prepare`), as in the reference implementations.
@@ -50,9 +50,11 @@ CHOL_BLOCK = 256  # columns per block of the blocked reverse Cholesky
 class Grid:
     """What a quantizing sweep fills in: scales per group and codes per column (transposed, float32).
 
-    Columns are in processing order. Static grids (per channel, act order "weight") have every scale fixed
-    before the sweep and `col_group[p]` names the group of the column processed p-th; dynamic grids (group k =
-    processing positions k*width .. (k+1)*width - 1) get a group's scales when the sweep reaches it.
+    Columns are in processing order. Static grids (`QuantSpec.static_groups`: per channel, act order "weight",
+    scales "static") have every scale fixed from the original weights before the sweep and `col_group[p]` names
+    the group of the column processed p-th; dynamic grids get a group's scales when the sweep reaches it. The
+    groups are the original column blocks (col_group = perm // width), except with act order "group", where
+    group k is processing positions k*width .. (k+1)*width - 1 (static or not).
     """
 
     spec: QuantSpec
@@ -64,15 +66,18 @@ class Grid:
     @classmethod
     def new(cls, W0_t: Tensor, spec: QuantSpec, perm: Tensor | None = None) -> Grid:
         """Empty grid for W0_t [cols, rows] in the original column order, processed in the order `perm`
-        (None = original); static grids take their scales from W0 itself, group by original group."""
+        (None = original); static grids take their scales from W0 itself, group by group (original column
+        blocks, or blocks of the processing order with act order "group")."""
         cols, rows = W0_t.shape
         width = spec.group_width(cols)
         scale_t = torch.empty(cols // width, rows, device=W0_t.device)  # [n_groups, rows]
         col_group = None
         if spec.static_groups:
-            tiles = W0_t.T.reshape(rows * (cols // width), width)  # [rows * n_groups, width] original groups
+            in_order = spec.has_g_idx and perm is not None  # groups formed in processing order
+            W_g = W0_t[perm] if in_order else W0_t  # [cols, rows], the columns in group order
+            tiles = W_g.T.reshape(rows * (cols // width), width)  # [rows * n_groups, width]
             scale_t.copy_(group_scales(tiles, spec).reshape(rows, cols // width).T)
-            order = torch.arange(cols, device=W0_t.device) if perm is None else perm
+            order = torch.arange(cols, device=W0_t.device) if perm is None or in_order else perm
             col_group = order // width  # [cols]
         return cls(spec, width, scale_t, torch.empty_like(W0_t), col_group)
 
