@@ -159,7 +159,8 @@ def _entry_calibrations(where: str, raw: Any, calibs: dict[str, CalibConfig],
 def _entry_jobs(i: int, entry: PruneEntry, first: CompressConfig, calibs: dict[str, CalibConfig],
                 problems: list[str]) -> list[PruneJob]:
     """The jobs of one entry: its calibrations, each checked against the progressive chain and the weights."""
-    p, update = entry.prune, {"prune": entry.prune}
+    p = entry.prune
+    update: dict[str, Any] = {"prune": p}
     if entry.segment_weights is not None:
         update["segment_weights"] = entry.segment_weights  # validated floats: equal to a validated construction
     cfg = first.model_copy(update=update)
