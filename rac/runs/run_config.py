@@ -50,14 +50,14 @@ from rac.data.generate import GenerateConfig
 from rac.data.prompts import PromptsConfig
 from rac.eval.evaluate import EvalConfig
 from rac.eval.proxies import ProxyConfig
-from rac.runs.prune_jobs import PruneEntry, PruneJob, parse_jobs, prune_label
+from rac.runs.prune_jobs import PruneEntry, PruneJob, parse_jobs
+from rac.runs.prune_jobs import prune_label as prune_label  # re-exported for the stages and the API
 from rac.runs.sections import build_section
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
             "eval_dense", "eval_pruned", "report", "proxies", "runner")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-__all__ = ["PruneJob", "prune_label"]  # defined in rac.runs.prune_jobs, imported from here by the stages
 
 
 class RunConfigError(ValueError):
