@@ -66,7 +66,7 @@ def test_unknown_keys_are_listed_with_known_ones() -> None:
     assert "unknown key(s) ['sparsity']; known keys: " + ", ".join(TOP_KEYS) in msg
     assert "unknown key 'compress.bogus'; known keys in compress: act_dtype, batch_tokens" in msg
     assert "prune" not in msg.split("known keys in compress:")[1].split("\n")[0]  # `prune` lives at top level
-    assert "unknown key 'calibrations.rac.tokens'; known keys in calibrations.rac: kind, max_seq_len" in msg
+    assert "unknown key 'calibrations.rac.tokens'; known keys in calibrations.rac: decode_share, kind, max_seq_len" in msg
 
 
 def test_bad_values_are_named() -> None:

@@ -68,18 +68,19 @@ def _session(work: Path, run_id: str | None, model_dir: Path) -> Iterator[RunSes
 
 def calibrate(model: Path | str, prompts: Prompts | None = None, *, kind: str = "rac", name: str | None = None,
               token_budget: int | None = None, max_seq_len: int | None = None, min_decode_share: float | None = None,
-              seed: int | None = None, generate: GenerateConfig | None = None, template: TemplateConfig | None = None,
+              decode_share: float | None = None, seed: int | None = None, generate: GenerateConfig | None = None,
+              template: TemplateConfig | None = None,
               run_id: str | None = None, work_dir: Path | str | None = None, log: LogFn = print) -> Calibration:
     """Build a calibration set on `model` from `prompts` (kind rac: prompts + the model's own CoTs, sampled
     with `generate`; prompt: the prompts alone; generic / self: no prompts). Unset knobs keep
-    `rac.data.calib.CalibConfig`'s defaults.
+    `rac.data.calib.CalibConfig`'s defaults (`decode_share`: rac only, the exact share of decode tokens).
 
         cal = calibrate("tiny-llama", ["What is 2 + 3?"], kind="rac", token_budget=256,
                         generate=GenerateConfig(max_new_tokens=32, token_budget=None, dtype="float32"))
     """
     where = "calibrate"
     ccfg = config_of(CalibConfig, where, kind=kind, token_budget=token_budget, max_seq_len=max_seq_len,
-                     min_decode_share=min_decode_share, seed=seed)
+                     min_decode_share=min_decode_share, decode_share=decode_share, seed=seed)
     needs_prompts = ccfg.kind in ("prompt", "rac")
     if needs_prompts and prompts is None:
         raise ApiError(f"{where}: kind {ccfg.kind!r} needs prompts")
@@ -149,7 +150,8 @@ def prune(model: Path | str, calibration: Calibration, method: str = "sparsegpt"
         raise ApiError(f"{where}: model {str(model)!r} (revision {revision[:12]}) is not the model calibration "
                        f"{calibration.name!r} was built with ({calibration.model}, revision "
                        f"{calibration.model_revision[:12]})")
-    job = PruneJob(label or prune_label(calibration.name, pcfg), calibration.name, ccfg)
+    weights = ccfg.segment_weights if "segment_weights" in (engine or {}) else None  # given: in the label (-p1d3)
+    job = PruneJob(label or prune_label(calibration.name, pcfg, segment_weights=weights), calibration.name, ccfg)
     with _session(calibration.work_dir, calibration.run_id, calibration.model) as session:
         out = steps.prune_step(session.run, job, _calib_output(calibration), log=log)
     folder = out.output("model").path

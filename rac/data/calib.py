@@ -14,6 +14,8 @@ truncated at the end (for `rac` only the CoT tail is cut: a CoT is never separat
 prompt that alone fills `max_seq_len` is skipped and counted); sequences are added until `token_budget` total
 tokens, the last one truncated to land exactly on the budget (for `rac` only while it keeps its whole prompt
 and at least one CoT token). A source that runs out before the budget is recorded as `exhausted`.
+`decode_share` (`rac` only) replaces this packing by an exact mix of whole CoTs and prompt-only sequences at the
+same budget (the rule: `_mix`; docs/decode-share.md).
 The schema metadata JSON (CALIB_META_KEY) records kind, tokenizer, n_tokens, segment shares, the template and
 the source files. A `rac` set whose decode share is below `min_decode_share` raises DecodeShareError.
 `progressive` (ProgressiveConfig, `rac` only) asks for progressive on-policy RAC: the run regenerates the CoTs
@@ -24,6 +26,7 @@ is an ordinary `rac` set built here with `one_shot()`.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from importlib.metadata import distribution
@@ -45,6 +48,9 @@ from rac.store.artifacts import sha256_file, sha256_tree
 
 GENERIC_FILES = {"gensim/test/test_data/lee_background.cor": "utf-8", "gensim/test/test_data/lee.cor": "cp1252"}
 P, D, OTHER = SEGMENT_IDS["prompt"], SEGMENT_IDS["decode"], SEGMENT_IDS["other"]
+# the segments the tokens of each kind carry (a weighting must give one of them a weight > 0)
+KIND_SEGMENTS: dict[str, tuple[str, ...]] = {"generic": ("other",), "prompt": ("prompt",), "rac": ("prompt", "decode"),
+                                             "self": ("other", "decode")}
 
 
 class DecodeShareError(ValueError):
@@ -95,8 +101,21 @@ class CalibConfig(StageConfig):
     max_seq_len: int = Field(default=2048, ge=2)
     seed: int = 0
     min_decode_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    # rac only: the set's exact share of decode tokens at token_budget (`_mix`); left out of canonical() unset
+    decode_share: float | None = Field(default=None, gt=0.0, lt=1.0, exclude_if=lambda v: v is None)
     self_generation: GenerateConfig = GenerateConfig(max_new_tokens=512, shard_size=8)
     progressive: ProgressiveConfig | None = Field(default=None, exclude_if=lambda v: v is None)
+
+    @field_validator("decode_share")
+    @classmethod
+    def _mix_rac_only(cls, v: float | None, info: ValidationInfo) -> float | None:
+        kind, floor = info.data.get("kind"), info.data.get("min_decode_share")
+        if v is not None and kind != "rac":
+            raise ValueError(f"decode_share mixes CoTs and prompts, so it needs kind 'rac', got kind {kind!r}")
+        if v is not None and floor is not None and floor > v:
+            raise ValueError(f"decode_share = {v} is below min_decode_share = {floor}: set min_decode_share to at "
+                             f"most {v}")
+        return v
 
     @field_validator("progressive")
     @classmethod
@@ -169,29 +188,82 @@ def _generic(cfg: CalibConfig, tok: Any, eos: int) -> list[Seq]:
             for i in range(0, len(stream), L)]
 
 
-def _prompt_seqs(prompts_path: Path, cfg: CalibConfig) -> list[Seq]:
+def _prompt_rows(prompts_path: Path, cfg: CalibConfig) -> list[tuple[str, Seq]]:
+    """(prompt id, prompt-only sequence cut to max_seq_len) of every prompt, in the seeded order."""
     t = pq.read_table(prompts_path, columns=["prompt_id", "input_ids"])
-    seqs = [(f"prompt:{pid}", ids[: cfg.max_seq_len], [P] * min(len(ids), cfg.max_seq_len))
+    rows = [(str(pid), (f"prompt:{pid}", ids[: cfg.max_seq_len], [P] * min(len(ids), cfg.max_seq_len)))
             for pid, ids in zip(t.column("prompt_id").to_pylist(), t.column("input_ids").to_pylist(), strict=True)]
-    random.Random(cfg.seed).shuffle(seqs)
-    return seqs
+    random.Random(cfg.seed).shuffle(rows)
+    return rows
 
 
-def _rac_seqs(cots_dir: Path, cfg: CalibConfig) -> tuple[list[Seq], list[int], int]:
-    """(prompt + CoT sequences, min tokens to keep each, number skipped for an over-long prompt)."""
+def _rac_seqs(cots_dir: Path, cfg: CalibConfig) -> tuple[list[Seq], list[int], int, list[str]]:
+    """(prompt + CoT sequences, min tokens to keep each, number skipped for an over-long prompt, the prompt id
+    of each sequence)."""
     t = read_cots(cots_dir)
     rows = list(zip(t.column("cot_id").to_pylist(), t.column("prompt_ids").to_pylist(),
-                    t.column("completion_ids").to_pylist(), strict=True))
+                    t.column("completion_ids").to_pylist(), t.column("prompt_id").to_pylist(), strict=True))
     random.Random(cfg.seed).shuffle(rows)
-    seqs, keep, skipped = [], [], 0
-    for cid, p, c in rows:
+    seqs, keep, pids, skipped = [], [], [], 0
+    for cid, p, c, pid in rows:
         if len(p) >= cfg.max_seq_len or not c:
             skipped += 1
             continue
         ids = (p + c)[: cfg.max_seq_len]
         seqs.append((f"cot:{cid}", ids, ([P] * len(p) + [D] * len(c))[: cfg.max_seq_len]))
         keep.append(len(p) + 1)
-    return seqs, keep, skipped
+        pids.append(str(pid))
+    return seqs, keep, skipped, pids
+
+
+def _mix(cots: list[Seq], cot_pids: list[str], prompts: list[tuple[str, Seq]], cfg: CalibConfig) -> list[Seq]:
+    """The `decode_share` set: exactly B = token_budget tokens, of which D = floor(decode_share x B + 1/2) are
+    decode tokens (so the achieved share is within 1/(2B) of the target).
+
+    1. CoT part: the `rac` sequences (prompt + CoT, the seeded order and max_seq_len cut of a plain `rac` set) are
+       taken whole while their CoT tokens total less than D; the one that reaches D keeps its whole prompt and
+       its first CoT tokens up to D exactly. A CoT is never separated from its prompt, nor cut but at its end.
+    2. Prompt part: the B - D prompt tokens are the CoT part's prompts plus prompt-only sequences: the prompts
+       (the `prompt` kind's seeded order and max_seq_len cut) whose id has no CoT in the CoT part, taken whole,
+       the last one cut to land on B - D exactly.
+    So the CoTs are a subsample of the full `rac` set's (whole ones but the last), the rest of the budget goes to
+    more prompts, and a lower share means fewer CoTs, not shorter ones. DecodeShareError when the CoTs hold fewer
+    than D tokens, when the CoT part's prompts alone exceed B - D (the share is above what whole prompts allow),
+    or when the prompts run out before B - D.
+    """
+    budget, share = cfg.token_budget, float(cfg.decode_share or 0.0)
+    n_decode = math.floor(share * budget + 0.5)
+    n_prompt, what = budget - n_decode, f"decode_share = {share} of token_budget = {budget}"
+    out: list[Seq] = []
+    got, used = 0, set()
+    for (src, ids, seg), pid in zip(cots, cot_pids, strict=True):
+        if got >= n_decode:
+            break
+        p = seg.count(P)  # the whole prompt comes first (over-long prompts were skipped)
+        take = min(len(ids) - p, n_decode - got)
+        out.append((src, ids[: p + take], seg[: p + take]))
+        got += take
+        used.add(pid)
+    if got < n_decode:
+        raise DecodeShareError(f"{what} needs {n_decode} decode tokens but the {len(cots)} CoTs hold {got} (cut to "
+                               f"max_seq_len = {cfg.max_seq_len}); generate more CoTs or lower decode_share")
+    have = sum(seg.count(P) for _, _, seg in out)
+    if have > n_prompt:
+        raise DecodeShareError(f"{what}: the {len(out)} CoTs that give its {n_decode} decode tokens come with {have} "
+                               f"prompt tokens, more than the {n_prompt} it leaves (prompts are kept whole); these "
+                               f"CoTs reach at most {n_decode / (n_decode + have):.3f}: lower decode_share")
+    for pid, (src, ids, seg) in prompts:
+        if have >= n_prompt:
+            break
+        if pid not in used:
+            room = n_prompt - have
+            out.append((src, ids[:room], seg[:room]))
+            have += min(len(ids), room)
+    if have < n_prompt:
+        raise DecodeShareError(f"{what} needs {n_prompt} prompt tokens but the CoTs' prompts and the other "
+                               f"{len([q for q in prompts if q[0] not in used])} prompts hold {have}; use more "
+                               "prompts (prompts.n), a lower token_budget or a higher decode_share")
+    return out
 
 
 def _self_seqs(cfg: CalibConfig, model_dir: Path, tok: Any) -> list[Seq]:
@@ -225,9 +297,43 @@ def _shares(seqs: list[Seq]) -> dict[str, float]:
     return {f"{name}_share": sum(seg.count(i) for _, _, seg in seqs) / total for name, i in SEGMENT_IDS.items()}
 
 
+def _packed(cfg: CalibConfig, model_dir: Path, tok: Any, prompts_path: Path | None, cots_dir: Path | None,
+            meta: dict[str, Any]) -> tuple[list[Seq], bool, int]:
+    """(the set's sequences, exhausted, skipped) of `cfg.kind`; its template and sources added to `meta`."""
+    if cfg.kind in ("prompt", "rac"):
+        need, have = ("prompts_path", prompts_path) if cfg.kind == "prompt" else ("cots_dir", cots_dir)
+        if have is None:
+            raise ValueError(f"calibration kind {cfg.kind!r} needs {need}")
+    if cfg.kind == "generic":
+        meta["source"] = {"package": f"gensim=={distribution('gensim').version}", "files": list(GENERIC_FILES)}
+        seqs = _generic(cfg, tok, special_ids(model_dir)[0][0])
+        return (*_pack(seqs, cfg.token_budget, [1] * len(seqs)), 0)
+    if cfg.kind == "prompt":
+        assert prompts_path is not None
+        meta["template"] = read_table_meta(prompts_path, PROMPTS_META_KEY).get("template")
+        meta["source"] = {"prompts_sha256": sha256_file(prompts_path)}  # content, not where it lies
+        seqs = [seq for _, seq in _prompt_rows(prompts_path, cfg)]
+        return (*_pack(seqs, cfg.token_budget, [1] * len(seqs)), 0)
+    if cfg.kind == "self":
+        meta["source"] = {"model": str(model_dir), "start": "bos"}
+        seqs = _self_seqs(cfg, model_dir, tok)
+        return (*_pack(seqs, cfg.token_budget, [1] * len(seqs)), 0)
+    assert cots_dir is not None
+    seqs, keep, skipped, pids = _rac_seqs(cots_dir, cfg)
+    meta["template"] = read_table_meta(sorted(Path(cots_dir).glob("part-*.parquet"))[0], b"rac.cots").get("template")
+    meta["source"] = {"cots_sha256": sha256_tree(cots_dir, ("*part-*.parquet",))[0]}
+    if cfg.decode_share is None:
+        return (*_pack(seqs, cfg.token_budget, keep), skipped)
+    if prompts_path is None:
+        raise ValueError("a rac calibration with decode_share needs prompts_path (its prompt-only sequences)")
+    meta["source"]["prompts_sha256"] = sha256_file(prompts_path)
+    return _mix(seqs, pids, _prompt_rows(prompts_path, cfg), cfg), False, skipped
+
+
 def build_calibration(cfg: CalibConfig, model_dir: Path, out_path: Path, prompts_path: Path | None = None,
                       cots_dir: Path | None = None) -> CalibSummary:
-    """Write the `cfg.kind` calibration set for `model_dir`'s tokenizer to `out_path`.
+    """Write the `cfg.kind` calibration set for `model_dir`'s tokenizer to `out_path` (kind rac: from `cots_dir`,
+    and with `decode_share` also from `prompts_path`).
 
     A progressive config is refused: its sets depend on the prune target (`rac.runs.progressive` builds
     them, each with `cfg.one_shot()`)."""
@@ -237,36 +343,14 @@ def build_calibration(cfg: CalibConfig, model_dir: Path, out_path: Path, prompts
     tok = load_tokenizer(str(model_dir))
     meta: dict[str, Any] = {"kind": cfg.kind, "tokenizer": str(getattr(tok, "name_or_path", "")),
                             "config_hash": cfg.stable_hash(), "config": cfg.canonical()}
-    skipped = 0
-    if cfg.kind in ("prompt", "rac"):
-        need, have = ("prompts_path", prompts_path) if cfg.kind == "prompt" else ("cots_dir", cots_dir)
-        if have is None:
-            raise ValueError(f"calibration kind {cfg.kind!r} needs {need}")
-    if cfg.kind == "generic":
-        seqs, keep = _generic(cfg, tok, special_ids(model_dir)[0][0]), None
-        meta["source"] = {"package": f"gensim=={distribution('gensim').version}", "files": list(GENERIC_FILES)}
-    elif cfg.kind == "prompt":
-        assert prompts_path is not None
-        seqs, keep = _prompt_seqs(prompts_path, cfg), None
-        meta["template"] = read_table_meta(prompts_path, PROMPTS_META_KEY).get("template")
-        meta["source"] = {"prompts_sha256": sha256_file(prompts_path)}  # content, not where it lies
-    elif cfg.kind == "rac":
-        assert cots_dir is not None
-        seqs, keep_l, skipped = _rac_seqs(cots_dir, cfg)
-        keep = keep_l
-        meta["template"] = read_table_meta(sorted(Path(cots_dir).glob("part-*.parquet"))[0],
-                                           b"rac.cots").get("template")
-        meta["source"] = {"cots_sha256": sha256_tree(cots_dir, ("*part-*.parquet",))[0]}
-    else:
-        seqs, keep = _self_seqs(cfg, model_dir, tok), None
-        meta["source"] = {"model": str(model_dir), "start": "bos"}
-    packed, exhausted = _pack(seqs, cfg.token_budget, keep or [1] * len(seqs))
+    packed, exhausted, skipped = _packed(cfg, model_dir, tok, prompts_path, cots_dir, meta)
     if not packed:
         raise ValueError(f"calibration kind {cfg.kind!r} produced no sequences (skipped {skipped})")
     shares = _shares(packed)
     n_tokens = sum(len(ids) for _, ids, _ in packed)
     meta.update(n_tokens=n_tokens, n_seqs=len(packed), exhausted=exhausted, skipped=skipped, **shares)
-    if cfg.kind == "rac" and shares["decode_share"] < cfg.min_decode_share:
+    # with decode_share the share is exact by construction (and min_decode_share <= decode_share, checked)
+    if cfg.kind == "rac" and cfg.decode_share is None and shares["decode_share"] < cfg.min_decode_share:
         raise DecodeShareError(
             f"RAC calibration decode share {shares['decode_share']:.3f} < min_decode_share "
             f"{cfg.min_decode_share} ({n_tokens} tokens); longer CoTs or a lower minimum are needed"

@@ -10,10 +10,32 @@ The file's schema metadata carries b"rac.calibration" = JSON {kind, tokenizer, n
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import pyarrow as pa
 
 SEGMENT_IDS: dict[str, int] = {"prompt": 0, "decode": 1, "other": 2}
 SEGMENT_NAMES: dict[int, str] = {v: k for k, v in SEGMENT_IDS.items()}
+DEFAULT_SEGMENT_WEIGHTS: dict[str, float] = {"prompt": 1.0, "decode": 1.0, "other": 1.0}
+
+
+def check_segment_weights(v: Mapping[str, float]) -> dict[str, float]:
+    """Segment weights w_s of H = sum_s w_s H_s: known segments, finite, >= 0, not all 0 (a segment left out
+    weighs 0). The one check of `compress.segment_weights` and of a prune entry's override."""
+    unknown = sorted(set(v) - set(SEGMENT_IDS))
+    if unknown:
+        raise ValueError(f"unknown segment(s) {unknown} in segment_weights; known: {sorted(SEGMENT_IDS)}")
+    bad = {k: w for k, w in v.items() if not (math.isfinite(w) and w >= 0)}
+    if bad or not any(w > 0 for w in v.values()):
+        raise ValueError(f"segment_weights must be finite, >= 0 and not all 0, got {dict(v)}")
+    return dict(v)
+
+
+def weights_tag(weights: Mapping[str, float]) -> str:
+    """The weighting in labels and setting columns: the first letter of each given segment and its weight, in
+    SEGMENT_IDS order, e.g. {prompt: 1, decode: 3} -> "p1d3", {prompt: 0.5, decode: 1, other: 1} -> "p0.5d1o1"."""
+    return "".join(f"{name[0]}{float(weights[name]):g}" for name in SEGMENT_IDS if name in weights)
 
 CALIB_SCHEMA = pa.schema(
     [

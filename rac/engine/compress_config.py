@@ -8,13 +8,12 @@ statistics pass per layer); every other method runs group-sequential on the full
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from rac.config import StageConfig
-from rac.data.segments import SEGMENT_IDS
+from rac.data.segments import DEFAULT_SEGMENT_WEIGHTS, check_segment_weights
 from rac.engine.experts import ExpertConfig, check_expert_config
 from rac.models.adapters import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
 from rac.pruners.base import PruneConfig
@@ -32,7 +31,8 @@ class CompressConfig(StageConfig):
     sequential: Literal["layer", "group"] | None = Field(default=None, exclude_if=lambda v: v is None)
     act_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # activation store on disk
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the layer forward
-    segment_weights: dict[str, float] = {"prompt": 1.0, "decode": 1.0, "other": 1.0}
+    # H = sum_s w_s H_s (rac.data.segments.check_segment_weights); a run's prune entry may override it
+    segment_weights: dict[str, float] = DEFAULT_SEGMENT_WEIGHTS
     batch_tokens: int = 4096  # tokens per forward batch (equal-length sequences)
     device: Literal["cpu", "cuda"] = "cpu"
     trust_remote_code: bool = False
@@ -55,13 +55,7 @@ class CompressConfig(StageConfig):
     @field_validator("segment_weights")
     @classmethod
     def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(v) - set(SEGMENT_IDS))
-        if unknown:
-            raise ValueError(f"unknown segment(s) {unknown} in segment_weights; known: {sorted(SEGMENT_IDS)}")
-        bad = {k: w for k, w in v.items() if not (math.isfinite(w) and w >= 0)}
-        if bad or not any(w > 0 for w in v.values()):
-            raise ValueError(f"segment_weights must be finite, >= 0 and not all 0, got {v}")
-        return v
+        return check_segment_weights(v)
 
     @field_validator("batch_tokens")
     @classmethod

@@ -25,6 +25,7 @@ from typing import Any
 import duckdb
 import numpy as np
 
+from rac.data.segments import DEFAULT_SEGMENT_WEIGHTS, weights_tag
 from rac.reporting.numbers import fmt
 from rac.store.artifacts import atomic_path, atomic_write_text
 from rac.store.index import Index
@@ -42,7 +43,7 @@ class Cell:
     eval_key: str
     calibration: str | None
     method: str | None
-    setting: str  # "50%", "2:4", "dense"
+    setting: str  # "50%", "2:4", "50% owl", "50% p1d3" (segment weights other than the default), "dense"
     sparsity: float
     eval: dict[str, Any]
     proxies: dict[str, Any] | None
@@ -88,7 +89,9 @@ def _setting(row: dict[str, Any]) -> str:
     nm = cfg.get("nm")
     setting = f"{nm[0]}:{nm[1]}" if nm else f"{round(float(row['sparsity'] or 0.0) * 100)}%"
     kind = (cfg.get("allocation") or {}).get("kind", "uniform")
-    return setting if kind == "uniform" else f"{setting} {kind}"
+    weights = row.get("segment_weights") or DEFAULT_SEGMENT_WEIGHTS  # the prune stage's CompressConfig field
+    return " ".join([setting] + ([kind] if kind != "uniform" else [])
+                    + ([weights_tag(weights)] if weights != DEFAULT_SEGMENT_WEIGHTS else []))
 
 
 # eval settings that do not change what is measured (batching, grading threads, interval resamples)
@@ -165,7 +168,8 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
         e, pr = evals.get((group, label)), proxies.get((group, label))
         src: dict[str, Any] = e or pr or {}
         cfg, secs = prune.get((group.model, label), ({}, None))
-        row = {"calibration": src["calibration"], "sparsity": src["sparsity"] or 0.0, "prune_cfg": cfg.get("prune")}
+        row = {"calibration": src["calibration"], "sparsity": src["sparsity"] or 0.0, "prune_cfg": cfg.get("prune"),
+               "segment_weights": cfg.get("segment_weights")}
         per: list[tuple[Any, ...]] = []
         pgroup: dict[str, str] = {}
         if e is not None:

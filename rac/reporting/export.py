@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 import rac
+from rac.data.segments import DEFAULT_SEGMENT_WEIGHTS, weights_tag
 from rac.reporting.numbers import fmt
 from rac.store.artifacts import ArtifactError, ArtifactRef, atomic_dir, sha256_tree
 from rac.store.index import Index
@@ -45,13 +46,18 @@ class PrunedModel:
     ref: ArtifactRef  # the recorded `model` artifact (uri + sha256)
     verified: bool | None  # the folder matches its recorded sha256; None: not checked
     problem: str | None = None  # why it does not verify
+    segment_weights: dict[str, float] | None = None  # the prune stage's H weights (None: not recorded)
 
     @property
     def setting(self) -> str:
-        """`2:4` for N:M, else the target sparsity in percent (`50%`)."""
+        """`2:4` for N:M, else the target sparsity in percent (`50%`); segment weights other than the default
+        follow as their tag (`50% p1d3`, `rac.data.segments.weights_tag`)."""
         if self.nm is not None:
-            return f"{self.nm[0]}:{self.nm[1]}"
-        return "-" if self.sparsity is None else f"{100 * self.sparsity:g}%"
+            amount = f"{self.nm[0]}:{self.nm[1]}"
+        else:
+            amount = "-" if self.sparsity is None else f"{100 * self.sparsity:g}%"
+        w = self.segment_weights
+        return amount if w is None or w == DEFAULT_SEGMENT_WEIGHTS else f"{amount} {weights_tag(w)}"
 
 
 def _run_row(index: Index, run_id: str) -> dict[str, Any]:
@@ -99,8 +105,14 @@ def pruned_models(work_dir: Path | str, run_id: str, verify: bool = True) -> lis
             ref=refs[0],
             verified=(problem is None) if verify else None,
             problem=problem,
+            segment_weights=config.get("segment_weights"),
         ))
     return out
+
+
+def _weights(w: dict[str, float] | None) -> str:
+    """The H segment weights for the model card (`prompt 1, decode 3`; `-` when not recorded)."""
+    return ", ".join(f"{k} {v:g}" for k, v in w.items()) if w else "-"
 
 
 def export_command(work_dir: Path | str, run_id: str, label: str, dest: str = "DEST") -> str:
@@ -176,7 +188,7 @@ def model_card(work_dir: Path | str, run_id: str, model: PrunedModel) -> str:
     achieved = achieved_sparsity(rows, safetensors_numels(model.folder))
     calib = _calib_summary(index, run_id, model.calibration)
     n_tokens = calib.get("n_tokens")
-    pattern = f"N:M {model.setting}" if model.nm else "unstructured"
+    pattern = f"N:M {model.nm[0]}:{model.nm[1]}" if model.nm else "unstructured"
     md = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
           f"# {model.label}: `{base}` pruned with rac", "",
           f"`{base}` pruned one-shot by rac ({method}, {pattern}, target sparsity "
@@ -191,6 +203,7 @@ def model_card(work_dir: Path | str, run_id: str, model: PrunedModel) -> str:
           f"| achieved sparsity | {_f(achieved)} |",
           f"| pruned linears | {len(rows)} |",
           f"| calibration | {model.calibration or '-'} |",
+          f"| segment weights | {_weights(model.segment_weights)} |",
           f"| rac version | {rac.__version__} |",
           f"| run | `{run_id}` |",
           f"| prune stage_key | `{model.stage_key}` |",

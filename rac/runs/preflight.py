@@ -6,8 +6,8 @@
   2. the tokenizer loads and every prompts template renders (a chat template of the tokenizer or the config);
   3. the prompt sources of `prompts` and `eval.prompts`, loaded and selected by the prompt stage's own
      functions: readable, mapped columns present, rows left, no empty question, and (eval) no empty gold answer;
-  4. every calibration's `token_budget` against the most the run can give it (`check_calibrations`: the rule
-     is in its docstring), from the selected prompts templated and tokenised as `sample_prompts` does them
+  4. every calibration's `token_budget` (and a `rac` set's `decode_share`) against the most the run can give it
+     (`check_calibrations`: the rule is in its docstring), from the selected prompts templated and tokenised as `sample_prompts` does them
      (a prompt over its limit, which the prompt stage would refuse, is refused here);
   5. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
      room for the activation stores (calibration tokens x hidden x bytes(act_dtype) x 2) plus one pruned model
@@ -19,6 +19,7 @@ and what to do. Nothing is created: the only write is the probe file, always rem
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -227,7 +228,8 @@ def check_calibrations(cfg: RunConfig, folder: Path, chosen: list[Record]) -> No
                min(max_new_tokens, context window - prompt)), the sum of min(prompt + cap, max_seq_len), prompts
                of max_seq_len tokens or more left out; with generate.token_budget = B (which counts the prompt
                and CoT tokens of every row written and is checked before each shard) at most B - 1 + the
-               largest shard's sum;
+               largest shard's sum; with decode_share d, D = floor(d x budget + 1/2) decode tokens must not exceed
+               those of every CoT at its cap, nor budget - D the prompt tokens x samples_per_prompt (`_check_mix`);
       generic  the bundled Lee corpus tokenised (one EOS per article), only when a generic set is configured;
       self     none: it samples until its budget is covered.
     """
@@ -311,6 +313,8 @@ def _check_rac(key: str, calib: CalibConfig, gen: GenerateConfig, pc: PromptsCon
         _fail(f"{key}: min_decode_share = {calib.min_decode_share} cannot be met: even with every CoT at its cap "
               f"(generate.max_new_tokens = {gen.max_new_tokens}, cut to max_seq_len = {L}) the decode share is at "
               f"most {share:.3f}; raise generate.max_new_tokens or lower {key}.min_decode_share")
+    if calib.decode_share is not None:
+        _check_mix(key, calib, pc, ids, [(p, n) for p, n in lens if p < L], gen.samples_per_prompt)
     full, step = sum(per), gen.shard_size * gen.samples_per_prompt
     lower = f"lower {key}.token_budget to at most"
     if gen.token_budget is not None:
@@ -326,6 +330,23 @@ def _check_rac(key: str, calib: CalibConfig, gen: GenerateConfig, pc: PromptsCon
               f"generate.max_new_tokens = {gen.max_new_tokens} CoT tokens, cut to max_seq_len = {L}), under "
               f"1/{SHORTFALL} of the budget; {_more_prompts(pc, len(ids))}, raise generate.samples_per_prompt or "
               f"generate.max_new_tokens, or {lower} {full}")
+
+
+def _check_mix(key: str, calib: CalibConfig, pc: PromptsConfig, ids: list[list[int]], lens: list[tuple[int, int]],
+               samples: int) -> None:
+    """A `decode_share` set (`rac.data.calib._mix`) against the most decode tokens (every CoT at its cap) and
+    prompt tokens (every prompt x samples_per_prompt, cut to max_seq_len) the run can give it."""
+    budget, L, share = calib.token_budget, calib.max_seq_len, float(calib.decode_share or 0.0)
+    n_decode = math.floor(share * budget + 0.5)
+    decode, prompt = sum(n - p for p, n in lens), samples * sum(min(len(x), L) for x in ids)
+    if decode < n_decode:
+        _fail(f"{key}: decode_share = {share} needs {n_decode} decode tokens of token_budget = {budget} but even with "
+              f"every CoT at its cap the CoT stage gives at most {decode} ({len(lens)} CoTs, cut to max_seq_len = "
+              f"{L}); raise generate.max_new_tokens or generate.samples_per_prompt, or lower {key}.decode_share")
+    if prompt < budget - n_decode:
+        _fail(f"{key}: decode_share = {share} leaves {budget - n_decode} prompt tokens of token_budget = {budget} but "
+              f"the {len(ids)} prompts hold at most {prompt} ({_where('prompts', pc)}, cut to max_seq_len = {L}); "
+              f"{_more_prompts(pc, len(ids))}, raise {key}.decode_share or lower {key}.token_budget")
 
 
 def _existing(work_dir: Path) -> Path:

@@ -11,6 +11,9 @@
     compress:  {...}                # rac.engine CompressConfig fields except `prune`
     prune:                          # list of rac.pruners PruneConfig; every calibration x every entry
       - {method: sparsegpt, sparsity: 0.5}
+      - {method: sparsegpt, sparsity: 0.5, segment_weights: {prompt: 1, decode: 3}, calibrations: [rac]}
+                                    # run-level keys of an entry (rac.runs.prune_jobs): its own segment weights
+                                    # (label ...-p1d3), the calibrations it prunes with (default: all)
     eval:                           # omitted: no evaluation
       prompts: {...}                # PromptsConfig of the eval set (e.g. holdout: eval); its template
                                     # defaults to the calibration prompts' template
@@ -36,25 +39,25 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from rac.config import StageConfig
 from rac.data.calib import CalibConfig
 from rac.data.generate import GenerateConfig
 from rac.data.prompts import PromptsConfig
-from rac.engine.sequential import CompressConfig
 from rac.eval.evaluate import EvalConfig
 from rac.eval.proxies import ProxyConfig
-from rac.pruners.base import PruneConfig
+from rac.runs.prune_jobs import PruneEntry, PruneJob, parse_jobs
+from rac.runs.prune_jobs import prune_label as prune_label  # re-exported for the stages and the API
+from rac.runs.sections import build_section
 
 TOP_KEYS = ("name", "model", "prompts", "generate", "calibrations", "compress", "prune", "eval",
             "eval_dense", "eval_pruned", "report", "proxies", "runner")
 REQUIRED_KEYS = ("model", "prompts", "calibrations", "prune")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-C = TypeVar("C", bound=BaseModel)
 
 
 class RunConfigError(ValueError):
@@ -108,15 +111,6 @@ class RunnerConfig(StageConfig):
 
 
 @dataclass(frozen=True)
-class PruneJob:
-    """One pruned model of the grid: a calibration set x a compression config."""
-
-    label: str
-    calibration: str
-    compress: CompressConfig
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """A validated run config with every stage config constructed (parsed once, by `parse_run_config`)."""
 
@@ -126,6 +120,8 @@ class RunConfig:
     generate: GenerateConfig | None  # None when no calibration needs CoTs
     calibrations: dict[str, CalibConfig]
     jobs: tuple[PruneJob, ...]
+    entries: tuple[PruneEntry, ...]  # the `prune:` list the jobs came from (rac.runs.prune_jobs)
+    compress: dict[str, Any]  # the `compress` section's canonical dict (CompressConfig fields but `prune`)
     eval: EvalConfig | None
     eval_prompts: PromptsConfig | None  # the eval set (given exactly when `eval` is)
     eval_dense: bool
@@ -137,8 +133,6 @@ class RunConfig:
 
     def canonical(self) -> dict[str, Any]:
         """Every stage config with defaults filled in (JSON-able); parse_run_config(canonical()) == self."""
-        first = self.jobs[0].compress.canonical()
-        first.pop("prune", None)
         extra: dict[str, Any] = {"proxies": self.proxies.canonical()} if self.proxies is not None else {}
         if self.eval_pruned is not True:
             extra["eval_pruned"] = self.eval_pruned if self.eval_pruned is False else list(self.eval_pruned)
@@ -150,8 +144,8 @@ class RunConfig:
             "prompts": self.prompts.canonical(),
             "generate": self.generate.canonical() if self.generate is not None else None,
             "calibrations": {k: v.canonical() for k, v in self.calibrations.items()},
-            "compress": first,
-            "prune": _unique([j.compress.prune.canonical() for j in self.jobs]),
+            "compress": dict(self.compress),
+            "prune": _unique([e.canonical() for e in self.entries]),
             "eval": self._eval_canonical(),
             "eval_dense": self.eval_dense,
             "report": self.report.canonical(),
@@ -188,45 +182,6 @@ def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _known(cls: type[BaseModel], drop: tuple[str, ...] = ()) -> str:
-    return ", ".join(k for k in sorted(cls.model_fields) if k not in drop)
-
-
-def _build(cls: type[C], data: Any, where: str, problems: list[str], drop: tuple[str, ...] = (),
-           extra: Mapping[str, Any] | None = None) -> C | None:
-    """cls(**data, **extra), or None with one line per problem appended to `problems`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        problems.append(f"{where}: expected a mapping of keys, got {type(data).__name__} {data!r}")
-        return None
-    try:
-        return cls(**data, **(extra or {}))
-    except ValidationError as err:
-        for e in err.errors():
-            loc = ".".join(str(x) for x in (where, *e["loc"]))
-            if e["type"] == "extra_forbidden":
-                problems.append(f"unknown key {loc!r}; known keys in {where}: {_known(cls, drop)}")
-            elif e["type"] == "missing":
-                problems.append(f"missing key {loc!r}; known keys in {where}: {_known(cls, drop)}")
-            else:
-                problems.append(f"{loc} = {e.get('input')!r}: {e['msg']}")
-    except (ValueError, TypeError) as err:
-        problems.append(f"{where}: {err}")
-    return None
-
-
-def prune_label(calib: str, prune: PruneConfig, progressive: bool = False) -> str:
-    """E.g. ``rac-sparsegpt-50pct``, ``rac-sparsegpt-2of4-w4g128`` (joint), ``rac-gptq-w4g128`` (quantized only),
-    ``rac-sparsegpt-50pct-owl`` (OWL layer sparsities);
-    a progressive calibration adds ``-progressive`` unless its name already says so (``rac-progressive-...``)."""
-    amount = f"{prune.nm[0]}of{prune.nm[1]}" if prune.nm else f"{round(float(prune.sparsity or 0.0) * 100):d}pct"
-    parts = [calib, prune.method] + ([amount] if prune.method != "gptq" else [])
-    parts += [prune.quant.label] if prune.quant is not None else []
-    parts += [prune.allocation.label] if prune.allocation.label else []  # e.g. owl (uniform: nothing)
-    return "-".join(parts + (["progressive"] if progressive and "progressive" not in calib else []))
-
-
 def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     """Validate a run-config mapping; raise RunConfigError listing every problem."""
     if not isinstance(data, Mapping):
@@ -242,32 +197,33 @@ def parse_run_config(data: Any, source: str = "<config>") -> RunConfig:
     model = data.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         problems.append(f"model = {model!r}: must be a model alias or a folder path")
-    prompts = _build(PromptsConfig, data.get("prompts"), "prompts", problems) if "prompts" in data else None
+    prompts = build_section(PromptsConfig, data.get("prompts"), "prompts", problems) if "prompts" in data else None
     calibs = _parse_calibrations(data, problems)
     generate = None
     if any(c.kind == "rac" for c in calibs.values()) or data.get("generate") is not None:
-        generate = _build(GenerateConfig, data.get("generate"), "generate", problems)
-    jobs = _parse_jobs(data, calibs, problems)
+        generate = build_section(GenerateConfig, data.get("generate"), "generate", problems)
+    grid = parse_jobs(data, calibs, problems)
+    jobs = grid.jobs
     ev, ev_prompts = _parse_eval(data.get("eval"), data.get("prompts"), problems)
     eval_dense = data.get("eval_dense", True)
     if not isinstance(eval_dense, bool):
         problems.append(f"eval_dense = {eval_dense!r}: expected true or false")
-    report = _build(ReportConfig, data.get("report"), "report", problems)
+    report = build_section(ReportConfig, data.get("report"), "report", problems)
     if report is not None and report.heatmap_calibration not in (None, *calibs):
         problems.append(f"report.heatmap_calibration = {report.heatmap_calibration!r}: not one of the "
                         f"calibrations {sorted(calibs)}")
     eval_pruned = _parse_eval_pruned(data.get("eval_pruned", True), [j.label for j in jobs], problems)
-    runner = _build(RunnerConfig, data["runner"], "runner", problems) if data.get("runner") is not None else None
+    runner = build_section(RunnerConfig, data["runner"], "runner", problems) if data.get("runner") is not None else None
     proxies = None
     if data.get("proxies") is not None:
-        proxies = _build(ProxyConfig, data.get("proxies"), "proxies", problems)
+        proxies = build_section(ProxyConfig, data.get("proxies"), "proxies", problems)
         if ev is None or not eval_dense:
             problems.append("proxies: scored on the dense model's evaluation CoTs, so they need an `eval` "
                             "section and eval_dense: true")
     if problems or prompts is None or report is None:
         raise RunConfigError(f"{source}: invalid run config:\n  - " + "\n  - ".join(problems))
     return RunConfig(name=name, model=str(model), prompts=prompts, generate=generate, calibrations=calibs,
-                     jobs=tuple(jobs), eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense),
+                     jobs=jobs, entries=grid.entries, compress=grid.compress, eval=ev, eval_prompts=ev_prompts, eval_dense=bool(eval_dense),
                      report=report, proxies=proxies, eval_pruned=eval_pruned, runner=runner, raw=dict(data))
 
 
@@ -280,48 +236,10 @@ def _parse_calibrations(data: Mapping[str, Any], problems: list[str]) -> dict[st
     for cname, cdata in raw.items():
         if not _NAME_RE.match(str(cname)):
             problems.append(f"calibrations.{cname}: name must match {_NAME_RE.pattern}")
-        calib = _build(CalibConfig, cdata, f"calibrations.{cname}", problems)
+        calib = build_section(CalibConfig, cdata, f"calibrations.{cname}", problems)
         if calib is not None:
             calibs[str(cname)] = calib
     return calibs
-
-
-def _parse_jobs(data: Mapping[str, Any], calibs: dict[str, CalibConfig], problems: list[str]) -> list[PruneJob]:
-    """Every calibration x every prune entry, each with the one `compress` section (checked once)."""
-    raw_prunes = data.get("prune", [])
-    if isinstance(raw_prunes, Mapping):
-        raw_prunes = [raw_prunes]
-    if not isinstance(raw_prunes, list) or ("prune" in data and not raw_prunes):
-        problems.append(f"prune = {raw_prunes!r}: expected a non-empty list of prune configs")
-        return []
-    compress = data.get("compress") or {}
-    if not isinstance(compress, Mapping):
-        problems.append(f"compress: expected a mapping of keys, got {compress!r}")
-        return []
-    if "prune" in compress:
-        problems.append("compress.prune: give pruning settings in the top-level `prune` list instead")
-        return []
-    prunes = [_build(PruneConfig, pdata, f"prune[{i}]", problems) for i, pdata in enumerate(raw_prunes)]
-    valid = [p for p in prunes if p is not None]
-    if not valid:
-        return []
-    n_before = len(problems)
-    first = _build(CompressConfig, compress, "compress", problems, drop=("prune",), extra={"prune": valid[0]})
-    if first is None or len(problems) > n_before:
-        return []
-    for i, p in enumerate(prunes):
-        for cname, calib in calibs.items():
-            why = calib.progressive.refuses(p.method, p.sparsity) if p is not None and calib.progressive else None
-            if p is not None and calib.progressive is not None and why is not None:
-                problems.append(f"calibrations.{cname}.progressive.steps = {list(calib.progressive.steps)} "
-                                f"with prune[{i}] ({prune_label(cname, p, True)}): {why}")
-    jobs = [PruneJob(prune_label(cname, p, c.progressive is not None), cname, first.model_copy(update={"prune": p}))
-            for p in valid for cname, c in calibs.items()]
-    labels = [j.label for j in jobs]
-    dupes = sorted({x for x in labels if labels.count(x) > 1})
-    if dupes:
-        problems.append(f"prune: duplicate entries {dupes}")
-    return jobs
 
 
 def _parse_eval_pruned(value: Any, labels: list[str], problems: list[str]) -> bool | tuple[str, ...]:
@@ -351,10 +269,10 @@ def _parse_eval(data: Any, calib_prompts: Any, problems: list[str]) -> tuple[Eva
     if isinstance(pdata, Mapping) and "template" not in pdata and isinstance(calib_prompts, Mapping):
         if "template" in calib_prompts:  # evaluation uses the calibration template unless told otherwise
             pdata = {**pdata, "template": calib_prompts["template"]}
-    prompts = _build(PromptsConfig, pdata, "eval.prompts", problems)
+    prompts = build_section(PromptsConfig, pdata, "eval.prompts", problems)
     known = ", ".join(["prompts", *sorted(EvalConfig.model_fields)])
     n_before = len(problems)
-    ev = _build(EvalConfig, fields, "eval", problems)
+    ev = build_section(EvalConfig, fields, "eval", problems)
     for i in range(n_before, len(problems)):
         problems[i] = re.sub(r"known keys in eval: .*", f"known keys in eval: {known}", problems[i])
     return (ev, prompts) if ev is not None and prompts is not None else (None, None)
