@@ -15,8 +15,8 @@ average before and after each model, vLLM's thread count and the kernel its quan
 vLLM vs transformers: for every folder (dense included, as the reference for kernel-level differences) the same
 prompts are decoded greedily by transformers (`rac.models.loading.load_causal_lm` on the same folder in the same
 bfloat16, which decompresses a quantized folder to q * scale, one prompt at a time with a KV cache, argmax
-every step, EOS ignored) and compared with vLLM's batch-8 greedy tokens: leading equal tokens per prompt and how
-many prompts match exactly.
+every step with the end tokens masked, as vLLM's `min_tokens` masks them) and compared with vLLM's batch-8 greedy
+tokens: leading equal tokens per prompt and how many prompts match exactly.
 
 W4A16 folders: by default an RTN folder built here (`rac.pruners.quant.rtn`, every decoder linear, lm_head dense,
 through `rac.engine.quantized_folder`) and, if it exists, rac's GPTQ folder from `python -m bench.peer_gptq`
@@ -161,15 +161,29 @@ def summarize(runs: list[dict[str, Any]], new_tokens: int) -> dict[str, Any]:
     return row
 
 
+def end_token_ids(folder: Path) -> set[int]:
+    """The ids vLLM's `min_tokens` masks for `folder`: the model's end token (config.json) plus every
+    generation_config.json `eos_token_id` (vLLM's SamplingParams.update_from_generation_config)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        value = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        ids.update([value] if isinstance(value, int) else value or [])
+    return ids
+
+
 def hf_greedy(folder: Path, prompt_ids: list[list[int]], new_tokens: int, threads: int) -> dict[str, Any]:
-    """transformers' greedy tokens for each prompt (batch 1, KV cache, argmax every step, EOS ignored) from the
-    model `load_causal_lm` builds from `folder` in bfloat16 (a quantized folder decompressed to q * scale)."""
+    """transformers' greedy tokens for each prompt (batch 1, KV cache, argmax every step) from the model
+    `load_causal_lm` builds from `folder` in bfloat16 (a quantized folder decompressed to q * scale). The end
+    tokens are masked at every step, as `min_tokens` = `new_tokens` masks them in vLLM (`_timed`), so both sides
+    choose among the same tokens."""
     from rac.models.loading import load_causal_lm
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = load_causal_lm(folder, DTYPE)
+    masked = torch.tensor(sorted(end_token_ids(folder)), dtype=torch.long)
     out: list[list[int]] = []
     try:
         with torch.inference_mode():
@@ -177,7 +191,9 @@ def hf_greedy(folder: Path, prompt_ids: list[list[int]], new_tokens: int, thread
                 step = model(input_ids=torch.tensor([ids]), use_cache=True)
                 tokens: list[int] = []
                 for _ in range(new_tokens):
-                    nxt = int(step.logits[0, -1].argmax())
+                    logits = step.logits[0, -1].clone()  # [vocab]
+                    logits[masked] = float("-inf")
+                    nxt = int(logits.argmax())
                     tokens.append(nxt)
                     step = model(input_ids=torch.tensor([[nxt]]), past_key_values=step.past_key_values,
                                  use_cache=True)
@@ -185,7 +201,7 @@ def hf_greedy(folder: Path, prompt_ids: list[list[int]], new_tokens: int, thread
     finally:
         del model
         torch.set_num_threads(before)
-    return {"tokens": out, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"tokens": out, "seconds": round(time.perf_counter() - t0, 1), "masked": sorted(masked.tolist())}
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> list[int]:

@@ -10,9 +10,9 @@ independent, more exact reference) on prompt + the common prefix and reports, pe
   * the bf16 logit step at that magnitude (spacing of bf16 numbers near |logit|), for scale.
 A margin of one or two bf16 steps means the engines' different kernels (batched paged attention vs. eager
 matmuls) decided a tie, not that the folder is served differently. A step where transformers picks an end token
-(generation_config's eos_token_id) is not a serving difference either: `bench.serving` asks vLLM for exactly
-64 tokens with `min_tokens`, which masks the end tokens, while its transformers loop takes the plain argmax;
-those steps are listed as `eos` and left out of the summary. Writes bench/results/serving-ties.md|json.
+(`bench.serving.end_token_ids`) is not a serving difference either: `bench.serving` asks vLLM for exactly
+64 tokens with `min_tokens`, which masks the end tokens; results written before its transformers loop masked
+them too can hold such steps, listed as `eos` and left out of the summary. Writes bench/results/serving-ties.md|json.
 
     .venv/bin/python -m bench.serving_ties      # after `python -m bench.serving`; ~2 min here
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from bench.serving import QUESTIONS
+from bench.serving import QUESTIONS, end_token_ids
 from rac.models.loading import load_causal_lm
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,8 +86,7 @@ def main() -> None:
 
     src = json.loads((RESULTS / "serving.json").read_text())
     dense = Path(src["rows"][0]["folder"])
-    eos_ids = json.loads((dense / "generation_config.json").read_text())["eos_token_id"]
-    eos = set(eos_ids if isinstance(eos_ids, list) else [eos_ids])
+    eos = end_token_ids(dense)
     tok = AutoTokenizer.from_pretrained(dense)
     prompts = [list(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                             tokenize=True, return_dict=True)["input_ids"]) for q in QUESTIONS]
