@@ -104,14 +104,16 @@ def instrument(timers: Timers) -> list[str]:
     import rac.engine.layer as layer
     import rac.engine.memory as memory
     import rac.engine.output as output
+    import rac.engine.prune_step as step
     import rac.engine.sequential as seq
     import rac.models.streaming as streaming
     import rac.pruners.stats as stats
 
     missing = []
     plan = [(seq, n) for n in ("load_config", "load_calibration", "build_skeleton", "_embed", "materialize", "release",
-                               "stats_pass", "output_pass", "_prune_group", "prune", "_energy", "reconstruction_loss",
-                               "_save_step", "_trim_heap", "_load_done_groups", "write_hf_folder", "build_provenance")]
+                               "stats_pass", "output_pass", "prune_group", "_save_step", "_trim_heap",
+                               "load_done_groups", "write_hf_folder", "build_provenance")]
+    plan += [(step, n) for n in ("prune", "weight_energy", "reconstruction_loss")]
     plan += [(layer, n) for n in ("read_batch", "_write_batch", "layer_forward", "embed_pass")]
     plan += [(output, "write_safetensors_stream"), (ckpt, "save_file")]
     for owner, name in plan:

@@ -31,12 +31,12 @@ PHASE_OF = {  # label of the path's own (innermost) timed function -> phase
     "WeightFiles.load": "model loading (skeleton, layer weights, dense W per linear)",
     "build_skeleton": "model loading (skeleton, layer weights, dense W per linear)",
     "load_config": "model loading (skeleton, layer weights, dense W per linear)",
-    "_load_done_groups": "model loading (skeleton, layer weights, dense W per linear)",
+    "load_done_groups": "model loading (skeleton, layer weights, dense W per linear)",
     "write_hf_folder": "output writing (HF folder)", "write_safetensors_stream": "output writing (HF folder)",
     "build_provenance": "output writing (HF folder)",
     "LayerKwargs.__call__": "layer kwargs capture (masks, rotary)",
-    "_energy": "per-linear bookkeeping (energy, loss)", "reconstruction_loss": "per-linear bookkeeping (energy, loss)",
-    "_prune_group": "per-linear bookkeeping (energy, loss)",
+    "weight_energy": "per-linear bookkeeping (energy, loss)", "reconstruction_loss": "per-linear bookkeeping (energy, loss)",
+    "prune_group": "per-linear bookkeeping (energy, loss)",
     "stats_pass": "Python per batch (hook loop, segment masks)", "output_pass": "Python per batch (hook loop, segment masks)",
     "_embed": "embedding pass", "embed_pass": "embedding pass",
     "load_calibration": "calibration load (Parquet, validation)",
@@ -140,7 +140,7 @@ FIXES: dict[str, str] = {  # phase -> where it is spent and what is done / propo
         "Where: `rac/pruners/sparsegpt.py` / `obs.py` (blocked reverse Cholesky + sweep) plus "
         "`rac/pruners/base.py:check_hessian` (a full symmetry / finiteness scan of H per linear: q/k/v and "
         "gate/up share one H, so it is scanned 3x / 2x). Already 2-4x faster than llm-compressor's solver on the "
-        "same problems (peer.md). Fix: validate H once per group in `_prune_group`, not once per linear."),
+        "same problems (peer.md). Fix: validate H once per group in `rac/engine/prune_step.py:prune_group`, not once per linear."),
     "heap trimming + gc": (
         "Where: `rac/engine/memory.py:trim_heap(collect=True)` after every step in `rac/engine/sequential.py:"
         "_run_layer`. `gc.freeze()` runs again after `build_skeleton` (`memory.freeze_new_objects`), so the "
@@ -152,7 +152,7 @@ FIXES: dict[str, str] = {  # phase -> where it is spent and what is done / propo
         "the upper triangle. Wanda and magnitude accumulate only the diagonal (`DiagAccumulator`). Left: check "
         "finiteness once on H at the end of the pass."),
     "per-linear bookkeeping (energy, loss)": (
-        "Where: `rac/engine/sequential.py:_energy` recomputes tr(W H Wᵀ) with a full `W @ H` per linear (as many "
+        "Where: `rac/engine/prune_step.py:weight_energy` recomputes tr(W H Wᵀ) with a full `W @ H` per linear (as many "
         "FLOPs as one solver matmul) only to report rel_error; `reconstruction_loss` for pruners that return no "
         "loss. Fix: take the energy from the solver's factor (tr(W H Wᵀ) = ||W R||² with the R SparseGPT already "
         "has: a triangular product, half the FLOPs, no extra pass), or estimate it on a row sample."),
@@ -172,7 +172,7 @@ FIXES: dict[str, str] = {  # phase -> where it is spent and what is done / propo
         "written. Fix: hash while writing (feed sha256 from the buffers being written) and keep the digests of "
         "this process's own files in memory instead of re-reading them."),
     "model loading (skeleton, layer weights, dense W per linear)": (
-        "Where: `rac/engine/sequential.py:_prune_linear` reads each dense W again from the shards "
+        "Where: `rac/engine/prune_step.py:prune_linear` reads each dense W again from the shards "
         "(`WeightFiles.load`) although the layer was just materialized; `load_config` imports the model code. "
         "Fix: take W from the materialized module (same values, already in the compute dtype)."),
     "output writing (HF folder)": (

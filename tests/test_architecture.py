@@ -399,7 +399,7 @@ def test_the_graph_covers_the_project() -> None:
     assert {"rac", "rac.pruners.sparsegpt", "rac.runs.stages", "rac_prefect.flows.cli",
             "rac_prefect.tasks.stages"} <= set(mods)
     graph = import_graph()
-    assert "rac.pruners" in graph["rac.engine.sequential"]
+    assert "rac.pruners" in graph["rac.engine.prune_step"]
     assert "rac.runs.stages" in graph["rac_prefect.tasks.stages"]  # `from rac.runs import stages as steps`
     assert "rac_prefect.flows.prune" in graph["rac_prefect.flows.cli"]  # a function-level import
 

@@ -17,7 +17,7 @@ import yaml
 from engine_support import random_sequences, write_calib
 from transformers import AutoModelForCausalLM
 
-import rac.engine.sequential as sequential
+import rac.engine.prune_step as prune_step
 from rac.data.calib import CalibConfig, DecodeShareError, build_calibration
 from rac.data.segments import SEGMENT_IDS
 from rac.engine import compress
@@ -73,13 +73,13 @@ def test_entry_weights_reach_the_hessian(tmp_path: Path, monkeypatch: pytest.Mon
     model_dir = tiny_model("llama")
     seqs = random_sequences(5, 500, [12, 16, 20], seed=7)
     seen: list[tuple[str, torch.Tensor]] = []
-    real = sequential._prune_linear
+    real = prune_step.prune_linear
 
     def spy(run: Any, prefix: str, rel: str, H: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen.append((prefix + rel, H.detach().clone()))
         return real(run, prefix, rel, H, *args, **kwargs)
 
-    monkeypatch.setattr(sequential, "_prune_linear", spy)
+    monkeypatch.setattr(prune_step, "prune_linear", spy)
     compress(model_dir, write_calib(tmp_path / "c.parquet", seqs), tmp_path / "out", job.compress, tmp_path / "work")
     name, H = seen[0]
     assert name == "model.layers.0.self_attn.q_proj"

@@ -86,7 +86,7 @@ class Allocation:
 
 
 class EngineRun(Protocol):
-    """What the pre-pass reads of the engine's per-call state (`rac.engine.sequential._Run`)."""
+    """What the pre-pass reads of the engine's per-call state (`rac.engine.prune_step.PruneRun`)."""
 
     cfg: CompressConfig
     files: WeightFiles

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,7 +30,7 @@ import rac
 from rac.config import StageConfig
 from rac.dtypes import torch_dtype
 from rac.engine.actstore import ActStore
-from rac.engine.allocation import Allocation, check_allocation, layer_prune, prepare_allocation
+from rac.engine.allocation import Allocation, check_allocation, prepare_allocation
 from rac.engine.batches import Calibration, load_calibration
 from rac.engine.checkpoint import (
     Checkpoints,
@@ -38,7 +38,6 @@ from rac.engine.checkpoint import (
     LinearRecord,
     Step,
     StepRecord,
-    quant_checkpoint_tensors,
 )
 from rac.engine.compress_config import CompressConfig
 from rac.engine.experts import (
@@ -47,28 +46,22 @@ from rac.engine.experts import (
     expert_members,
     expert_provenance,
     pass_members,
-    prune_experts,
 )
 from rac.engine.layer import LayerKwargs, SegmentPlan, embed_pass, output_pass, stats_pass
 from rac.engine.memory import freeze_new_objects as _freeze_new_objects
 from rac.engine.memory import memory_hygiene as _memory_hygiene
 from rac.engine.memory import trim_heap as _trim_heap
 from rac.engine.output import build_provenance, check_out_dir, write_model
+from rac.engine.prune_step import PruneRun, load_done_groups, prune_group
 from rac.engine.replay import LayerReplay
 from rac.models.adapters import (
-    Adapter,
     decoder_layers,
     get_submodule,
     select_groups,
 )
 from rac.models.moe import layer_candidates, materialize_layer
-from rac.models.moe import set_weight as set_moe_weight
 from rac.models.streaming import WeightFiles, build_skeleton, load_config, materialize, release
-from rac.pruners import prune
-from rac.pruners.base import PruneConfig
-from rac.pruners.error import reconstruction_loss
 from rac.pruners.stats import HessianAccumulator
-from rac.pruners.wanda import diag_energy, prune_diag
 
 if TYPE_CHECKING:
     from rac.engine.distributed import DistContext
@@ -88,27 +81,6 @@ class CompressResult:
     allocation: Allocation | None = None  # per-layer sparsities (prune.allocation non-uniform)
 
 
-@dataclass
-class _Run:
-    """Everything one `compress` call shares across layers."""
-
-    cfg: CompressConfig
-    files: WeightFiles
-    adapter: Adapter
-    model: torch.nn.Module
-    calib: Calibration
-    ckpt: Checkpoints
-    table: list[list[tuple[str, ...]]]
-    layout: list[list[tuple[str, ...]]]  # per layer, per group: every linear present (hooked for statistics)
-    kwargs: LayerKwargs
-    plan: SegmentPlan
-    device: torch.device
-    dtype: torch.dtype
-    on_step: Callable[[StepRecord], None] | None
-    dist: DistContext | None = None  # data-parallel ranks (rac.engine.distributed), None: one process
-    allocation: Allocation | None = None  # per-layer sparsities (rac.engine.allocation), None: uniform
-
-
 def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> Step | None:
     if step is None:
         return None
@@ -118,80 +90,7 @@ def _check_step(step: Step | None, n_layers: int, n_groups: int, what: str) -> S
     return (int(layer), int(group))
 
 
-def _energy(W: torch.Tensor, H: torch.Tensor, rows: int = 256) -> float:
-    """tr(W H W^T) for W [out, in], H [in, in], in float32 (reduced in float64), `rows` rows at a time."""
-    total = 0.0
-    for i in range(0, W.shape[0], rows):
-        Wb = W[i : i + rows].float()  # [rows, in]
-        total += float(((Wb @ H) * Wb).sum(dtype=torch.float64))
-    return total
-
-
-def _set_weight(run: _Run, module: torch.nn.Module, rel: str, W: torch.Tensor) -> None:
-    """Copy W into the weight of linear `rel` of `module` (cast to the module's compute dtype)."""
-    if run.adapter.moe is not None:  # checkpoint names: expert slices of fused parameters, renamed blocks
-        set_moe_weight(module, run.adapter.moe, rel, W)
-        return
-    linear = cast(torch.nn.Linear, get_submodule(module, rel))
-    with torch.no_grad():
-        linear.weight.copy_(W.to(linear.weight.dtype))
-
-
-def _prune_linear(run: _Run, prefix: str, rel: str, H: torch.Tensor, tokens: int, module: torch.nn.Module,
-                  cfg: PruneConfig) -> tuple[dict[str, torch.Tensor], LinearRecord]:
-    """Prune one linear with H # [d_in, d_in] float32; update the module in place. Returns its checkpoint
-    tensors (Ŵ in the storage dtype, plus codes and scales when quantized) and its record."""
-    key = f"{prefix}{rel}.weight"
-    W = run.files.load([key])[key].to(run.device)  # dense original values, storage dtype [out, in]
-    res = prune(W, H, cfg) if H.dim() == 2 else prune_diag(W, H, cfg)  # H [in]: diagonal statistics
-    W_hat = res.weight.to(W.dtype)
-    loss = res.loss if res.loss is not None else reconstruction_loss(W, W_hat, H)
-    energy = _energy(W, H) if H.dim() == 2 else diag_energy(W, H)
-    _set_weight(run, module, rel, W_hat)
-    tensors = {key: W_hat}
-    if res.quant is not None:  # codes and scales for the compressed-tensors folder
-        tensors.update(quant_checkpoint_tensors(prefix + rel, res.quant))
-    return tensors, LinearRecord(
-        name=prefix + rel, shape=(int(W.shape[0]), int(W.shape[1])),
-        sparsity=float((W_hat == 0).sum()) / W_hat.numel(),
-        rel_error=loss / energy if energy > 0 else float("nan"), loss=loss, damp=float(res.damp),
-        retries=len(res.retries), retry_log=tuple(f"damp={r.damp}: {r.error}" for r in res.retries),
-        seconds=res.seconds, tokens=tokens,
-    )
-
-
-_Pruned = tuple[dict[str, torch.Tensor], list[LinearRecord], list[ExpertRecord]]
-
-
-def _prune_group(run: _Run, layer: int, group: int, module: torch.nn.Module, acc: HessianAccumulator | None,
-                 experts: ExpertStats | None) -> _Pruned:
-    """Prune the selected linears of one group: the plain ones with the group's Hessian, each expert's with
-    its own (`rac.engine.experts`); update the module in place."""
-    prefix = run.adapter.layer_prefix(layer)
-    members = expert_members(run.adapter.moe, run.table[layer][group])
-    tensors: dict[str, torch.Tensor] = {}
-    records: list[LinearRecord] = []
-    expert_records: list[ExpertRecord] = []
-
-    def one(rel: str, H: torch.Tensor, tokens: int, cfg: PruneConfig) -> None:
-        out, record = _prune_linear(run, prefix, rel, H, tokens, module, cfg)
-        tensors.update(out)
-        records.append(record)
-
-    cfg = layer_prune(run.cfg.prune, run.allocation, layer)  # the layer's sparsity (OWL) or the config's
-    plain = [r for r in run.table[layer][group] if not any(r in v for v in members.values())]
-    if acc is not None and plain:
-        H = run.plan.hessian(acc)  # [d_in, d_in] float32
-        tokens = acc.tokens()
-        del acc  # free the per-segment sums before the pruner's workspace is allocated
-        for rel in plain:
-            one(rel, H, tokens, cfg)
-    if experts is not None:
-        expert_records = prune_experts(experts, group, members, run.plan, run.cfg.moe, cfg, one)
-    return tensors, records, expert_records
-
-
-def _collect(run: _Run, module: torch.nn.Module, layer: int, groups: dict[int, tuple[str, ...]], src: ActStore,
+def _collect(run: PruneRun, module: torch.nn.Module, layer: int, groups: dict[int, tuple[str, ...]], src: ActStore,
              chunk: frozenset[int] | None = None, plain: bool = True,
              replay: LayerReplay | None = None) -> tuple[dict[int, HessianAccumulator], ExpertStats | None]:
     """One statistics pass: the plain linears' group Hessians (if `plain`) and, in a MoE layer, those of
@@ -204,7 +103,7 @@ def _collect(run: _Run, module: torch.nn.Module, layer: int, groups: dict[int, t
     return _reduced(run, accs), experts
 
 
-def _reduced(run: _Run, accs: dict[int, HessianAccumulator]) -> dict[int, HessianAccumulator]:
+def _reduced(run: PruneRun, accs: dict[int, HessianAccumulator]) -> dict[int, HessianAccumulator]:
     """The accumulators summed over data-parallel ranks (in place; as they are in one process)."""
     if run.dist is not None:
         for g in sorted(accs):
@@ -212,7 +111,7 @@ def _reduced(run: _Run, accs: dict[int, HessianAccumulator]) -> dict[int, Hessia
     return accs
 
 
-def _save_step(run: _Run, record: StepRecord, tensors: dict[str, torch.Tensor],
+def _save_step(run: PruneRun, record: StepRecord, tensors: dict[str, torch.Tensor],
                extra: tuple[Path, ...]) -> StepRecord:
     """Persist a step and report it. Data-parallel: once every rank has committed its activations, rank 0
     writes the step files and reports; a second barrier keeps ranks from dropping stores before that."""
@@ -227,16 +126,7 @@ def _save_step(run: _Run, record: StepRecord, tensors: dict[str, torch.Tensor],
     return record
 
 
-def _load_done_groups(run: _Run, layer: int, upto: int, module: torch.nn.Module) -> None:
-    """Put the checkpointed pruned weights of groups < upto of `layer` into the module."""
-    prefix = run.adapter.layer_prefix(layer)
-    for g in range(upto):
-        for key, t in run.ckpt.load_weights(layer, g).items():
-            if key.endswith(".weight"):  # codes / scales of quantized linears are for the output only
-                _set_weight(run, module, key[len(prefix):].removesuffix(".weight"), t)
-
-
-def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None) -> tuple[list[StepRecord], bool]:
+def _run_layer(run: PruneRun, layer: int, first_group: int, stop_after: Step | None) -> tuple[list[StepRecord], bool]:
     """Steps (layer, first_group..last) of one layer; returns their records and whether stop_after hit."""
     module = decoder_layers(run.model, run.adapter)[layer]
     materialize_layer(module, run.adapter.layer_prefix(layer), run.files, run.adapter.moe, run.dtype, run.device)
@@ -251,7 +141,7 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     if run.cfg.order == "layer" and todo:  # dense statistics, before any pruned weight is loaded
         accs, experts = _collect(run, module, layer, todo, src)
         _trim_heap()
-    _load_done_groups(run, layer, first_group, module)
+    load_done_groups(run, layer, first_group, module)
     done: list[StepRecord] = []
     for g in range(first_group, len(groups)):
         tensors: dict[str, torch.Tensor] = {}
@@ -264,7 +154,7 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
                 if run.cfg.order == "group":
                     accs, experts = _collect(run, module, layer, {g: groups[g]}, src, chunk, i == 0, replay)
                     _trim_heap()
-                t, r, x = _prune_group(run, layer, g, module, accs.pop(g, None), experts)
+                t, r, x = prune_group(run, layer, g, module, accs.pop(g, None), experts)
                 tensors, records, expert_records = {**tensors, **t}, records + r, expert_records + x
             if run.dist is not None:
                 run.dist.check_same(tensors, f"layer {layer} group {g}")
@@ -291,7 +181,7 @@ def _run_layer(run: _Run, layer: int, first_group: int, stop_after: Step | None)
     return done, stop_after == (layer, g)
 
 
-def _embed(run: _Run, hidden: int) -> None:
+def _embed(run: PruneRun, hidden: int) -> None:
     """Write the activation store entering layer 0 (embeddings materialised just for this)."""
     embed = get_submodule(run.model, run.adapter.embed)
     materialize(embed, run.adapter.embed + ".", run.files, run.dtype, run.device)
@@ -376,7 +266,7 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
         ckpt.verify(fingerprint)
     if adapter.rotary is not None:
         get_submodule(model, adapter.rotary).to(device)  # real buffers (inv_freq), no weights
-    run = _Run(cfg, files, adapter, model, calib, ckpt, table, layout,
+    run = PruneRun(cfg, files, adapter, model, calib, ckpt, table, layout,
                LayerKwargs(model, adapter, int(config.hidden_size), dtype, device), plan, device, dtype, on_step, dist)
     if start == (0, 0):
         _embed(run, int(config.hidden_size))
