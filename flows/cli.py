@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--out", help="output folder (default <work dir>/compare)")
     cp.add_argument("--treat", default="rac", help="calibration whose accuracy is compared (default rac)")
     cp.add_argument("--base", action="append", help="calibration(s) compared against (default prompt, generic)")
+    cp.add_argument("--pair", action="append", metavar="A:B",
+                    help="also model A - model B (labels, e.g. rac-sparsegpt-50pct-owl:rac-sparsegpt-50pct), paired "
+                         "over their shared problems and CoTs; repeatable")
     command("verify", "re-hash every recorded artifact (of one run) and list what changed").add_argument(
         "run", nargs="?")
     ex = command("export", "write a pruned model as a self-contained HF folder with a model card")

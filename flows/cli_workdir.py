@@ -208,7 +208,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     work = work_dir(args)
     dest = Path(args.out) if args.out else work / "compare"
-    for p in write_comparison(work, dest, treat=args.treat, bases=tuple(args.base or ("prompt", "generic"))):
+    pairs = []
+    for raw in args.pair or ():
+        a, sep, b = raw.partition(":")
+        if not (sep and a and b):
+            raise ValueError(f"--pair {raw!r}: expected two model labels as A:B")
+        pairs.append((a, b))
+    for p in write_comparison(work, dest, treat=args.treat, bases=tuple(args.base or ("prompt", "generic")),
+                              pairs=tuple(pairs)):
         out().print(str(p))
     return EXIT_OK
 

@@ -91,3 +91,39 @@ def test_cells_are_grouped_by_model_and_eval_set(tmp_path: Path) -> None:
     assert "| rac - prompt | 4 (2 groups) |" in md
     assert md.count("# qwen") == 2 and md.count("# smol") == 1 and len(written) == 4
     assert all(p.name.startswith("vs_sparsity-") and p.stat().st_size > 0 for p in written[1:])
+
+
+def test_chosen_pairs_match_the_calibration_pairing_and_brute_force(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from rac.reporting.compare import label_pairs
+    from rac_prefect.flows.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    rac_ok = [True, True, False, True, False, True, True, False]
+    prompt_ok = [False, True, False, False, False, True, False, False]
+    idx = Index(tmp_path)
+    _run(idx, tmp_path, "a1", "qwen", 1, "rac-sparsegpt-50pct", rac_ok)
+    _run(idx, tmp_path, "a2", "qwen", 1, "prompt-sparsegpt-50pct", prompt_ok)
+    cells = collect_cells(tmp_path)
+    by_label = label_pairs(cells, (("rac-sparsegpt-50pct", "prompt-sparsegpt-50pct"),), n_boot=4000)
+    (row,) = next(iter(by_label.values()))
+    (by_calib,) = paired_rows(cells, "rac", "prompt", n_boot=4000)
+    keys = ("n", "accuracy_diff", "accuracy_low", "accuracy_high", "runaway_diff")
+    assert [row[k] for k in keys] == [by_calib[k] for k in keys]  # the same pairing, reached by label
+    assert row["accuracy_diff"] == pytest.approx(np.mean(np.array(rac_ok, float) - np.array(prompt_ok, float)))
+    assert (row["treat"], row["base"]) == ("rac-sparsegpt-50pct", "prompt-sparsegpt-50pct")
+    reverse = label_pairs(cells, (("prompt-sparsegpt-50pct", "rac-sparsegpt-50pct"),), n_boot=4000)
+    assert next(iter(reverse.values()))[0]["accuracy_diff"] == pytest.approx(-row["accuracy_diff"])
+    with pytest.raises(ValueError, match=r"--pair rac-sparsegpt-50pct:nope: no model 'nope' in the work dir"):
+        label_pairs(cells, (("rac-sparsegpt-50pct", "nope"),))
+
+    out = tmp_path / "cmp"
+    assert main(["--work-dir", str(tmp_path), "compare", "--out", str(out), "--base", "prompt",
+                 "--pair", "rac-sparsegpt-50pct:prompt-sparsegpt-50pct"]) == EXIT_OK
+    md = (out / "compare.md").read_text()
+    assert "## Paired differences (chosen models)" in md
+    assert "| rac-sparsegpt-50pct - prompt-sparsegpt-50pct | 8 |" in md
+    for bad in ("rac-sparsegpt-50pct", "rac-sparsegpt-50pct:", "rac-sparsegpt-50pct:ghost"):
+        (out / "compare.md").unlink(missing_ok=True)
+        assert main(["--work-dir", str(tmp_path), "compare", "--out", str(out), "--pair", bad]) == EXIT_BAD_INPUT
+        assert not (out / "compare.md").exists()  # refused before anything is written
+    assert "ghost" in capsys.readouterr().err

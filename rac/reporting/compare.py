@@ -184,25 +184,53 @@ def collect_cells(work_dir: Path | str) -> list[Cell]:
 
 
 def paired_rows(cells: list[Cell], treat: str, base: str, n_boot: int = 10_000) -> list[dict[str, Any]]:
-    """Accuracy difference treat - base (paired over shared problems) at every setting both have."""
+    """Differences calibration treat - base (paired over shared problems and CoTs) at every setting both have."""
     by = {(c.method, c.setting, c.calibration): c for c in cells}
     out = []
     for (method, setting, calib), t in sorted(by.items(), key=lambda kv: str(kv[0])):
         b = by.get((method, setting, base))
-        if calib != treat or b is None:
-            continue
-        shared = sorted(set(t.per_problem) & set(b.per_problem))
-        row: dict[str, Any] = {"method": method, "setting": setting, "treat": treat, "base": base,
-                               "n": len(shared), **paired_proxies(t, b, n_boot)}
-        groups = np.array([t.problem_group.get(p, p) for p in shared])  # [P] variants of a problem move together
-        row["groups"] = len(set(groups.tolist()))
-        for name, get in (("accuracy", lambda c, p: c.per_problem[p]), ("runaway", lambda c, p: c.per_problem_runaway[p])):
-            if shared:
-                d, lo, hi = paired_difference(np.array([get(t, p) for p in shared]),
-                                              np.array([get(b, p) for p in shared]), n_boot, groups=groups)
-                row.update({f"{name}_diff": d, f"{name}_low": lo, f"{name}_high": hi})
-        if len(row) > 6:  # something was measured on both
-            out.append(row)
+        if calib == treat and b is not None:
+            row = paired_cells(t, b, n_boot)
+            if row is not None:
+                out.append({**row, "treat": treat, "base": base})
+    return out
+
+
+def paired_cells(t: Cell, b: Cell, n_boot: int = 10_000) -> dict[str, Any] | None:
+    """Model t - model b: accuracy and runaway paired over their shared problems (resampling problem groups),
+    NLL gap and top-1 over the same dense CoTs; None when nothing was measured on both."""
+    shared = sorted(set(t.per_problem) & set(b.per_problem))
+    setting = t.setting if t.setting == b.setting else f"{t.setting} vs {b.setting}"
+    row: dict[str, Any] = {"method": t.method, "setting": setting, "treat": t.label, "base": b.label,
+                           "n": len(shared), **paired_proxies(t, b, n_boot)}
+    groups = np.array([t.problem_group.get(p, p) for p in shared])  # [P] variants of a problem move together
+    row["groups"] = len(set(groups.tolist()))
+    for name, get in (("accuracy", lambda c, p: c.per_problem[p]), ("runaway", lambda c, p: c.per_problem_runaway[p])):
+        if shared:
+            d, lo, hi = paired_difference(np.array([get(t, p) for p in shared]),
+                                          np.array([get(b, p) for p in shared]), n_boot, groups=groups)
+            row.update({f"{name}_diff": d, f"{name}_low": lo, f"{name}_high": hi})
+    return row if len(row) > 6 else None  # something was measured on both
+
+
+def label_pairs(cells: list[Cell], pairs: tuple[tuple[str, str], ...],
+                n_boot: int = 10_000) -> dict[str, list[dict[str, Any]]]:
+    """Per group, model A - model B for every requested (A, B) of model labels both in that group; a label that
+    is in no group of the work dir raises ValueError naming it."""
+    known = {c.label for c in cells}
+    for a, b in pairs:
+        for lab in (a, b):
+            if lab not in known:
+                raise ValueError(f"--pair {a}:{b}: no model {lab!r} in the work dir; known: {sorted(known)}")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for c in cells:
+        out.setdefault(c.group, [])
+    for group in out:
+        by = {c.label: c for c in cells if c.group == group}
+        for a, b in pairs:
+            row = paired_cells(by[a], by[b], n_boot) if a in by and b in by else None
+            if row is not None:
+                out[group].append(row)
     return out
 
 
@@ -325,11 +353,14 @@ def plot_vs_sparsity(cells: list[Cell], out: Path, method: str = "sparsegpt") ->
 
 
 def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "rac",
-                     bases: tuple[str, ...] = ("prompt", "generic")) -> list[Path]:
-    """compare.md + vs_sparsity.png for every evaluated model of a work dir; returns the written paths."""
+                     bases: tuple[str, ...] = ("prompt", "generic"),
+                     pairs: tuple[tuple[str, str], ...] = ()) -> list[Path]:
+    """compare.md + vs_sparsity.png for every evaluated model of a work dir, plus the differences of the
+    requested (A, B) model `pairs` (e.g. OWL vs uniform); returns the written paths."""
     cells = collect_cells(work_dir)
     if not cells:
         raise ValueError(f"no evaluated models in the index of {work_dir}: run a config with an `eval` section")
+    chosen = label_pairs(cells, pairs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[Cell]] = {}
@@ -341,6 +372,9 @@ def write_comparison(work_dir: Path | str, out_dir: Path | str, treat: str = "ra
         paired = [r for base in bases for r in paired_rows(members, treat, base)]
         md += [f"# {group}", "", "## Every model", "", cells_table(members), "",
                f"## Paired differences ({treat} vs others)", "",
-               paired_table(paired) if paired else "(no setting evaluated with both)", "", f"![vs sparsity]({name})", ""]
+               paired_table(paired) if paired else "(no setting evaluated with both)", ""]
+        if chosen[group]:
+            md += ["## Paired differences (chosen models)", "", paired_table(chosen[group]), ""]
+        md += [f"![vs sparsity]({name})", ""]
         plots.append(plot_vs_sparsity(members, out / name))
     return [atomic_write_text(out / "compare.md", "\n".join(md)), *plots]
