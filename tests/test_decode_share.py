@@ -110,13 +110,14 @@ def test_weightings_are_distinct_jobs_and_plain_entries_keep_their_keys() -> Non
     assert {k: c.stable_hash() for k, c in qwen.calibrations.items()} == {
         "generic": "f5d98425b394", "prompt": "6542d474ea54", "rac": "ee8b0e62ae53"}
     shared = load_run_config(CONFIGS / "results/qwen-decode-share.yaml")  # runs in qwen-grid's / qwen-owl's work dir
-    for other in ("qwen-grid", "qwen-owl"):
+    for other in ("qwen-grid", "qwen-owl"):  # qwen-grid's data and evaluation ...
         base = load_run_config(CONFIGS / f"results/{other}.yaml")
         assert {k: shared.calibrations[k] for k in ("prompt", "rac")} == {k: base.calibrations[k] for k in ("prompt", "rac")}
-        assert (shared.prompts, shared.generate, shared.eval, shared.eval_prompts, shared.proxies) == (
-            base.prompts, base.generate, base.eval, base.eval_prompts, base.proxies)
-        plain = {j.label: j.compress for j in base.jobs if j.label in ("prompt-sparsegpt-50pct", "rac-sparsegpt-50pct")}
-        assert {j.label: j.compress for j in shared.jobs if j.label in plain} == plain  # the same prune stages
+        assert (shared.prompts, shared.generate, shared.eval, shared.eval_prompts) == (
+            base.prompts, base.generate, base.eval, base.eval_prompts)
+    plain = {j.label: j.compress for j in base.jobs if j.label in ("prompt-sparsegpt-50pct", "rac-sparsegpt-50pct")}
+    assert {j.label: j.compress for j in shared.jobs if j.label in plain} == plain  # ... and qwen-owl's prune stages
+    assert shared.proxies == base.proxies and shared.jobs[0].compress.compute_dtype == "float32"
     assert [j.label for j in shared.jobs][:3] == [
         "rac-sparsegpt-50pct-p1d0", "rac-sparsegpt-50pct-p0d1", "rac-sparsegpt-50pct-p1d3"]  # new models first
     assert len(shared.jobs) == 7

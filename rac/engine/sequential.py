@@ -19,6 +19,7 @@ step not yet done) resumes from those checkpoints; `stop_after` ends a run early
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 
 import rac
 from rac.config import StageConfig
-from rac.dtypes import torch_dtype
+from rac.dtypes import slow_bf16_warning, torch_dtype
 from rac.engine.actstore import ActStore
 from rac.engine.allocation import Allocation, check_allocation, prepare_allocation
 from rac.engine.batches import Calibration, load_calibration
@@ -251,6 +252,9 @@ def _compress(model_dir: Path, calib_path: Path, out_dir: Path, cfg: CompressCon
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' requested but torch.cuda.is_available() is False")
     device, dtype = torch.device(cfg.device), torch_dtype(cfg.compute_dtype)
+    slow = slow_bf16_warning(dtype, device, "compress.compute_dtype")
+    if slow is not None:
+        warnings.warn(slow, stacklevel=3)
     present = [s for s, n in full.segment_tokens().items() if n > 0]  # the same plan on every rank
     plan = SegmentPlan.build(cfg.segment_weights, present, device, cfg.diag_statistics)
     model = build_skeleton(config, cfg.trust_remote_code)

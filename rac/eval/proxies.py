@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from pydantic import Field
 from rac.config import StageConfig
 from rac.data.generate import read_cots
 from rac.data.templates import load_tokenizer
-from rac.dtypes import torch_dtype
+from rac.dtypes import slow_bf16_warning, torch_dtype
 from rac.models.loading import load_causal_lm, load_hf_config
 
 COT_COLUMNS = ("cot_id", "prompt_ids", "completion_ids")
@@ -195,6 +196,9 @@ def make_batches(seqs: list[CotSeq], batch_size: int, pad_id: int) -> list[CotBa
 
 def load_model(model_dir: Path, dtype: str) -> Any:
     """The causal LM in `dtype`, eval mode, never running the folder's own code (trust_remote_code=False)."""
+    slow = slow_bf16_warning(torch_dtype(dtype), "cpu", "proxies.dtype")  # the proxies run on the CPU
+    if slow is not None:
+        warnings.warn(slow, stacklevel=2)
     return load_causal_lm(model_dir, torch_dtype(dtype), trust_remote_code=False)
 
 
