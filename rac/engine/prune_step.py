@@ -82,7 +82,7 @@ def set_weight(run: PruneRun, module: torch.nn.Module, rel: str, W: torch.Tensor
 
 
 def prune_linear(run: PruneRun, prefix: str, rel: str, H: torch.Tensor, tokens: int, module: torch.nn.Module,
-                  cfg: PruneConfig) -> tuple[dict[str, torch.Tensor], LinearRecord]:
+                 cfg: PruneConfig) -> tuple[dict[str, torch.Tensor], LinearRecord]:
     """Prune one linear with H # [d_in, d_in] float32; update the module in place. Returns its checkpoint
     tensors (Ŵ in the storage dtype, plus codes and scales when quantized) and its record."""
     key = f"{prefix}{rel}.weight"
@@ -108,7 +108,7 @@ Pruned = tuple[dict[str, torch.Tensor], list[LinearRecord], list[ExpertRecord]]
 
 
 def prune_group(run: PruneRun, layer: int, group: int, module: torch.nn.Module, acc: HessianAccumulator | None,
-                 experts: ExpertStats | None) -> Pruned:
+                experts: ExpertStats | None) -> Pruned:
     """Prune the selected linears of one group: the plain ones with the group's Hessian, each expert's with
     its own (`rac.engine.experts`); update the module in place."""
     prefix = run.adapter.layer_prefix(layer)
