@@ -222,15 +222,13 @@ def label_pairs(cells: list[Cell], pairs: tuple[tuple[str, str], ...],
         for lab in (a, b):
             if lab not in known:
                 raise ValueError(f"--pair {a}:{b}: no model {lab!r} in the work dir; known: {sorted(known)}")
-    out: dict[str, list[dict[str, Any]]] = {}
+    by_group: dict[str, dict[str, Cell]] = {}
     for c in cells:
-        out.setdefault(c.group, [])
-    for group in out:
-        by = {c.label: c for c in cells if c.group == group}
-        for a, b in pairs:
-            row = paired_cells(by[a], by[b], n_boot) if a in by and b in by else None
-            if row is not None:
-                out[group].append(row)
+        by_group.setdefault(c.group, {})[c.label] = c
+    out: dict[str, list[dict[str, Any]]] = {}
+    for group, by in by_group.items():
+        rows = [paired_cells(by[a], by[b], n_boot) if a in by and b in by else None for a, b in pairs]
+        out[group] = [r for r in rows if r is not None]
     return out
 
 
