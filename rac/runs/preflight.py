@@ -9,7 +9,8 @@
   4. every calibration's `token_budget` (and a `rac` set's `decode_share`) against the most the run can give it
      (`check_calibrations`: the rule is in its docstring), from the selected prompts templated and tokenised as `sample_prompts` does them
      (a prompt over its limit, which the prompt stage would refuse, is refused here);
-  5. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
+  5. a 4-bit model evaluated by engine 'vllm' has vLLM's W4A16 kernel on this machine;
+  6. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
      room for the activation stores (calibration tokens x hidden x bytes(act_dtype) x 2) plus one pruned model
      copy per job (the sum of the shard sizes).
 The first problem found raises `PreflightError` (a ValueError) with a one-line message naming the bad value
@@ -29,6 +30,7 @@ from typing import Any, NoReturn
 import pyarrow as pa
 
 from rac.data.calib import CalibConfig, generic_texts
+from rac.data.engines import vllm_w4a16_missing
 from rac.data.generate import GenerateConfig, build_requests
 from rac.data.prompts import PromptsConfig, select_prompts
 from rac.data.sources import EmptySourceError, MissingColumnError, Record, load_records
@@ -77,6 +79,7 @@ def preflight(cfg: RunConfig, work_dir: Path) -> None:
     if cfg.eval_prompts is not None:
         check_prompts("eval.prompts", cfg.eval_prompts, gold=True)
     check_calibrations(cfg, folder, chosen)
+    check_serving(cfg)
     base = check_writable(Path(work_dir))
     check_disk(cfg, Path(work_dir), base, _hidden_size(folder, config), shard_bytes)
 
@@ -347,6 +350,16 @@ def _check_mix(key: str, calib: CalibConfig, pc: PromptsConfig, ids: list[list[i
         _fail(f"{key}: decode_share = {share} leaves {budget - n_decode} prompt tokens of token_budget = {budget} but "
               f"the {len(ids)} prompts hold at most {prompt} ({_where('prompts', pc)}, cut to max_seq_len = {L}); "
               f"{_more_prompts(pc, len(ids))}, raise {key}.decode_share or lower {key}.token_budget")
+
+
+def check_serving(cfg: RunConfig) -> None:
+    """Every 4-bit model that engine 'vllm' evaluates needs vLLM's W4A16 kernel here (`vllm_w4a16_missing`)."""
+    if cfg.eval is None or cfg.eval.generation.engine != "vllm":
+        return
+    four = [j.label for j in cfg.jobs if cfg.evaluates(j) and j.compress.prune.quant is not None
+            and j.compress.prune.quant.bits == 4]
+    if four and (reason := vllm_w4a16_missing()) is not None:
+        _fail(f"eval of {four} (eval.generation.engine = 'vllm'): {reason}; or leave them out of eval_pruned")
 
 
 def _existing(work_dir: Path) -> Path:
