@@ -133,7 +133,7 @@ def test_real_model_rac_set_is_mostly_decode(tmp_path: Path) -> None:
     """SmolLM2-135M-Instruct on GSM8K prompts: its own CoTs dominate the RAC calibration tokens."""
     md = smollm2_135m()
     sample_prompts(PromptsConfig(source="gsm8k-symbolic", n=6, seed=0, holdout="calib"), md, tmp_path / "p.parquet")
-    g = generate_cots(tmp_path / "p.parquet", md, GenerateConfig(max_new_tokens=256, shard_size=6, batch_size=6),
+    g = generate_cots(tmp_path / "p.parquet", md, GenerateConfig(max_new_tokens=256, shard_size=6, batch_size=6, dtype="float32"),
                       tmp_path / "cots")
     s = build_calibration(CalibConfig(kind="rac", token_budget=10**6), md, tmp_path / "rac.parquet",
                           cots_dir=tmp_path / "cots")
