@@ -10,11 +10,19 @@ the folder and the run-config key that allows it.
 Only the compress stage has such a key (`REMOTE_CODE_KEY`, `CompressConfig.trust_remote_code`); the prompt,
 generation, calibration, evaluation, proxy and heatmap stages always load with ``trust_remote_code=False``.
 transformers is imported inside each function: importing this module stays cheap.
+
+Building a model is serialised process-wide (`BUILD_LOCK`). transformers' `from_pretrained` / `from_config`
+(`no_init_weights`, `no_tie_weights`) and accelerate's `init_empty_weights` patch class attributes
+(`PreTrainedModel.init_weights` / `tie_weights`, `nn.Module.register_parameter`) and put back what they found
+on exit. Two threads building at once (the thread runner's generation workers, concurrent stages) can put
+back each other's patch: every later model of the process then loads with its tied LM head neither tied nor
+initialised (measured: NaN logits). Every build in rac holds the lock, so it never sees another's patch.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 REMOTE_CODE_KEY = "compress.trust_remote_code"
+BUILD_LOCK = threading.RLock()  # held by every model build (module docstring); re-entrant for nested builds
 
 
 class RemoteCodeError(ValueError):
@@ -87,7 +96,7 @@ def load_causal_lm(folder: str | Path, dtype: torch.dtype, trust_remote_code: bo
 
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        with warnings.catch_warnings():  # "the model's own quantization_config is used": only run_compressed is ours
+        with BUILD_LOCK, warnings.catch_warnings():  # "the model's own quantization_config is used": ours is run_compressed
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust, **extra)
     except ValueError as exc:
@@ -116,7 +125,8 @@ def causal_lm_from_config(config: PretrainedConfig, dtype: torch.dtype | None = 
     trust = bool(trust_remote_code)
     extra: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     try:
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **extra)
+        with BUILD_LOCK:
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust, **extra)
     except ValueError as exc:
         if not trust and _needs_remote_code(exc):
             raise _refused(getattr(config, "name_or_path", "") or type(config).__name__, "model", exc) from None

@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from rac.models.adapters import Adapter, get_adapter
-from rac.models.loading import causal_lm_from_config, load_hf_config
+from rac.models.loading import BUILD_LOCK, causal_lm_from_config, load_hf_config
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -176,7 +176,7 @@ def load_config(model_dir: Path, trust_remote_code: bool = False) -> tuple[Pretr
 
 def build_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
     """The causal LM with every parameter on the meta device (non-persistent buffers stay real)."""
-    with init_empty_weights(include_buffers=False):
+    with BUILD_LOCK, init_empty_weights(include_buffers=False):  # its patch is process-wide (rac.models.loading)
         model = causal_lm_from_config(config, trust_remote_code=trust_remote_code)
     model.eval()
     return model
