@@ -7,12 +7,10 @@
   3. the prompt sources of `prompts` and `eval.prompts`, loaded and selected by the prompt stage's own
      functions: readable, mapped columns present, rows left, no empty question, and (eval) no empty gold answer;
   4. every calibration's `token_budget` (and a `rac` set's `decode_share`) against the most the run can give it
-     (`check_calibrations`: the rule is in its docstring), from the selected prompts templated and tokenised as `sample_prompts` does them
-     (a prompt over its limit, which the prompt stage would refuse, is refused here);
+     (`check_calibrations`), from the selected prompts templated and tokenised as `sample_prompts` does them;
   5. a 4-bit model evaluated by engine 'vllm' has vLLM's W4A16 kernel on this machine;
-  6. the work dir (or its nearest existing parent) takes a probe file, removed again, and its file system has
-     room for the activation stores (calibration tokens x hidden x bytes(act_dtype) x 2) plus one pruned model
-     copy per job (the sum of the shard sizes).
+  6. the work dir (or its nearest existing parent) takes a probe file, removed again, and has room for the
+     activation stores plus one pruned model copy per job (`check_disk`).
 The first problem found raises `PreflightError` (a ValueError) with a one-line message naming the bad value
 and what to do. Nothing is created: the only write is the probe file, always removed.
 """
@@ -61,10 +59,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    unit, scale = next(((u, k) for u, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)) if n >= k), ("B", 1))
+    return f"{n} B" if scale == 1 else f"{n / scale:.2f} {unit}"
 
 
 def preflight(cfg: RunConfig, work_dir: Path) -> None:
@@ -354,11 +350,8 @@ def _check_mix(key: str, calib: CalibConfig, pc: PromptsConfig, ids: list[list[i
 
 def check_serving(cfg: RunConfig) -> None:
     """Every 4-bit model that engine 'vllm' evaluates needs vLLM's W4A16 kernel here (`vllm_w4a16_missing`)."""
-    if cfg.eval is None or cfg.eval.generation.engine != "vllm":
-        return
-    four = [j.label for j in cfg.jobs if cfg.evaluates(j) and j.compress.prune.quant is not None
-            and j.compress.prune.quant.bits == 4]
-    if four and (reason := vllm_w4a16_missing()) is not None:
+    four = [j.label for j in cfg.jobs if cfg.evaluates(j) and (q := j.compress.prune.quant) is not None and q.bits == 4]
+    if four and cfg.eval is not None and cfg.eval.generation.engine == "vllm" and (reason := vllm_w4a16_missing()):
         _fail(f"eval of {four} (eval.generation.engine = 'vllm'): {reason}; or leave them out of eval_pruned")
 
 
